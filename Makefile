@@ -1,0 +1,36 @@
+# Two commands do all the set-up (virtual environment, Python packages, Debian's Fashion-MNIST):
+#   make demo   train the 8->32 Fashion-MNIST cascade and write sample grids to runs/demo/samples
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install data clean
+
+demo: install data
+	$(BIN)/cdm demo --out runs/demo
+
+test: install data
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+
+# The CPU build of torch goes in first, pinned, so that the package's own range (torch>=2.4)
+# is already met and pip does not fetch a multi-GB CUDA build. On a GPU machine, install your
+# CUDA build of torch into the venv instead; the range accepts it.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) runs

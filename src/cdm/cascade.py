@@ -1,0 +1,169 @@
+"""A cascade: a base stage followed by any number of super-resolution stages.
+
+Sampling follows ../shared/METHOD.md §4. For each SR stage ``i`` with level ``s_i``:
+
+- **non-truncated**: the stage below runs to ``z_0``; then ``z_s ~ q(z_s | z_0)`` through the SR
+  stage's augmentation (the same call as in training);
+- **truncated**: the stage below stops its reverse process at ``s_i`` and hands over ``z_s``
+  unchanged. This is exact only if the SR stage's augmentation process *is* the lower stage's
+  forward process, which :meth:`Cascade.validate` checks.
+
+A cascade is validated when it is built; errors say what to change.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .augment import AugKind
+from .diffusion import time_grid
+from .samplers import SAMPLERS, SeededNoise, derive_seed
+from .stage import Stage
+
+
+class Mode(str, enum.Enum):
+    TRUNCATED = "truncated"
+    NON_TRUNCATED = "non-truncated"
+
+
+class CascadeError(ValueError):
+    """The stages do not fit together; the message says what to change."""
+
+
+@dataclass
+class StageSampling:
+    steps: int = 100  # sampler steps for this stage
+    level: int = 0  # augmentation level s this (SR) stage is conditioned at
+
+
+@dataclass
+class CascadeSampling:
+    mode: str = "non-truncated"  # Mode
+    sampler: str = "ancestral"
+    stages: list[StageSampling] = field(default_factory=list)
+
+
+@dataclass
+class CascadeOutput:
+    images: list[Tensor]  # per stage, its clean output estimate [N, C, R_i, R_i] in [-1, 1]
+    inputs: list[Tensor | None]  # per stage, the low-resolution input it was conditioned on (z_s)
+    labels: Tensor  # [N]
+
+
+class Cascade:
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        self.validate()
+
+    @property
+    def num_classes(self) -> int:
+        return max(s.num_classes for s in self.stages)
+
+    def validate(self, mode: Mode | str | None = None, levels: list[int] | None = None) -> None:
+        """Check that consecutive stages fit; with ``mode='truncated'`` also that each SR stage's
+        augmentation is its lower stage's forward process; with ``levels``, that they are valid."""
+        if not self.stages:
+            raise CascadeError("a cascade needs at least one stage")
+        if self.stages[0].is_super_resolution:
+            raise CascadeError(f"the first stage ({self.stages[0].config.name!r}) is a super-resolution "
+                               f"stage; a cascade starts with a base stage (lowres_resolution = 0)")
+        classes = {s.num_classes for s in self.stages if s.num_classes > 0}
+        if len(classes) > 1:
+            raise CascadeError(f"stages disagree on the number of classes: {sorted(classes)}")
+        for i, (lo, hi) in enumerate(zip(self.stages[:-1], self.stages[1:]), start=1):
+            where = f"stage {i} ({hi.config.name!r}) after stage {i - 1} ({lo.config.name!r})"
+            if not hi.is_super_resolution:
+                raise CascadeError(f"{where}: only the first stage may be a base stage; "
+                                   f"stage {i} has no low-resolution input")
+            if hi.lowres_resolution != lo.resolution:
+                raise CascadeError(f"{where}: it expects {hi.lowres_resolution}px inputs but the "
+                                   f"stage below makes {lo.resolution}px images")
+            if hi.channels != lo.channels:
+                raise CascadeError(f"{where}: it expects {hi.channels}-channel inputs but the stage "
+                                   f"below makes {lo.channels}-channel images")
+        if levels is not None:
+            if len(levels) != len(self.stages):
+                raise CascadeError(f"give one augmentation level per stage ({len(self.stages)}), got {len(levels)}")
+            if levels[0] != 0:
+                raise CascadeError("the base stage has no augmentation level; use 0 for it")
+            for st, s in zip(self.stages[1:], levels[1:]):
+                try:
+                    st.augmentation.inference_levels(1, s)
+                except ValueError as e:
+                    raise CascadeError(f"stage {st.config.name!r}: {e}") from None
+        if mode is not None and Mode(mode) is Mode.TRUNCATED:
+            for i, (lo, hi) in enumerate(zip(self.stages[:-1], self.stages[1:]), start=1):
+                aug, dif = hi.config.augment, lo.config.diffusion
+                if AugKind(aug.kind) is not AugKind.GAUSSIAN:
+                    raise CascadeError(f"truncated mode needs Gaussian augmentation, but stage {i} "
+                                       f"({hi.config.name!r}) uses {aug.kind!r}: use non-truncated mode")
+                if (aug.schedule, aug.steps) != (dif.schedule, dif.steps):
+                    raise CascadeError(
+                        f"truncated mode: stage {i}'s augmentation process ({aug.schedule}, {aug.steps} "
+                        f"steps) is not the forward process of stage {i - 1} ({dif.schedule}, {dif.steps} "
+                        f"steps); retrain stage {i} with augment.schedule={dif.schedule} "
+                        f"augment.steps={dif.steps}, or use non-truncated mode")
+
+    def check_labels(self, labels: Tensor) -> None:
+        nc = self.num_classes
+        if nc == 0:
+            return
+        if labels.numel() and (labels.min() < 0 or labels.max() > nc):
+            raise CascadeError(f"class labels must lie in [0, {nc - 1}] (or {nc} for 'no class'), "
+                               f"got {int(labels.min())}..{int(labels.max())}")
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, seeds: list[int], settings: CascadeSampling,
+               last_stage: int | None = None) -> CascadeOutput:
+        """Sample ``len(labels)`` images; image ``j`` depends only on ``seeds[j]`` and ``labels[j]``.
+
+        ``settings.stages[i]`` gives stage i's step count and the level its SR input is at.
+        ``last_stage`` stops the cascade early (inclusive)."""
+        mode = Mode(settings.mode)
+        n_st = len(self.stages) if last_stage is None else last_stage + 1
+        if len(settings.stages) != len(self.stages):
+            raise CascadeError(f"give sampling settings for each of the {len(self.stages)} stages, "
+                               f"got {len(settings.stages)}")
+        levels = [s.level for s in settings.stages]
+        self.validate(mode, levels)
+        if settings.sampler not in SAMPLERS:
+            raise CascadeError(f"unknown sampler {settings.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if len(seeds) != len(labels):
+            raise CascadeError(f"got {len(labels)} labels but {len(seeds)} seeds")
+        self.check_labels(labels)
+        sampler = SAMPLERS[settings.sampler]
+        n = len(labels)
+        images: list[Tensor] = []
+        inputs: list[Tensor | None] = []
+        handover: Tensor | None = None  # what the previous stage passes on (z_0, or z_s if truncated)
+        for i, stage in enumerate(self.stages[:n_st]):
+            dev = stage.device
+            noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
+            lab = labels.to(dev)
+            if stage.is_super_resolution:
+                s = levels[i]
+                lv = stage.augmentation.inference_levels(n, s).to(dev)
+                z = handover.to(dev)
+                if mode is Mode.TRUNCATED:
+                    cond = stage.conditioning(lab, z, lv, corrupt=False)
+                else:
+                    # Augmentation noise has its own stream, so the sampler's noise is the same in both modes.
+                    aug_noise = SeededNoise([derive_seed(s_, i, 1) for s_ in seeds], dev).randn(*z.shape[1:])
+                    cond = stage.conditioning(lab, z, lv, noise=aug_noise, corrupt=True)
+                inputs.append(z)
+            else:
+                cond = stage.conditioning(lab)
+                inputs.append(None)
+            # Truncated mode: this stage stops at the next stage's level and hands over z_s.
+            stop = levels[i + 1] if (mode is Mode.TRUNCATED and i + 1 < n_st) else 0
+            grid = time_grid(stage.diffusion.T, settings.stages[i].steps, stop=stop)
+            x = noise.randn(stage.channels, stage.resolution, stage.resolution)
+            x, x0 = sampler(lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+            handover = x.clamp(-1, 1) if stop == 0 else x
+            images.append(x0.clamp(-1, 1) if stop else x.clamp(-1, 1))
+        return CascadeOutput(images=[im.cpu() for im in images],
+                             inputs=[None if z is None else z.cpu() for z in inputs], labels=labels.cpu())

@@ -1,0 +1,194 @@
+"""Stage checkpoints: one safetensors file holding tensors and a plain JSON config.
+
+Nothing in a checkpoint is code: tensors (network, EMA, optimiser moments, RNG states) plus
+string metadata (the resolved stage config, the step, the optimiser's hyper-parameters and a
+format version). Loading one never unpickles anything. Files are written atomically
+(temporary file, fsync, rename), so an interrupted write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import StageConfig, stage_config_from_json, to_dict
+
+FORMAT = "cdm-stage"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or of another format; the message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    config: StageConfig
+    step: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict | None = None  # torch optimizer state_dict, or None (weights only)
+    rng: dict[str, Tensor] | None = None  # named RNG states (uint8 tensors)
+    extra: dict | None = None  # small JSON-able training state (e.g. timings)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync the file, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, st in state["state"].items():
+        plain["state"][str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain["state"][str(idx)][k] = v
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
+    state: dict = {int(i): dict(v) for i, v in plain["state"].items()}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically."""
+    tensors: dict[str, Tensor] = {}
+    for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema)):
+        tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+            "config": json.dumps(to_dict(ckpt.config)), "step": str(ckpt.step),
+            "extra": json.dumps(ckpt.extra or {})}
+    if ckpt.optimizer is not None:
+        ot, plain = _flatten_optimizer(ckpt.optimizer)
+        tensors.update(ot)
+        meta["optimizer"] = json.dumps(plain)
+    for k, v in (ckpt.rng or {}).items():
+        tensors[f"rng.{k}"] = v.cpu().contiguous()
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return Path(path)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable cdm checkpoint ({e}); it may be truncated "
+                              f"or corrupt: use an earlier checkpoint") from e
+
+
+def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
+    """Read a checkpoint file, or the newest one in a run directory or its ``checkpoints/``."""
+    path = resolve_checkpoint_path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cdm stage checkpoint (format {meta.get('format')!r})")
+    version = int(meta.get("format_version", "-1"))
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this cdm reads version "
+                              f"{FORMAT_VERSION}: use a matching cdm release")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}): use an earlier checkpoint") from e
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
+    for k, v in tensors.items():
+        head, rest = k.split(".", 1)
+        groups[head][k if head == "optim" else rest] = v
+    cfg = stage_config_from_json(meta["config"])
+    optimizer = None
+    if not weights_only and "optimizer" in meta:
+        optimizer = _unflatten_optimizer(groups["optim"], json.loads(meta["optimizer"]))
+    return Checkpoint(config=cfg, step=int(meta["step"]), model=groups["model"], ema=groups["ema"],
+                      optimizer=optimizer, rng=groups["rng"] or None, extra=json.loads(meta.get("extra", "{}")))
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of a run's checkpoints, oldest first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}.safetensors"
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A file as is; a run directory (or its ``checkpoints/``) -> its newest checkpoint."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        run = p.parent if p.name == "checkpoints" else p
+        found = list_checkpoints(run)
+        if found:
+            return found[-1][1]
+        raise CheckpointError(f"no checkpoints in {run}/checkpoints; train the stage first "
+                              f"(cdm train ... --out {run})")
+    raise CheckpointError(f"checkpoint {p} does not exist")
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    found = list_checkpoints(run_dir)
+    for _, p in found[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
+
+def load_stage(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """A :class:`~cdm.stage.Stage` ready to sample, with the EMA weights by default."""
+    from .stage import Stage
+
+    ckpt = load_checkpoint(path, weights_only=True)
+    stage = Stage(ckpt.config)
+    weights = ckpt.ema if use_ema and ckpt.ema else ckpt.model
+    try:
+        stage.net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the network its config describes: {e}") from e
+    stage.net.eval()
+    stage.step = ckpt.step
+    return stage.to(device)

@@ -1,0 +1,256 @@
+"""Data sets and the one anti-aliased resize that makes every stage's input.
+
+A data set is loaded once into memory as ``uint8 [N, C, R, R]`` at the cascade's *data
+resolution* ``R`` plus ``int64 [N]`` labels; each stage takes its own resolution from it with
+:func:`downsample`, the same function that makes an SR stage's low-resolution input, so a base
+stage is trained on exactly the distribution its SR stage is conditioned on.
+
+Sources: Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` by default), a folder of
+images with one sub-folder per class, and ``.npz`` arrays (``images`` ``[N, H, W(, C)]`` or
+``[N, C, H, W]`` uint8 and optional ``labels``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A data set could not be read; the message says what to do."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # "fashion-mnist", "folder" or "npz"
+    path: str = ""  # "" = the default location (fashion-mnist only)
+    split: str = "train"  # fashion-mnist: "train" or "test"
+    resolution: int = 32  # R, the data resolution the whole cascade shares
+    fit: str = "pad"  # how to reach R from the native size: "pad" (centre, black) or "resize"
+    channels: int = 0  # 0 = as stored; 1 or 3 converts
+    flip: bool = False  # random horizontal flip during training
+    limit: int = 0  # use only the first `limit` images (0 = all)
+    class_names: list[str] = field(default_factory=list)  # filled in when loaded
+
+    def __post_init__(self) -> None:
+        if self.source not in ("fashion-mnist", "folder", "npz"):
+            raise DataError(f"data.source must be 'fashion-mnist', 'folder' or 'npz', got {self.source!r}")
+        if self.fit not in ("pad", "resize"):
+            raise DataError(f"data.fit must be 'pad' or 'resize', got {self.fit!r}")
+
+
+@dataclass
+class ImageSet:
+    images: Tensor  # uint8 [N, C, R, R]
+    labels: Tensor  # int64 [N]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ----------------------------------------------------------------------------- pixels
+def to_float(x: Tensor) -> Tensor:
+    """uint8 ``[0, 255]`` -> float ``[-1, 1]``."""
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float ``[-1, 1]`` -> uint8 ``[0, 255]`` (clamped, rounded)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def downsample(x: Tensor, size: int) -> Tensor:
+    """Anti-aliased resize ``[N, C, H, W] -> [N, C, size, size]`` (bicubic with antialias; a
+    no-op when the size already matches). The one function that makes low-resolution images."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return y.to(x.dtype) if x.dtype.is_floating_point else y.round().clamp(0, 255).to(x.dtype)
+
+
+def fit_to(x: Tensor, size: int, fit: str) -> Tensor:
+    """uint8 ``[N, C, H, W]`` -> ``[N, C, size, size]``: centre-crop to square, then pad (if
+    smaller and ``fit='pad'``) or anti-aliased resize."""
+    h, w = x.shape[-2:]
+    m = min(h, w)
+    x = x[..., (h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
+    if m == size:
+        return x
+    if fit == "pad" and m < size:
+        p = size - m
+        return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))
+    return downsample(x, size) if m > size else \
+        F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+
+
+def convert_channels(x: Tensor, channels: int) -> Tensor:
+    """uint8 ``[N, C, H, W]`` to 1 (luma) or 3 (replicated) channels; 0 keeps C."""
+    c = x.shape[1]
+    if channels in (0, c):
+        return x
+    if channels == 1 and c == 3:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    if channels == 3 and c == 1:
+        return x.repeat(1, 3, 1, 1)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels (use 1 or 3)")
+
+
+# ----------------------------------------------------------------------------- readers
+def _open_maybe_gz(path: Path) -> bytes:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        return f.read()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into an array."""
+    try:
+        raw = _open_maybe_gz(path)
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}; re-install the data set") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    start = 4 + 4 * ndim
+    n = int(np.prod(dims))
+    if len(raw) - start != n:
+        raise DataError(f"{path} is truncated or corrupt: header says {dims} ({n} bytes), "
+                        f"file holds {len(raw) - start}; re-install the data set")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {root}. Install it with "
+                    f"'apt-get install dataset-fashion-mnist', or set data.path to the folder "
+                    f"holding the IDX files")
+
+
+def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 28, 28], labels uint8 [N])`` of the ``train`` or ``test`` split."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"data.split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST files in {root} disagree: images {images.shape}, labels {labels.shape}")
+    return images, labels
+
+
+def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
+                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str]]:
+    """A folder with one sub-folder per class (or images directly in it: one class).
+    Unreadable files are skipped with a warning and a count (``on_bad='skip'``) or raise."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
+    images, labels, bad = [], [], []
+    mode = {1: "L", 3: "RGB"}.get(channels, None)
+    for label, (_, d) in enumerate(groups):
+        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    im = im.convert(mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
+                    a = np.asarray(im, dtype=np.uint8)
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                if on_bad != "skip":
+                    raise DataError(f"cannot read image {f}: {e}") from e
+                bad.append(f)
+                continue
+            t = torch.from_numpy(a.copy())
+            t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+            images.append(fit_to(t[None], size, fit)[0])
+            labels.append(label)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}, e.g. {bad[0]}")
+    if not images:
+        raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+    chans = {im.shape[0] for im in images}
+    if len(chans) > 1:  # mixed grayscale and colour: make them all RGB
+        images = [convert_channels(im[None], 3)[0] for im in images]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [g[0] for g in groups]
+
+
+def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z:
+                raise DataError(f"{path} has no 'images' array (found {list(z.keys())})")
+            images = z["images"]
+            labels = z["labels"] if "labels" in z else None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
+    x = torch.from_numpy(images.copy())
+    if x.dim() == 3:
+        x = x[:, None]
+    elif x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise DataError(f"{path}: 'images' must be [N, H, W], [N, H, W, C] or [N, C, H, W] with "
+                        f"C in (1, 3), got {list(images.shape)}")
+    y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
+    if y is not None and len(y) != len(x):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x.contiguous(), y
+
+
+def load_dataset(cfg: DataConfig) -> ImageSet:
+    """Load the configured data set at ``cfg.resolution`` into memory."""
+    if cfg.source == "fashion-mnist":
+        imgs, labs = load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, cfg.split)
+        x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit)
+        y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
+    elif cfg.source == "folder":
+        if not cfg.path:
+            raise DataError("data.source = 'folder' needs data.path")
+        x, y, names = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels)
+    else:
+        if not cfg.path:
+            raise DataError("data.source = 'npz' needs data.path")
+        x, y = load_npz(cfg.path)
+        x = fit_to(x, cfg.resolution, cfg.fit)
+        if y is None:
+            y = torch.zeros(len(x), dtype=torch.int64)
+        names = cfg.class_names or [str(i) for i in range(int(y.max()) + 1)]
+    x = convert_channels(x, cfg.channels)
+    if cfg.limit:
+        x, y = x[:cfg.limit], y[:cfg.limit]
+    if y.numel() and (y.min() < 0 or y.max() >= len(names)):
+        raise DataError(f"labels must lie in [0, {len(names) - 1}], got {int(y.min())}..{int(y.max())}")
+    return ImageSet(x.contiguous(), y, names)
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image ``[N, C, H, W]`` left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)

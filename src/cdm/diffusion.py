@@ -1,0 +1,248 @@
+"""Discrete-time Gaussian diffusion (DDPM / Improved DDPM), independent of any network.
+
+Convention (the paper's): timesteps are integers ``t in {0, 1, ..., T}`` with ``alpha_bar[0] = 1``,
+so ``q(x_0 | x_0)`` is the identity and ``t = 0`` means "clean". The reverse process runs on a
+descending *time grid* ``T = tau_K > ... > tau_0 = s``; consecutive grid points are joined by the
+exact posterior ``q(x_prev | x_t, x_0)`` of the forward process between them, which gives
+timestep respacing (fewer sampling steps than ``T``) and truncation at ``s`` (stop the reverse
+process early, for truncated conditioning augmentation) with one formula.
+
+Every function takes a model *output* (what the network returned) and turns it into the
+quantities of the paper through :meth:`GaussianDiffusion.split_output`; the network itself knows
+nothing about diffusion.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"  # Nichol & Dhariwal 2021, eq. 17
+    LINEAR = "linear"  # Ho et al. 2020, scaled to T steps
+
+
+class Prediction(str, enum.Enum):
+    EPS = "eps"  # the network predicts the noise epsilon (DDPM)
+    V = "v"  # the network predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)
+
+
+@dataclass
+class DiffusionConfig:
+    steps: int = 1000  # T, the number of forward-process steps
+    schedule: str = "cosine"  # Schedule
+    prediction: str = "eps"  # Prediction
+    learn_sigma: bool = False  # Improved DDPM: the network also outputs the variance interpolation v
+    hybrid_lambda: float = 0.001  # weight of L_vlb in the hybrid loss (used when learn_sigma)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"diffusion.steps must be >= 1, got {self.steps}")
+        Schedule(self.schedule)
+        Prediction(self.prediction)
+
+
+def alpha_bar_schedule(schedule: str | Schedule, steps: int) -> Tensor:
+    """``alpha_bar[t]`` for ``t = 0..T`` (float64, shape ``[T + 1]``), with ``alpha_bar[0] = 1``."""
+    schedule = Schedule(schedule)
+    if schedule is Schedule.COSINE:
+        # abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2), betas clipped at 0.999
+        s = 0.008
+        t = torch.arange(steps + 1, dtype=torch.float64) / steps
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        abar = f / f[0]
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    else:
+        scale = 1000.0 / steps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64).clamp(max=0.999)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Per-example values ``[N]`` shaped to broadcast against ``x`` ``[N, ...]``, in x's dtype."""
+    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log p(x) of 8-bit data scaled to [-1, 1] under a Gaussian discretised to 256 bins
+    (Ho et al. 2020, eq. 13), elementwise, in nats."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min,
+                                   torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all but the batch dimension: ``[N, ...] -> [N]``."""
+    return x.flatten(1).mean(1)
+
+
+class GaussianDiffusion:
+    """The forward process q, its posteriors, and the model's reverse step p.
+
+    Holds ``alpha_bar`` (float64, ``[T + 1]``). All ``t`` arguments are integer tensors ``[N]``
+    with values in ``0..T``.
+    """
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+        self.T = config.steps
+        self.prediction = Prediction(config.prediction)
+        self.learn_sigma = config.learn_sigma
+        self.alpha_bar = alpha_bar_schedule(config.schedule, config.steps)
+
+    # ----------------------------------------------------------------- forward process
+    def abar(self, t: Tensor) -> Tensor:
+        """``alpha_bar_t`` for integer ``t`` ``[N]`` (float64 ``[N]``)."""
+        if (t < 0).any() or (t > self.T).any():
+            raise ValueError(f"timesteps must lie in [0, {self.T}], got range "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return self.alpha_bar.to(t.device)[t.long()]
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)``; ``x0, noise: [N, C, H, W]``."""
+        ab = self.abar(t)
+        return _bcast(ab.sqrt(), x0) * x0 + _bcast((1 - ab).sqrt(), x0) * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of ``q(x_{t_prev} | x_t, x_0)`` for any ``0 <= t_prev < t``
+        (the one-step posterior of DDPM eq. 7 when ``t_prev = t - 1``).
+
+        With ``a = abar_t / abar_prev``: mean = sqrt(abar_prev)(1 - a)/(1 - abar_t) x0
+        + sqrt(a)(1 - abar_prev)/(1 - abar_t) x_t, var = (1 - a)(1 - abar_prev)/(1 - abar_t).
+        """
+        ab_t, ab_p = self.abar(t), self.abar(t_prev)
+        a = ab_t / ab_p
+        c0 = ab_p.sqrt() * (1 - a) / (1 - ab_t)
+        ct = a.sqrt() * (1 - ab_p) / (1 - ab_t)
+        var = (1 - a) * (1 - ab_p) / (1 - ab_t)
+        # At t_prev = 0 the posterior is a point mass; like DDPM's decoder we give that last step
+        # the variance beta = 1 - a instead, so that its log (and the decoder likelihood) is finite.
+        var = torch.where(t_prev == 0, 1 - a, var)
+        return _bcast(c0, x0) * x0 + _bcast(ct, xt) * xt, _bcast(torch.log(var), xt).expand_as(xt)
+
+    # ----------------------------------------------------------------- model output
+    def split_output(self, out: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+        """Split a network output ``[N, C or 2C, H, W]`` into (prediction, variance logits or None)."""
+        if self.learn_sigma:
+            if out.shape[1] != 2 * channels:
+                raise ValueError(f"learn_sigma needs a network with 2*C={2 * channels} output "
+                                 f"channels, got {out.shape[1]}")
+            return out[:, :channels], out[:, channels:]
+        if out.shape[1] != channels:
+            raise ValueError(f"network returned {out.shape[1]} channels, expected {channels}")
+        return out, None
+
+    def predict_x0_eps(self, pred: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from the network's prediction at ``x_t``."""
+        ab = self.abar(t)
+        sa, s1 = _bcast(ab.sqrt(), xt), _bcast((1 - ab).sqrt(), xt)
+        if self.prediction is Prediction.EPS:
+            eps = pred
+            x0 = (xt - s1 * eps) / sa
+        else:  # v: x0 = sqrt(abar) x_t - sqrt(1-abar) v; eps = sqrt(1-abar) x_t + sqrt(abar) v
+            x0 = sa * xt - s1 * pred
+            eps = s1 * xt + sa * pred
+        return x0, eps
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network is trained to predict at ``x_t = q_sample(x0, t, noise)``."""
+        if self.prediction is Prediction.EPS:
+            return noise
+        ab = self.abar(t)
+        return _bcast(ab.sqrt(), x0) * noise - _bcast((1 - ab).sqrt(), x0) * x0
+
+    def p_mean_logvar(self, out: Tensor, xt: Tensor, t: Tensor, t_prev: Tensor,
+                      clip_x0: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, log-variance of ``p(x_{t_prev} | x_t)`` and the x0 estimate.
+
+        The mean is the posterior mean at the predicted x0. The variance is the posterior variance
+        (beta tilde), or, with learned sigma, Improved DDPM's interpolation (eq. 15) between
+        ``log beta`` and ``log beta tilde`` of the step ``t -> t_prev``.
+        """
+        pred, var_logits = self.split_output(out, xt.shape[1])
+        x0, _ = self.predict_x0_eps(pred, xt, t)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean, post_logvar = self.q_posterior(x0, xt, t, t_prev)
+        if var_logits is None:
+            return mean, post_logvar, x0
+        ab_t, ab_p = self.abar(t), self.abar(t_prev)
+        log_beta = _bcast(torch.log(1 - ab_t / ab_p), xt)
+        frac = (var_logits.float() + 1) / 2
+        logvar = frac * log_beta + (1 - frac) * post_logvar
+        return mean, logvar, x0
+
+    # ----------------------------------------------------------------- losses
+    def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Training timesteps ``t ~ U{1..T}`` ``[n]``."""
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+
+    def vlb_terms(self, out: Tensor, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """Per-example L_{t-1} of the variational bound, in bits per dimension ``[N]``:
+        KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 1 and the discretised decoder NLL
+        -log p(x_0|x_1) for t = 1."""
+        t_prev = t - 1
+        true_mean, true_logvar = self.q_posterior(x0, xt, t, t_prev)
+        mean, logvar, _ = self.p_mean_logvar(out, xt, t, t_prev, clip_x0=False)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2.0)
+        return torch.where(t == 1, nll, kl)
+
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """L_T = KL(q(x_T|x_0) || N(0, I)) in bits per dimension ``[N]``."""
+        t = torch.full((x0.shape[0],), self.T, device=x0.device, dtype=torch.long)
+        ab = _bcast(self.abar(t), x0)
+        mean, logvar = ab.sqrt() * x0, torch.log(1 - ab).expand_as(x0)
+        return mean_flat(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2.0)
+
+    def training_loss(self, out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-example loss ``[N]``: the simple loss ``||target - pred||^2`` (DDPM), plus
+        ``hybrid_lambda * L_vlb`` when the variance is learned (Improved DDPM's hybrid loss, with the
+        mean's gradient stopped in the L_vlb term so it only trains the variance)."""
+        pred, var_logits = self.split_output(out, x0.shape[1])
+        loss = mean_flat((pred.float() - self.target(x0, noise, t).float()) ** 2)
+        if var_logits is not None:
+            frozen = torch.cat([pred.detach(), var_logits], dim=1).float()
+            # L_vlb scaled by T: the bound sums T terms and t is sampled uniformly.
+            loss = loss + self.config.hybrid_lambda * self.T * self.vlb_terms(frozen, x0.float(), xt.float(), t)
+        return loss
+
+
+def time_grid(T: int, steps: int, stop: int = 0) -> list[int]:
+    """A descending grid of ``steps + 1`` (or fewer, if the range is short) distinct integer times
+    from ``T`` down to ``stop``, evenly spaced: the respaced reverse process runs
+    ``grid[i] -> grid[i + 1]``. ``stop > 0`` truncates the reverse process at ``stop``."""
+    if not 0 <= stop < T:
+        raise ValueError(f"truncation level must lie in [0, {T - 1}], got {stop}")
+    if steps < 1:
+        raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    steps = min(steps, T - stop)
+    pts = torch.linspace(T, stop, steps + 1, dtype=torch.float64).round().long().tolist()
+    out: list[int] = []
+    for p in pts:
+        if not out or p < out[-1]:
+            out.append(int(p))
+    return out

@@ -1,0 +1,97 @@
+"""A stage of the cascade: a network, its diffusion process and its conditioning augmentation.
+
+:meth:`Stage.conditioning` is the single code path that turns a low-resolution image into the
+network's conditioning inputs; training and sampling both call it (a test checks that they give
+the same inputs), so what a stage sees at sampling time is what it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .augment import ConditioningAugmentation
+from .config import StageConfig
+from .diffusion import GaussianDiffusion
+from .unet import UNet
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU or GPU when ``precision == 'bf16'``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Stage:
+    """``config`` must be resolved (:meth:`StageConfig.resolve`)."""
+
+    def __init__(self, config: StageConfig, net: nn.Module | None = None):
+        self.config = config
+        self.net = net if net is not None else UNet(config.unet)
+        self.diffusion = GaussianDiffusion(config.diffusion)
+        self.augmentation = ConditioningAugmentation(config.augment)
+        self.precision = config.train.precision
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution
+
+    @property
+    def lowres_resolution(self) -> int:
+        return self.config.lowres_resolution
+
+    @property
+    def channels(self) -> int:
+        return self.config.unet.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.unet.num_classes
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.config.is_super_resolution
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> "Stage":
+        self.net.to(device)
+        return self
+
+    # ----------------------------------------------------------------- the conditioning path
+    def conditioning(self, label: Tensor | None, lowres: Tensor | None = None, level: Tensor | None = None,
+                     noise: Tensor | None = None, corrupt: bool = True) -> dict[str, Tensor | None]:
+        """The network's conditioning inputs.
+
+        ``label`` ``[N]`` (ignored by an unconditional stage). For an SR stage, ``lowres``
+        ``[N, C, h, w]`` is the low-resolution image and ``level`` ``[N]`` its augmentation level.
+        With ``corrupt=True`` (training; non-truncated sampling) ``lowres`` is a clean ``z0`` that
+        the stage's augmentation corrupts at ``level`` with ``noise``; with ``corrupt=False``
+        (truncated sampling) it already is ``z_s``. The upsampled low-res image is computed here
+        once, not at every sampling step.
+        """
+        cond: dict[str, Tensor | None] = {"label": label if self.num_classes > 0 else None}
+        if not self.is_super_resolution:
+            return cond
+        if lowres is None or level is None:
+            raise ValueError("a super-resolution stage needs lowres and level")
+        want = (self.channels, self.lowres_resolution, self.lowres_resolution)
+        if tuple(lowres.shape[1:]) != want:
+            raise ValueError(f"stage {self.config.name!r} expects low-resolution inputs [N, {want[0]}, "
+                             f"{want[1]}, {want[2]}], got {list(lowres.shape)}")
+        z = self.augmentation.apply(lowres, level, noise) if corrupt else lowres
+        cond["lowres_up"] = self.net.upsample_lowres(z)
+        cond["aug_level"] = self.augmentation.network_level(level)
+        return cond
+
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor | None]) -> Tensor:
+        """The network's raw output at integer times ``t`` ``[N]`` (passed as ``t / T``)."""
+        with autocast(x.device, self.precision):
+            out = self.net(x, t.float() / self.diffusion.T, **cond)
+        return out.float()
