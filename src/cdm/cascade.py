@@ -117,6 +117,41 @@ class Cascade:
                                f"got {int(labels.min())}..{int(labels.max())}")
 
     @torch.no_grad()
+    def sample_stage(self, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
+                     level: int = 0, corrupt: bool = True, stop: int = 0,
+                     sampler: str = "ancestral") -> tuple[Tensor, Tensor]:
+        """Run stage ``i`` alone: ``(x_stop, x0_hat)``, the state at time ``stop`` and the last
+        estimate of ``x_0``.
+
+        For an SR stage, ``lowres`` ``[N, C, r, r]`` is its input at augmentation ``level``: a
+        clean ``z0`` to corrupt (``corrupt=True``, non-truncated) or the lower stage's ``z_s``
+        (``corrupt=False``, truncated). ``stop > 0`` truncates this stage's own reverse process
+        (to hand ``z_stop`` to a truncated stage above). The noise of sample ``j`` comes from
+        ``seeds[j]`` and ``i`` alone, so a stage's output does not depend on the batch, and the
+        sampler's noise is the same in both modes.
+        """
+        stage = self.stages[i]
+        if sampler not in SAMPLERS:
+            raise CascadeError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        dev = stage.device
+        n = len(labels)
+        noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
+        lab = labels.to(dev)
+        if stage.is_super_resolution:
+            if lowres is None:
+                raise CascadeError(f"stage {i} ({stage.config.name!r}) is a super-resolution stage: pass lowres")
+            lv = stage.augmentation.inference_levels(n, level).to(dev)
+            aug_noise = None
+            if corrupt:  # its own stream: the sampler's noise is then the same in both modes
+                aug_noise = SeededNoise([derive_seed(s, i, 1) for s in seeds], dev).randn(*lowres.shape[1:])
+            cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
+        else:
+            cond = stage.conditioning(lab)
+        grid = time_grid(stage.diffusion.T, steps, stop=stop)
+        x = noise.randn(stage.channels, stage.resolution, stage.resolution)
+        return SAMPLERS[sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+
+    @torch.no_grad()
     def sample(self, labels: Tensor, seeds: list[int], settings: CascadeSampling,
                last_stage: int | None = None) -> CascadeOutput:
         """Sample ``len(labels)`` images; image ``j`` depends only on ``seeds[j]`` and ``labels[j]``.
@@ -130,39 +165,19 @@ class Cascade:
                                f"got {len(settings.stages)}")
         levels = [s.level for s in settings.stages]
         self.validate(mode, levels)
-        if settings.sampler not in SAMPLERS:
-            raise CascadeError(f"unknown sampler {settings.sampler!r} (choose from {', '.join(SAMPLERS)})")
         if len(seeds) != len(labels):
             raise CascadeError(f"got {len(labels)} labels but {len(seeds)} seeds")
         self.check_labels(labels)
-        sampler = SAMPLERS[settings.sampler]
-        n = len(labels)
         images: list[Tensor] = []
         inputs: list[Tensor | None] = []
         handover: Tensor | None = None  # what the previous stage passes on (z_0, or z_s if truncated)
-        for i, stage in enumerate(self.stages[:n_st]):
-            dev = stage.device
-            noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
-            lab = labels.to(dev)
-            if stage.is_super_resolution:
-                s = levels[i]
-                lv = stage.augmentation.inference_levels(n, s).to(dev)
-                z = handover.to(dev)
-                if mode is Mode.TRUNCATED:
-                    cond = stage.conditioning(lab, z, lv, corrupt=False)
-                else:
-                    # Augmentation noise has its own stream, so the sampler's noise is the same in both modes.
-                    aug_noise = SeededNoise([derive_seed(s_, i, 1) for s_ in seeds], dev).randn(*z.shape[1:])
-                    cond = stage.conditioning(lab, z, lv, noise=aug_noise, corrupt=True)
-                inputs.append(z)
-            else:
-                cond = stage.conditioning(lab)
-                inputs.append(None)
+        for i in range(n_st):
             # Truncated mode: this stage stops at the next stage's level and hands over z_s.
             stop = levels[i + 1] if (mode is Mode.TRUNCATED and i + 1 < n_st) else 0
-            grid = time_grid(stage.diffusion.T, settings.stages[i].steps, stop=stop)
-            x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-            x, x0 = sampler(lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+            x, x0 = self.sample_stage(i, labels, seeds, settings.stages[i].steps, lowres=handover,
+                                      level=levels[i], corrupt=mode is Mode.NON_TRUNCATED, stop=stop,
+                                      sampler=settings.sampler)
+            inputs.append(handover)
             handover = x.clamp(-1, 1) if stop == 0 else x
             images.append(x0.clamp(-1, 1) if stop else x.clamp(-1, 1))
         return CascadeOutput(images=[im.cpu() for im in images],

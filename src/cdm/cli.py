@@ -14,6 +14,11 @@ from .data import DataError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .features import FeatureError
+    return USER_ERRORS + (FeatureError,)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -47,33 +52,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
-    from .sample import (balanced_labels, default_sampling, load_cascade, read_cascade_file, sample_batched,
-                         write_samples)
+    from .sample import balanced_labels, load_cascade, sample_batched, write_samples
     from .train import pick_device
 
-    if bool(a.cascade) == bool(a.stage):
-        raise ConfigError("pass either --cascade FILE or one --stage CHECKPOINT per stage (base first)")
-    if a.cascade:
-        paths, sampling = read_cascade_file(a.cascade)
-    else:
-        paths, sampling = a.stage, None
+    paths, sampling = _cascade_args(a)
     cascade = load_cascade(paths, pick_device(a.device))
-    if sampling is None:
-        sampling = default_sampling(cascade)
-    k = len(cascade.stages)
-    if a.steps:
-        steps = a.steps * k if len(a.steps) == 1 else a.steps
-        if len(steps) != k:
-            raise ConfigError(f"--steps needs 1 or {k} values, got {len(a.steps)}")
-        for st, n in zip(sampling.stages, steps):
-            st.steps = n
-    if a.levels:
-        if len(a.levels) != k:
-            raise ConfigError(f"--levels needs {k} values (0 for the base stage), got {len(a.levels)}")
-        for st, s in zip(sampling.stages, a.levels):
-            st.level = s
-    if a.mode:
-        sampling.mode = a.mode
     if a.classes:
         classes = torch.tensor(a.classes)
         labels = classes.repeat((a.n + len(classes) - 1) // len(classes))[:a.n]
@@ -95,10 +78,92 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cascade_args(a: argparse.Namespace):
+    """(checkpoint paths, sampling settings) from --cascade or --stage, with --steps/--levels/--mode
+    overrides applied."""
+    from .sample import default_sampling, read_cascade_file
+
+    if bool(a.cascade) == bool(a.stage):
+        raise ConfigError("pass either --cascade FILE or one --stage CHECKPOINT per stage (base first)")
+    if a.cascade:
+        paths, sampling = read_cascade_file(a.cascade)
+    else:
+        paths = a.stage
+        sampling = default_sampling(len(paths))
+    k = len(sampling.stages)
+    if getattr(a, "steps", None):
+        steps = a.steps * k if len(a.steps) == 1 else a.steps
+        if len(steps) != k:
+            raise ConfigError(f"--steps needs 1 or {k} values, got {len(a.steps)}")
+        for st, n in zip(sampling.stages, steps):
+            st.steps = n
+    if getattr(a, "levels", None):
+        if len(a.levels) != k:
+            raise ConfigError(f"--levels needs {k} values (0 for the base stage), got {len(a.levels)}")
+        for st, s in zip(sampling.stages, a.levels):
+            st.level = s
+    if getattr(a, "mode", None):
+        sampling.mode = a.mode
+    return paths, sampling
+
+
+def cmd_train_classifier(a: argparse.Namespace) -> int:
+    from .classifier import ClassifierConfig
+    from .config import from_dict, load_stage_config, parse_overrides
+    from .evaljobs import train_domain_classifier
+
+    data = load_stage_config(a.data_from, [f"data.{kv}" for kv in a.data]).data
+    cfg = from_dict(ClassifierConfig, parse_overrides(a.set), prefix="")
+    s = train_domain_classifier(data, a.out, cfg, progress=not a.no_progress)
+    print(f"classifier: {s['path']}  test top-1 {s['test']['top1']:.2f}%")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .classifier import ClassifierConfig
+    from .evaljobs import evaluate_cascade
+
+    paths, sampling = _cascade_args(a)
+    r = evaluate_cascade(paths, sampling, a.out, n=a.n, features=a.features, classifier=a.classifier,
+                         n_ref=a.n_ref, split=a.split, samples=a.samples, per_stage=not a.no_per_stage, cas=a.cas,
+                         cas_config=ClassifierConfig(epochs=a.cas_epochs), seed=a.seed, batch_size=a.batch_size,
+                         device=a.device)
+    for row in r["scores"]:
+        keys = [k for k in ("fid", "kid", "is", "precision", "recall") if k in row]
+        print(f"stage {row['stage']} ({row['resolution']}px) [{row['feature_space']}, n={row['n_fake']} vs "
+              f"{row['n_real']}]: " + ", ".join(f"{k}={row[k]:.4g}" for k in keys))
+    if r["cas"]:
+        print(f"CAS top-1 {r['cas']['generated']['top1']:.2f}%"
+              + (f" (real data: {r['cas']['real']['top1']:.2f}%)" if "real" in r["cas"] else ""))
+    print(f"report: {a.out.rstrip('/')}/report.html")
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .evaljobs import sweep_cascade
+    from .sweep import SweepConfig
+
+    cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, n=a.n, seed=a.seed, batch_size=a.batch_size)
+    s = sweep_cascade(a.cascade, a.out, cfg, feature=a.feature, metric=a.metric, classifier=a.classifier,
+                      n_ref=a.n_ref, split=a.split, write_best=not a.no_write, device=a.device)
+    b = s["best"]
+    print(f"best: {b['mode']} s={b['level']} {s['metric']}={b['value']:.4f}; report: {a.out.rstrip('/')}/report.html")
+    return 0
+
+
 def cmd_presets(a: argparse.Namespace) -> int:
     for p in list_presets():
         print(p)
     return 0
+
+
+def _add_cascade_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cascade", help="cascade file (JSON) naming the stage checkpoints and sampling settings")
+    p.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
+                   help="a stage checkpoint or run directory, base first (repeat per stage)")
+    p.add_argument("--steps", type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)")
+    p.add_argument("--levels", type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)")
+    p.add_argument("--mode", choices=["truncated", "non-truncated"], help="how SR stages get their input")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,14 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample a cascade and write grids and an .npz")
-    s.add_argument("--cascade", help="cascade file (JSON) naming the stage checkpoints and sampling settings")
-    s.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
-                   help="a stage checkpoint or run directory, base first (repeat per stage)")
+    _add_cascade_args(s)
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--n", type=_positive, default=100, help="number of samples (default 100)")
-    s.add_argument("--steps", type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)")
-    s.add_argument("--levels", type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)")
-    s.add_argument("--mode", choices=["truncated", "non-truncated"], help="how SR stages get their input")
     s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
@@ -139,6 +199,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+    c = sub.add_parser("train-classifier", help="train the domain classifier (feature space for FID/KID/PR, and IS)")
+    c.add_argument("--out", required=True, help="output directory (classifier.safetensors, report)")
+    c.add_argument("--data-from", default="fmnist-sr8to32",
+                   help="stage config or preset whose [data] section to use (default fmnist-sr8to32)")
+    c.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data setting, e.g. --data source=folder --data path=~/pets")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="classifier setting, e.g. --set epochs=2 (see cdm.classifier.ClassifierConfig)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_train_classifier)
+
+    e = sub.add_parser("eval", help="FID, KID, IS, precision/recall, per-stage checks and CAS of a cascade")
+    _add_cascade_args(e)
+    e.add_argument("--out", required=True, help="output directory (results.json, report.html, report.md)")
+    e.add_argument("--n", type=_positive, default=1000, help="samples to score (default 1000)")
+    e.add_argument("--samples", help="score this samples.npz (from cdm sample) instead of sampling now")
+    e.add_argument("--features", type=lambda t: [v for v in t.split(",") if v], default=["classifier"],
+                   help="feature spaces, comma-separated: classifier, inception (default classifier)")
+    e.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
+    e.add_argument("--n-ref", type=_positive, default=10000, help="real reference images (default 10000)")
+    e.add_argument("--split", default="test", help="real split to compare against (default test)")
+    e.add_argument("--cas", action="store_true", help="also compute the Classification Accuracy Score")
+    e.add_argument("--cas-epochs", type=_positive, default=4)
+    e.add_argument("--no-per-stage", action="store_true", help="skip the per-stage checks of SR stages")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_positive, default=250)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="search an SR stage's augmentation level s (truncated and non-truncated)")
+    w.add_argument("--cascade", required=True, help="cascade file; the best level is written back into it")
+    w.add_argument("--out", required=True, help="output directory (resumable)")
+    w.add_argument("--stage-index", type=int, default=-1, help="the SR stage to sweep (default: the last)")
+    w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500], help="candidate levels s")
+    w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v], default=["non-truncated", "truncated"])
+    w.add_argument("--n", type=_positive, default=500, help="samples per candidate (default 500)")
+    w.add_argument("--feature", default="classifier", choices=["classifier", "inception"])
+    w.add_argument("--metric", default="fid", choices=["fid", "kid"])
+    w.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
+    w.add_argument("--n-ref", type=_positive, default=10000)
+    w.add_argument("--split", default="test")
+    w.add_argument("--no-write", action="store_true", help="do not write the best level into the cascade file")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--batch-size", type=_positive, default=250)
+    w.add_argument("--device", default="cpu")
+    w.set_defaults(func=cmd_sweep)
+
     pr = sub.add_parser("presets", help="list the shipped stage presets")
     pr.set_defaults(func=cmd_presets)
     return p
@@ -148,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"cdm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

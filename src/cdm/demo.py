@@ -47,7 +47,7 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: i
 
     t = time.time()
     cascade = load_cascade(runs, pick_device(device))
-    sampling = default_sampling(cascade, steps=[sample_steps] * 2, levels=[0, DEMO_LEVEL])
+    sampling = default_sampling(len(cascade.stages), steps=[sample_steps] * 2, levels=[0, DEMO_LEVEL])
     cascade_file = write_cascade_file(out / "cascade.json", runs, sampling)
     nc = cascade.num_classes
     labels = torch.arange(nc).repeat(per_class)  # row r: one sample of each class

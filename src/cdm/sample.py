@@ -61,9 +61,10 @@ def write_cascade_file(path: str | Path, checkpoints: list[str | Path], sampling
     return path
 
 
-def default_sampling(cascade: Cascade, steps: list[int] | None = None, levels: list[int] | None = None,
+def default_sampling(num_stages: int, steps: list[int] | None = None, levels: list[int] | None = None,
                      mode: str = "non-truncated", sampler: str = "ancestral") -> CascadeSampling:
-    k = len(cascade.stages)
+    """Sampling settings for a cascade of ``num_stages`` stages (100 steps, level 0 by default)."""
+    k = num_stages
     steps = steps or [100] * k
     levels = levels or [0] * k
     if len(steps) != k or len(levels) != k:

@@ -1,0 +1,134 @@
+"""Evaluation: CAS on a separable toy set, the resumable level sweep, per-stage checks, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.classifier import ClassifierConfig, classification_accuracy_score, load_classifier, save_classifier, \
+    train_classifier
+from cdm.evaluate import psnr
+from cdm.report import Report, line_plot_svg
+from cdm.stage import Stage
+from cdm.sweep import SweepConfig, best_level, run_sweep
+
+from conftest import tiny_config, toy_images
+
+TINY_CLF = ClassifierConfig(resolution=16, width=8, feature_dim=16, epochs=6, batch_size=32, lr=5e-3, max_shift=0)
+
+
+def test_cas_on_a_separable_toy_set():
+    gen, test = toy_images(240, 16, seed=1), toy_images(90, 16, seed=2)
+    good = classification_accuracy_score(gen.images, gen.labels, test.images, test.labels, TINY_CLF,
+                                         real_images=gen.images, real_labels=gen.labels)
+    assert good["generated"]["top1"] > 95 and good["real"]["top1"] > 95
+    assert len(good["generated"]["per_class_top1"]) == 10  # default num_classes of the config
+    # Samples whose labels do not match their content teach nothing: CAS falls to chance.
+    shuffled = gen.labels[torch.randperm(len(gen.labels), generator=torch.Generator().manual_seed(0))]
+    bad = classification_accuracy_score(gen.images, shuffled, test.images, test.labels, TINY_CLF)
+    assert bad["generated"]["top1"] < 60
+
+
+def test_classifier_round_trip(tmp_path):
+    data = toy_images(64, 16)
+    net = train_classifier(data.images, data.labels, ClassifierConfig(**{**TINY_CLF.__dict__, "epochs": 1}))
+    save_classifier(net, tmp_path / "c.safetensors", extra={"note": "x"})
+    back, extra = load_classifier(tmp_path / "c.safetensors")
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    torch.testing.assert_close(back(x), net(x))
+    assert extra == {"note": "x"}
+
+
+def test_psnr_closed_form():
+    a = torch.zeros(2, 1, 4, 4)
+    assert psnr(a, a + 0.1) == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-5)
+
+
+def two_stage() -> Cascade:
+    torch.manual_seed(0)
+    stages = [Stage(tiny_config(resolution=4, name="base")), Stage(tiny_config(resolution=8, lowres=4, aug="gaussian"))]
+    for s in stages:
+        s.net.eval()
+    return Cascade(stages)
+
+
+def test_sweep_scores_every_level_in_both_modes_and_resumes(tmp_path):
+    cascade = two_stage()
+    sampling = CascadeSampling(stages=[StageSampling(steps=3), StageSampling(steps=3)])
+    calls = []
+
+    def scorer(x, labels):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # interrupted in the middle
+        return float(x.abs().mean())
+
+    cfg = SweepConfig(levels=[0, 10, 40], n=6, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    calls.clear()
+    calls.append(0)  # do not interrupt again
+    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    assert len(calls) - 1 == 3  # only the three missing candidates were scored
+    assert sorted((r["mode"], r["level"]) for r in rows) == sorted(
+        (m, s) for m in ("non-truncated", "truncated") for s in (0, 10, 40))
+    # non-truncated re-noises one stored z0; truncated stores one z_s per level
+    assert (tmp_path / "lower-z0.npy").exists()
+    assert all((tmp_path / f"lower-zs-{s}.npy").exists() for s in (0, 10, 40))
+    # at s = 0 both modes see the same clean input, hence the same score
+    by = {(r["mode"], r["level"]): r["value"] for r in rows}
+    assert by[("truncated", 0)] == pytest.approx(by[("non-truncated", 0)], rel=1e-6)
+    assert best_level(rows)["value"] == min(r["value"] for r in rows)
+
+
+def test_report_is_self_contained(tmp_path):
+    from cdm.images import save_grid
+
+    save_grid(torch.zeros(4, 1, 8, 8), tmp_path / "g.png", nrow=2)
+    rep = Report("t")
+    rep.table([{"a": 1.23456, "b": "x"}])
+    rep.image(tmp_path / "g.png", "grid.png", "a grid")
+    rep.svg(line_plot_svg({"m": [(0, 1.0), (10, 0.5)]}, "s", "fid"), "plot.svg", "a plot")
+    html = rep.write(tmp_path / "r").read_text()
+    assert "data:image/png;base64," in html and "<svg" in html and "1.235" in html
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "![a grid](grid.png)" in md and (tmp_path / "r" / "plot.svg").exists()
+
+
+def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
+    from cdm.cli import main
+    from test_cli import write_tiny
+
+    base = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
+    sr = write_tiny(tmp_path, toy_npz, "sr", 16, 8, "gaussian")
+    assert main(["train", str(base), "--out", str(tmp_path / "base"), "--no-progress"]) == 0
+    assert main(["train", str(sr), "--out", str(tmp_path / "sr"), "--no-progress"]) == 0
+    assert main(["train-classifier", "--out", str(tmp_path / "clf"), "--data-from", str(sr), "--no-progress",
+                 "--set", "epochs=1", "--set", "width=8", "--set", "batch_size=8"]) == 0
+    casc = tmp_path / "cascade.json"
+    casc.write_text(json.dumps({"stages": ["base", "sr"], "sampling": {
+        "mode": "non-truncated", "stages": [{"steps": 2, "level": 0}, {"steps": 2, "level": 0}]}}))
+    env = {"CDM_CACHE": str(tmp_path / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["eval", "--cascade", str(casc), "--out", str(tmp_path / "ev"), "--n", "12", "--n-ref", "24",
+                     "--classifier", str(tmp_path / "clf"), "--cas", "--cas-epochs", "1", "--split", "train"]) == 0
+        res = json.loads((tmp_path / "ev" / "results.json").read_text())
+        assert [r["stage"] for r in res["scores"]] == [0, 1]
+        assert all(np.isfinite(r["fid"]) and r["n_fake"] == 12 and r["n_real"] == 24 for r in res["scores"])
+        assert res["scores"][0]["feature_space"].startswith("cdm-classifier-")
+        assert "consistency_psnr" in res["per_stage"][0]["ground_truth"]
+        assert 0 <= res["cas"]["generated"]["top1"] <= 100
+        assert (tmp_path / "ev" / "report.html").exists()
+        assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",
+                     "--n-ref", "24", "--classifier", str(tmp_path / "clf"), "--split", "train"]) == 0
+        best = json.loads((tmp_path / "sw" / "summary.json").read_text())["best"]
+        saved = json.loads(casc.read_text())["sampling"]
+        assert saved["stages"][1]["level"] == best["level"] and saved["mode"] == best["mode"]
+        assert (tmp_path / "sw" / "sweep.svg").exists()
