@@ -11,6 +11,8 @@ from cdm.diffusion import (DiffusionConfig, GaussianDiffusion, alpha_bar_schedul
                            discretized_gaussian_log_likelihood, time_grid)
 from cdm.samplers import SeededNoise, ancestral
 
+from conftest import SIGMA, exact_model
+
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 @pytest.mark.parametrize("T", [10, 1000])
@@ -117,21 +119,6 @@ def test_time_grid():
 
 
 # --------------------------------------------------------------------------- the analytic check
-SIGMA = 0.5  # data x0 ~ N(0, SIGMA^2 I): the exact noise predictor is linear in x_t
-
-
-def exact_model(d: GaussianDiffusion, prediction: str):
-    def model(x, t):
-        ab = d.alpha_bar[t].float().view(-1, 1, 1, 1)
-        denom = ab * SIGMA ** 2 + 1 - ab
-        eps = (1 - ab).sqrt() / denom * x  # E[eps | x_t]
-        if prediction == "eps":
-            return eps
-        x0 = ab.sqrt() * SIGMA ** 2 / denom * x  # E[x0 | x_t]
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-    return model
-
-
 def predicted_variance(d: GaussianDiffusion, grid: list[int]) -> float:
     """The exact output variance of ancestral sampling with the exact denoiser on ``grid``."""
     v = 1.0

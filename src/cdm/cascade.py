@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .augment import AugKind
-from .diffusion import time_grid
+from .diffusion import Spacing, time_grid
 from .samplers import SAMPLERS, SeededNoise, derive_seed
 from .stage import Stage
 
@@ -43,7 +43,8 @@ class StageSampling:
 @dataclass
 class CascadeSampling:
     mode: str = "non-truncated"  # Mode
-    sampler: str = "ancestral"
+    sampler: str = "ancestral"  # a name in samplers.SAMPLERS
+    spacing: str = "uniform"  # diffusion.Spacing of every stage's time grid
     stages: list[StageSampling] = field(default_factory=list)
 
 
@@ -132,6 +133,9 @@ class Cascade:
         self.validate(mode, levels)
         if settings.sampler not in SAMPLERS:
             raise CascadeError(f"unknown sampler {settings.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if settings.spacing not in {sp.value for sp in Spacing}:
+            raise CascadeError(f"unknown grid spacing {settings.spacing!r} "
+                               f"(choose from {', '.join(sp.value for sp in Spacing)})")
         if len(seeds) != len(labels):
             raise CascadeError(f"got {len(labels)} labels but {len(seeds)} seeds")
         self.check_labels(labels)
@@ -160,7 +164,7 @@ class Cascade:
                 inputs.append(None)
             # Truncated mode: this stage stops at the next stage's level and hands over z_s.
             stop = levels[i + 1] if (mode is Mode.TRUNCATED and i + 1 < n_st) else 0
-            grid = time_grid(stage.diffusion.T, settings.stages[i].steps, stop=stop)
+            grid = time_grid(stage.diffusion.T, settings.stages[i].steps, stop=stop, spacing=settings.spacing)
             x = noise.randn(stage.channels, stage.resolution, stage.resolution)
             x, x0 = sampler(lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
             handover = x.clamp(-1, 1) if stop == 0 else x

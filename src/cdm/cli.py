@@ -10,6 +10,8 @@ from .cascade import CascadeError
 from .checkpoint import CheckpointError
 from .config import ConfigError, list_presets, load_stage_config, to_dict
 from .data import DataError
+from .diffusion import Spacing
+from .samplers import SAMPLERS
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError)
 
@@ -74,6 +76,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
             st.level = s
     if a.mode:
         sampling.mode = a.mode
+    if a.sampler:
+        sampling.sampler = a.sampler
+    if a.spacing:
+        sampling.spacing = a.spacing
     if a.classes:
         classes = torch.tensor(a.classes)
         labels = classes.repeat((a.n + len(classes) - 1) // len(classes))[:a.n]
@@ -126,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)")
     s.add_argument("--levels", type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)")
     s.add_argument("--mode", choices=["truncated", "non-truncated"], help="how SR stages get their input")
+    s.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="reverse-process sampler (default: the cascade file's, else ancestral)")
+    s.add_argument("--spacing", choices=[sp.value for sp in Spacing],
+                   help="time-grid spacing (default: the cascade file's, else uniform); "
+                        "quadratic suits few-step ddim / dpmpp-2m")
     s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
