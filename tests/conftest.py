@@ -9,7 +9,7 @@ import torch
 from cdm.augment import AugmentConfig
 from cdm.config import StageConfig, TrainConfig
 from cdm.data import DataConfig, ImageSet
-from cdm.diffusion import DiffusionConfig
+from cdm.diffusion import DiffusionConfig, GaussianDiffusion
 from cdm.stage import Stage
 from cdm.unet import UNetConfig
 
@@ -50,6 +50,22 @@ def toy_images(n: int = 24, resolution: int = 16, channels: int = 1, classes: in
         r, col = divmod(int(c) % 4, 2)
         x[i, :, r * h:(r + 1) * h, col * h:(col + 1) * h] = 220
     return ImageSet(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), [f"c{i}" for i in range(classes)])
+
+
+SIGMA = 0.5  # data x0 ~ N(0, SIGMA^2 I): the exact noise predictor is linear in x_t
+
+
+def exact_model(d: GaussianDiffusion, prediction: str):
+    """The exact network output (E[eps | x_t], or v) for data ``N(0, SIGMA^2 I)``."""
+    def model(x, t):
+        ab = d.alpha_bar[t].float().view(-1, 1, 1, 1)
+        denom = ab * SIGMA ** 2 + 1 - ab
+        eps = (1 - ab).sqrt() / denom * x  # E[eps | x_t]
+        if prediction == "eps":
+            return eps
+        x0 = ab.sqrt() * SIGMA ** 2 / denom * x  # E[x0 | x_t]
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    return model
 
 
 @pytest.fixture

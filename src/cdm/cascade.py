@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .augment import AugKind
-from .diffusion import time_grid
+from .diffusion import Spacing, time_grid
 from .samplers import SAMPLERS, SeededNoise, derive_seed
 from .stage import Stage
 
@@ -43,7 +43,8 @@ class StageSampling:
 @dataclass
 class CascadeSampling:
     mode: str = "non-truncated"  # Mode
-    sampler: str = "ancestral"
+    sampler: str = "ancestral"  # a name in samplers.SAMPLERS
+    spacing: str = "uniform"  # diffusion.Spacing of every stage's time grid
     stages: list[StageSampling] = field(default_factory=list)
 
 
@@ -119,7 +120,7 @@ class Cascade:
     @torch.no_grad()
     def sample_stage(self, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
                      level: int = 0, corrupt: bool = True, stop: int = 0,
-                     sampler: str = "ancestral") -> tuple[Tensor, Tensor]:
+                     sampler: str = "ancestral", spacing: str = "uniform") -> tuple[Tensor, Tensor]:
         """Run stage ``i`` alone: ``(x_stop, x0_hat)``, the state at time ``stop`` and the last
         estimate of ``x_0``.
 
@@ -133,6 +134,8 @@ class Cascade:
         stage = self.stages[i]
         if sampler not in SAMPLERS:
             raise CascadeError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if spacing not in {sp.value for sp in Spacing}:
+            raise CascadeError(f"unknown grid spacing {spacing!r} (choose from {', '.join(sp.value for sp in Spacing)})")
         dev = stage.device
         n = len(labels)
         noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
@@ -147,7 +150,7 @@ class Cascade:
             cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
         else:
             cond = stage.conditioning(lab)
-        grid = time_grid(stage.diffusion.T, steps, stop=stop)
+        grid = time_grid(stage.diffusion.T, steps, stop=stop, spacing=spacing)
         x = noise.randn(stage.channels, stage.resolution, stage.resolution)
         return SAMPLERS[sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
 
@@ -176,7 +179,7 @@ class Cascade:
             stop = levels[i + 1] if (mode is Mode.TRUNCATED and i + 1 < n_st) else 0
             x, x0 = self.sample_stage(i, labels, seeds, settings.stages[i].steps, lowres=handover,
                                       level=levels[i], corrupt=mode is Mode.NON_TRUNCATED, stop=stop,
-                                      sampler=settings.sampler)
+                                      sampler=settings.sampler, spacing=settings.spacing)
             inputs.append(handover)
             handover = x.clamp(-1, 1) if stop == 0 else x
             images.append(x0.clamp(-1, 1) if stop else x.clamp(-1, 1))

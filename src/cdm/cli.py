@@ -10,6 +10,8 @@ from .cascade import CascadeError
 from .checkpoint import CheckpointError
 from .config import ConfigError, list_presets, load_stage_config, to_dict
 from .data import DataError
+from .diffusion import Spacing
+from .samplers import SAMPLERS
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError)
 
@@ -104,6 +106,10 @@ def _cascade_args(a: argparse.Namespace):
             st.level = s
     if getattr(a, "mode", None):
         sampling.mode = a.mode
+    if getattr(a, "sampler", None):
+        sampling.sampler = a.sampler
+    if getattr(a, "spacing", None):
+        sampling.spacing = a.spacing
     return paths, sampling
 
 
@@ -164,6 +170,11 @@ def _add_cascade_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)")
     p.add_argument("--levels", type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)")
     p.add_argument("--mode", choices=["truncated", "non-truncated"], help="how SR stages get their input")
+    p.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="reverse-process sampler (default: the cascade file's, else ancestral)")
+    p.add_argument("--spacing", choices=[sp.value for sp in Spacing],
+                   help="time-grid spacing (default: the cascade file's, else uniform); "
+                        "quadratic suits few-step ddim / dpmpp-2m")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,21 +9,28 @@ start ``x_T`` ``[N, C, H, W]``; ``grid`` is a descending list of times from :fun
 ending at the truncation level ``s`` (0 for a full run); ``noise`` draws the fresh Gaussian noise
 per sample. The sampler returns the state at ``grid[-1]`` (``z_s``, or ``x_0`` when ``s = 0``)
 and the model's last estimate of ``x_0``.
+
+Samplers with options are configured with :func:`functools.partial` and keep the one signature
+(``SAMPLERS["ddim-eta1"] = partial(ddim, eta=1.0)``). A learned-variance output works with every
+sampler; ``ddim`` and ``dpmpp_2m`` use only its mean channels. Grids are made separately
+(:func:`time_grid`, with its ``spacing``), as in k-diffusion.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from functools import partial
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .diffusion import GaussianDiffusion, time_grid
+from .diffusion import GaussianDiffusion, log_snr, time_grid
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["SeededNoise", "ancestral", "time_grid", "SAMPLERS"]
+__all__ = ["Sampler", "SeededNoise", "ancestral", "ddim", "dpmpp_2m", "time_grid", "SAMPLERS"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -46,6 +53,31 @@ class SeededNoise:
         return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
 
 
+class Sampler(Protocol):
+    def __call__(self, model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int],
+                 noise: SeededNoise, clip_x0: bool = True) -> tuple[Tensor, Tensor]: ...
+
+
+def _times(x: Tensor, t: int) -> Tensor:
+    """The integer time ``t`` for every sample: ``[N]``."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def _denoise(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, t: int,
+             clip_x0: bool) -> tuple[Tensor, Tensor]:
+    """The model's (x0_hat, eps_hat) at ``x_t`` ``[N, C, H, W]``; learned-variance channels are
+    ignored. With ``clip_x0``, x0_hat is clipped to [-1, 1] and eps_hat re-derived from it so the
+    pair still satisfies ``x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat``."""
+    tt = _times(x, t)
+    pred, _ = diffusion.split_output(model(x, tt), x.shape[1])
+    x0, eps = diffusion.predict_x0_eps(pred, x, tt)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        ab = diffusion.alpha_bar[t].item()
+        eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+    return x0, eps
+
+
 @torch.no_grad()
 def ancestral(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int],
               noise: SeededNoise, clip_x0: bool = True) -> tuple[Tensor, Tensor]:
@@ -61,4 +93,60 @@ def ancestral(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: lis
     return x, x0
 
 
-SAMPLERS = {"ancestral": ancestral}
+@torch.no_grad()
+def ddim(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
+         clip_x0: bool = True, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """DDIM (Song et al. 2021, eq. 12) between consecutive grid times ``t -> p``:
+    ``x_p = sqrt(abar_p) x0_hat + sqrt(1 - abar_p - sigma^2) eps_hat + sigma z`` with
+    ``sigma^2 = eta^2 (1 - abar_p)/(1 - abar_t) (1 - abar_t/abar_p)`` (eq. 16). ``eta = 0`` is
+    deterministic and draws no noise; ``eta = 1`` makes sigma^2 the posterior variance of the step,
+    i.e. :func:`ancestral` without a learned variance. ``x`` ``[N, C, H, W]``."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
+    x0 = x
+    for t, p in zip(grid[:-1], grid[1:]):
+        x0, eps = _denoise(model, diffusion, x, t, clip_x0)
+        ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
+        var = eta ** 2 * (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)  # eq. 16; 0 at p = 0
+        x = math.sqrt(ab_p) * x0 + math.sqrt(max(1 - ab_p - var, 0.0)) * eps
+        if var > 0:
+            x = x + math.sqrt(var) * noise.randn(*x.shape[1:])
+    return x, x0
+
+
+@torch.no_grad()
+def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
+             clip_x0: bool = True) -> tuple[Tensor, Tensor]:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the multistep second-order
+    solver of the probability-flow ODE in data prediction, with ``alpha_t = sqrt(abar_t)``,
+    ``sigma_t = sqrt(1 - abar_t)``, ``lambda_t = log(alpha_t / sigma_t)``, ``h_i = lambda_{t_i} -
+    lambda_{t_{i-1}}``. The first step and a step to ``t = 0`` (sigma = 0, lambda = inf) are first
+    order; the latter lands on x0_hat. A grid ending at ``s > 0`` stops at the noisy ``z_s``.
+    Deterministic: draws no noise. ``x`` ``[N, C, H, W]``."""
+    lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
+    x0 = x
+    x0_prev: Tensor | None = None
+    h_prev = 0.0
+    for t, p in zip(grid[:-1], grid[1:]):
+        x0, _ = _denoise(model, diffusion, x, t, clip_x0)
+        if p == 0:
+            x = x0  # (sigma_0 / sigma_t) x - alpha_0 (e^-inf - 1) x0_hat = x0_hat
+            continue
+        ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
+        h = (lam[p] - lam[t]).item()
+        if x0_prev is None:
+            d = x0  # first order: DPM-Solver++(1) = DDIM
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i of Algorithm 2
+        x = math.sqrt((1 - ab_p) / (1 - ab_t)) * x - math.sqrt(ab_p) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x, x0
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": ancestral,
+    "ddim": ddim,  # eta = 0: deterministic
+    "ddim-eta1": partial(ddim, eta=1.0),
+    "dpmpp-2m": dpmpp_2m,
+}
