@@ -18,7 +18,8 @@ from cdm.sweep import SweepConfig, best_level, run_sweep
 
 from conftest import tiny_config, toy_images
 
-TINY_CLF = ClassifierConfig(resolution=16, width=8, feature_dim=16, epochs=6, batch_size=32, lr=5e-3, max_shift=0)
+TINY_CLF = ClassifierConfig(resolution=16, width=8, feature_dim=16, epochs=6, batch_size=32, lr=5e-3, max_shift=0,
+                            min_steps=0)
 
 
 def test_cas_on_a_separable_toy_set():
@@ -114,7 +115,7 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
     assert main(["train", str(base), "--out", str(tmp_path / "base"), "--no-progress"]) == 0
     assert main(["train", str(sr), "--out", str(tmp_path / "sr"), "--no-progress"]) == 0
     assert main(["train-classifier", "--out", str(tmp_path / "clf"), "--data-from", str(sr), "--no-progress",
-                 "--set", "epochs=1", "--set", "width=8", "--set", "batch_size=8"]) == 0
+                 "--set", "epochs=1", "--set", "width=8", "--set", "batch_size=8", "--set", "min_steps=0"]) == 0
     casc = tmp_path / "cascade.json"
     casc.write_text(json.dumps({"stages": ["base", "sr"], "sampling": {
         "mode": "non-truncated", "stages": [{"steps": 2, "level": 0}, {"steps": 2, "level": 0}]}}))

@@ -171,8 +171,8 @@ def evaluate_cascade(checkpoints: list[Path], sampling: CascadeSampling, out_dir
             m = min(n, len(real))
             lower = images[i - 1][:m].float() / 127.5 - 1
             log(f"per-stage checks of stage {i}")
-            results["per_stage"].append(stage_checks(cascade, i, sampling, real, lower, list(range(seed, seed + m)),
-                                                     ex, ref))
+            results["per_stage"].append(stage_checks(cascade, i, sampling, real, lower, labels[:m],
+                                                     list(range(seed, seed + m)), ex, ref))
     if cas:
         final = images[-1]
         cfg = cas_config or ClassifierConfig()

@@ -78,12 +78,13 @@ def score(images: Tensor, extractor, ref: ReferenceFeatures, **kw) -> dict:
 
 @torch.no_grad()
 def stage_checks(cascade: Cascade, i: int, settings: CascadeSampling, real: ImageSet, lower: Tensor | None,
-                 seeds: list[int], extractor, ref: ReferenceFeatures, level: int | None = None,
-                 metrics: tuple[str, ...] = ("fid", "kid")) -> dict:
+                 lower_labels: Tensor | None, seeds: list[int], extractor, ref: ReferenceFeatures,
+                 level: int | None = None, metrics: tuple[str, ...] = ("fid", "kid")) -> dict:
     """Per-stage evaluation of SR stage ``i`` (the paper's Table 5 ablation and a consistency check):
 
     - ``ground_truth``: conditioned on real low-resolution images (``downsample`` of real ``x0``);
-    - ``generated``: conditioned on ``lower`` (the stage below's samples, clean ``z0``), if given;
+    - ``generated``: conditioned on ``lower`` (the stage below's samples, clean ``z0``, with their
+      class labels ``lower_labels``), if given;
     - ``consistency_psnr``: ``downsample(output)`` against the clean input it was conditioned on.
     Both use non-truncated conditioning at ``level`` (default: the settings' level)."""
     stage = cascade.stages[i]
@@ -94,12 +95,14 @@ def stage_checks(cascade: Cascade, i: int, settings: CascadeSampling, real: Imag
     x_real = to_float(real.images[:n])
     z_gt = downsample(x_real, stage.lowres_resolution)
     out: dict = {"stage": i, "name": stage.config.name, "level": s, "steps": steps, "sampler": settings.sampler}
-    x_gt, _ = cascade.sample_stage(i, labels, seeds, steps, lowres=z_gt, level=s, sampler=settings.sampler)
+    x_gt, _ = cascade.sample_stage(i, labels, seeds, steps, lowres=z_gt, level=s, sampler=settings.sampler,
+                                   spacing=settings.spacing)
     x_gt = x_gt.clamp(-1, 1).cpu()
     out["ground_truth"] = score(x_gt, extractor, ref, metrics=metrics)
     out["ground_truth"]["consistency_psnr"] = psnr(downsample(x_gt, stage.lowres_resolution), z_gt)
     if lower is not None:
-        x_gen, _ = cascade.sample_stage(i, labels, seeds, steps, lowres=lower[:n], level=s, sampler=settings.sampler)
+        x_gen, _ = cascade.sample_stage(i, lower_labels[:n], seeds, steps, lowres=lower[:n], level=s,
+                                        sampler=settings.sampler, spacing=settings.spacing)
         x_gen = x_gen.clamp(-1, 1).cpu()
         out["generated"] = score(x_gen, extractor, ref, metrics=metrics)
         out["generated"]["consistency_psnr"] = psnr(downsample(x_gen, stage.lowres_resolution), lower[:n].cpu())

@@ -88,7 +88,7 @@ def run_sweep(cascade: Cascade, sampling: CascadeSampling, cfg: SweepConfig, sco
     def run(j: int, lowres: Tensor | None, level: int, corrupt: bool, stop: int) -> Tensor:
         return _batched(lambda sl: cascade.sample_stage(
             j, labels[sl], seeds[sl], st[j].steps, lowres=None if lowres is None else lowres[sl], level=level,
-            corrupt=corrupt, stop=stop, sampler=sampling.sampler)[0], cfg.n, cfg.batch_size)
+            corrupt=corrupt, stop=stop, sampler=sampling.sampler, spacing=sampling.spacing)[0], cfg.n, cfg.batch_size)
 
     # The stages below i-1 are the same for every candidate: sample them once (non-truncated, at
     # their configured levels), and keep the result.
