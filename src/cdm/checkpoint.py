@@ -1,13 +1,17 @@
 """Stage checkpoints: one safetensors file holding tensors and a plain JSON config.
 
 Nothing in a checkpoint is code: tensors (network, EMA, optimiser moments, RNG states) plus
-string metadata (the resolved stage config, the step, the optimiser's hyper-parameters and a
-format version). Loading one never unpickles anything. Files are written atomically
-(temporary file, fsync, rename), so an interrupted write leaves the previous checkpoint intact.
+string metadata (the resolved stage config, the step, the optimiser's hyper-parameters, a
+format version and a SHA-256 checksum of all of it). Loading one never unpickles anything: a
+pickle (a PyTorch ``.pt`` file, whatever its name) is refused before it is read, and a file whose
+checksum does not match its contents is refused as corrupt. Files are written atomically
+(temporary file, fsync, rename), so an interrupted write -- a killed process, a full disk --
+leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,7 +27,8 @@ from torch import Tensor
 from .config import StageConfig, stage_config_from_json, to_dict
 
 FORMAT = "cdm-stage"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the checksum
+READABLE_VERSIONS = (1, 2)  # version 1 files are read without verification
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
@@ -64,6 +69,30 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that writes interrupted by a killed process left in a run's
+    ``checkpoints/`` (never a finished checkpoint); returns what was deleted."""
+    d = checkpoint_dir(run_dir)
+    stale = sorted(d.glob(".step-*.safetensors.*.tmp")) if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def checksum(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, and every metadata entry
+    (both in sorted order); what a checkpoint's ``checksum`` entry holds."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for k in sorted(meta):
+        if k != "checksum":
+            h.update(f"{k}={meta[k]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
     tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
     for idx, st in state["state"].items():
@@ -85,7 +114,8 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], plain: dict) -> dict:
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` to ``path`` atomically."""
+    """Write ``ckpt`` to ``path`` atomically, with a checksum. A failed write (e.g. a full disk)
+    raises :class:`CheckpointError` and leaves any earlier file at ``path`` untouched."""
     tensors: dict[str, Tensor] = {}
     for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema)):
         tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
@@ -98,13 +128,38 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         meta["optimizer"] = json.dumps(plain)
     for k, v in (ckpt.rng or {}).items():
         tensors[f"rng.{k}"] = v.cpu().contiguous()
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta["checksum"] = checksum(tensors, meta)
+    try:
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path} ({e}); earlier checkpoints are intact: "
+                              f"free disk space, then re-run the same command to resume") from e
     return Path(path)
+
+
+def check_not_pickle(path: Path) -> None:
+    """Refuse, without unpickling it, a file that is not a safetensors file: a pickle or a PyTorch
+    zip archive (``torch.save``), which could run code when loaded, or anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path} is a pickle (a PyTorch .pt/.pth/.ckpt file), not a cdm checkpoint; cdm "
+                              f"never unpickles files, because unpickling can run arbitrary code. cdm "
+                              f"checkpoints are .safetensors files written by 'cdm train'")
+    n = int.from_bytes(head[:8], "little")
+    if len(head) < 9 or head[8:9] != b"{" or 8 + n > size:
+        raise CheckpointError(f"{path} is not a readable cdm checkpoint (not a safetensors file); it may be "
+                              f"truncated or corrupt: use an earlier checkpoint")
 
 
 def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    check_not_pickle(Path(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -120,13 +175,16 @@ def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cdm stage checkpoint (format {meta.get('format')!r})")
     version = int(meta.get("format_version", "-1"))
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version}; this cdm reads version "
-                              f"{FORMAT_VERSION}: use a matching cdm release")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this cdm reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}: use a matching cdm release")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt ({e}): use an earlier checkpoint") from e
+    if version >= 2 and meta.get("checksum") != checksum(tensors, meta):
+        raise CheckpointError(f"{path} is corrupt: its contents do not match its checksum; use an earlier "
+                              f"checkpoint")
     groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
     for k, v in tensors.items():
         head, rest = k.split(".", 1)
@@ -137,6 +195,13 @@ def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
         optimizer = _unflatten_optimizer(groups["optim"], json.loads(meta["optimizer"]))
     return Checkpoint(config=cfg, step=int(meta["step"]), model=groups["model"], ema=groups["ema"],
                       optimizer=optimizer, rng=groups["rng"] or None, extra=json.loads(meta.get("extra", "{}")))
+
+
+def checkpoint_id(path: str | Path) -> str:
+    """What identifies a checkpoint's contents without reading its tensors: its checksum
+    (``step N`` for a version-1 file)."""
+    meta = read_metadata(resolve_checkpoint_path(path))
+    return meta.get("checksum") or f"step {meta.get('step')}"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

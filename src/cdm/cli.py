@@ -11,9 +11,12 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, list_presets, load_stage_config, to_dict
 from .data import DataError
 from .diffusion import Spacing
+from .distributed import DistributedError
 from .samplers import SAMPLERS
+from .shards import ShardError
+from .train import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError, TrainingError, DistributedError)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -54,21 +57,43 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
+    from .checkpoint import resolve_checkpoint_path
+    from .distributed import env_rank, pick_device
     from .sample import balanced_labels, load_cascade, sample_batched, write_samples
-    from .train import pick_device
+    from .shards import sample_sharded
 
+    if a.shard is not None and a.num_shards is None:
+        raise ConfigError("--shard I needs --num-shards K")
     paths, sampling = _cascade_args(a)
+    paths = [resolve_checkpoint_path(p) for p in paths]
     cascade = load_cascade(paths, pick_device(a.device))
     if a.classes:
         classes = torch.tensor(a.classes)
         labels = classes.repeat((a.n + len(classes) - 1) // len(classes))[:a.n]
     else:
         labels = balanced_labels(a.n, cascade.num_classes)
+    rank, size, _ = env_rank()
+    if a.num_shards is not None or size > 1:  # a sharded run; under torchrun, rank r takes shards r, r+size, ...
+        k = a.num_shards or size
+        written, left, merged = sample_sharded(cascade, paths, sampling, labels, a.seed, a.out, k,
+                                               [a.shard] if a.shard is not None else range(rank, k, size),
+                                               a.batch_size)
+        for p in written:
+            print(p)
+        print(merged if merged else f"{k - len(left)} of {k} shards done; 'cdm merge {a.out}' once all are")
+        return 0
     seeds = list(range(a.seed, a.seed + a.n))
     result = sample_batched(cascade, labels, seeds, sampling, a.batch_size)
     for p in write_samples(result, cascade, a.out):
         print(p)
     print(a.out.rstrip("/") + "/samples.npz")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .shards import merge_shards
+
+    print(merge_shards(a.out))
     return 0
 
 
@@ -196,12 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a cascade and write grids and an .npz")
     _add_cascade_args(s)
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--n", type=_positive, default=100, help="number of samples (default 100)")
+    s.add_argument("--n", "--num-samples", dest="n", type=_positive, default=100,
+                   help="number of samples (default 100); under torchrun write --num-samples")
     s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    s.add_argument("--num-shards", type=_positive, metavar="K",
+                   help="split the run into K shards (shard-XXXX.npz + manifest.json in --out), resumable; "
+                        "merged into samples.npz when all are done. Under torchrun: default K = world size, "
+                        "and rank r samples shards r, r + world size, ...")
+    s.add_argument("--shard", type=int, metavar="I", help="sample only shard I of --num-shards K")
     s.set_defaults(func=cmd_sample)
+
+    m = sub.add_parser("merge", help="merge a sharded sample run's shards into samples.npz")
+    m.add_argument("out", help="the sharded run's directory (the --out of 'cdm sample --num-shards')")
+    m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 10 minutes on 2 cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")

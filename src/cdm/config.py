@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .augment import AugKind, AugmentConfig
+from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
 from .diffusion import DiffusionConfig
 from .unet import UNetConfig
@@ -91,6 +91,11 @@ class StageConfig:
         if not self.is_super_resolution and AugKind(self.augment.kind) is not AugKind.NONE:
             raise ConfigError("conditioning augmentation needs a super-resolution stage: set "
                               "lowres_resolution, or augment.kind = 'none'")
+        if self.is_super_resolution:
+            try:
+                ConditioningAugmentation(self.augment).inference_levels(1, self.train.sample_level)
+            except ValueError as e:
+                raise ConfigError(f"train.sample_level: {e}") from None
         u = self.unet
         u.resolution = self.resolution
         u.in_channels = channels

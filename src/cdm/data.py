@@ -15,6 +15,8 @@ from __future__ import annotations
 import gzip
 import os
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class DataConfig:
     channels: int = 0  # 0 = as stored; 1 or 3 converts
     flip: bool = False  # random horizontal flip during training
     limit: int = 0  # use only the first `limit` images (0 = all)
+    on_bad: str = "skip"  # folder: an unreadable image file is "skip"ped (a warning counts them) or "fail"s
     class_names: list[str] = field(default_factory=list)  # filled in when loaded
 
     def __post_init__(self) -> None:
@@ -50,6 +53,10 @@ class DataConfig:
             raise DataError(f"data.source must be 'fashion-mnist', 'folder' or 'npz', got {self.source!r}")
         if self.fit not in ("pad", "resize"):
             raise DataError(f"data.fit must be 'pad' or 'resize', got {self.fit!r}")
+        if self.channels not in (0, 1, 3):
+            raise DataError(f"data.channels must be 0 (as stored), 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.on_bad not in ("skip", "fail"):
+            raise DataError(f"data.on_bad must be 'skip' or 'fail', got {self.on_bad!r}")
 
 
 @dataclass
@@ -162,8 +169,10 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray,
 
 def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
                 on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str]]:
-    """A folder with one sub-folder per class (or images directly in it: one class).
-    Unreadable files are skipped with a warning and a count (``on_bad='skip'``) or raise."""
+    """A folder with one sub-folder per class (or images directly in it: one class) ->
+    ``(images uint8 [N, C, size, size], labels [N], class names)``. Files with an image suffix
+    that cannot be decoded (not an image, truncated) are skipped with a warning and a count
+    (``on_bad='skip'``) or raise :class:`DataError` (``on_bad='fail'``)."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(root)
@@ -180,9 +189,9 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
                     im.load()
                     im = im.convert(mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
                     a = np.asarray(im, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if on_bad != "skip":
-                    raise DataError(f"cannot read image {f}: {e}") from e
+                    raise DataError(f"cannot read image {f} ({e}); remove it, or set data.on_bad=skip") from e
                 bad.append(f)
                 continue
             t = torch.from_numpy(a.copy())
@@ -190,7 +199,8 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
             images.append(fit_to(t[None], size, fit)[0])
             labels.append(label)
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}, e.g. {bad[0]}")
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}, e.g. {bad[0]} "
+                      f"(set data.on_bad=fail to stop instead)")
     if not images:
         raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
     chans = {im.shape[0] for im in images}
@@ -200,14 +210,19 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
 
 
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
+    """``(images uint8 [N, C, H, W], labels int64 [N] or None)`` from an ``.npz`` (never unpickled)."""
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist; set data.path to an .npz with an 'images' array")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z:
                 raise DataError(f"{path} has no 'images' array (found {list(z.keys())})")
             images = z["images"]
             labels = z["labels"] if "labels" in z else None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"cannot read {path} ({e}); is it a complete .npz file?") from e
     if images.dtype != np.uint8:
         raise DataError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
     x = torch.from_numpy(images.copy())
@@ -233,7 +248,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
     elif cfg.source == "folder":
         if not cfg.path:
             raise DataError("data.source = 'folder' needs data.path")
-        x, y, names = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels)
+        x, y, names = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
     else:
         if not cfg.path:
             raise DataError("data.source = 'npz' needs data.path")

@@ -104,7 +104,22 @@ def write_samples(result: CascadeOutput, cascade: Cascade, out_dir: str | Path, 
             paths.append(save_grid(imgs, out / name, nrow=nrow, scale=max(1, 64 // st.resolution)))
         else:
             paths.append(save_grid(imgs, out / name, nrow=2 * nrow, inputs=inp, scale=max(1, 64 // st.resolution)))
+    save_npz(out / "samples.npz", sample_arrays(result))
+    return paths
+
+
+def sample_arrays(result: CascadeOutput) -> dict[str, np.ndarray]:
+    """What ``samples.npz`` holds: ``stage{i}`` uint8 ``[N, C, R_i, R_i]`` and ``labels`` ``[N]``."""
     arrays = {f"stage{i}": to_uint8(im).numpy() for i, im in enumerate(result.images)}
     arrays["labels"] = result.labels.numpy()
-    atomic_write(out / "samples.npz", lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
-    return paths
+    return arrays
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write arrays to a compressed ``.npz`` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(Path(path), write)
+    return Path(path)

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .augment import ConditioningAugmentation
 from .config import StageConfig
@@ -57,6 +58,11 @@ class Stage:
         return self.config.is_super_resolution
 
     @property
+    def module(self) -> nn.Module:
+        """The bare network (``net`` unwrapped when training wraps it in DistributedDataParallel)."""
+        return self.net.module if isinstance(self.net, DistributedDataParallel) else self.net
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
@@ -86,7 +92,7 @@ class Stage:
             raise ValueError(f"stage {self.config.name!r} expects low-resolution inputs [N, {want[0]}, "
                              f"{want[1]}, {want[2]}], got {list(lowres.shape)}")
         z = self.augmentation.apply(lowres, level, noise) if corrupt else lowres
-        cond["lowres_up"] = self.net.upsample_lowres(z)
+        cond["lowres_up"] = self.module.upsample_lowres(z)
         cond["aug_level"] = self.augmentation.network_level(level)
         return cond
 

@@ -4,7 +4,16 @@ For an SR stage each step draws ``(x0, c)``, makes ``z0 = downsample(x0)``, corr
 random level through :meth:`Stage.conditioning` (the path sampling uses too), and minimises the
 diffusion loss at a random ``t``. Around it: AdamW with warm-up, gradient clipping, an EMA of
 the weights, bf16 autocast, periodic atomic checkpoints with exact resume, sample grids, a
-progress bar and a JSONL log. A run directory holds::
+progress bar and a JSONL log.
+
+Multi-process (``torchrun``, DDP) is the same code path: every process draws the *global* batch's
+indices and per-example randomness (flips, labels dropped, levels, ``t``, noise) from the shared
+generator and keeps its own slice, so DDP's averaged gradient is the single-process mean-loss
+gradient and the run does not depend on the number of processes (up to float rounding). The
+checkpoint holds that global state, so a run resumes on any number of processes. Rank 0 alone
+writes files (checkpoints, log, grids); the others wait for each checkpoint. A non-finite loss or
+gradient stops every process with a message naming the last good checkpoint. A run directory
+holds::
 
     config.json            the resolved stage config
     log.jsonl              one line per log_every steps
@@ -23,11 +32,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (Checkpoint, CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, save_checkpoint, atomic_write)
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, list_checkpoints,
+                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .config import StageConfig, to_dict
 from .data import ImageSet, downsample, load_dataset, random_flip, to_float
 from .diffusion import time_grid
+from .distributed import DistributedError, World, pick_device, world  # noqa: F401 (cdm.train.pick_device)
 from .images import save_grid
 from .samplers import SAMPLERS, SeededNoise, derive_seed
 from .stage import Stage
@@ -35,12 +45,6 @@ from .stage import Stage
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # Parts of a stage config that define the model; a run directory can only be resumed with the same.
@@ -71,32 +75,40 @@ class Batcher:
     def __init__(self, data: ImageSet, cfg: StageConfig, generator: torch.Generator):
         self.data, self.cfg, self.g = data, cfg, generator
 
-    def __call__(self, batch_size: int) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(x0 [B, C, R, R], z0 [B, C, r, r] or None, labels [B])`` in [-1, 1]."""
+    def __call__(self, batch_size: int, part: slice = slice(None)) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Rows ``part`` of a global batch of ``batch_size``: ``(x0 [B, C, R, R], z0 [B, C, r, r] or
+        None, labels [B])`` in [-1, 1]. The generator draws for the whole global batch, so every
+        process of a multi-process run advances it alike and sees its own slice of one batch."""
         idx = torch.randint(len(self.data), (batch_size,), generator=self.g)
-        x = to_float(self.data.images[idx])
+        x = self.data.images[idx]  # uint8, the whole global batch: cheap
         if self.cfg.data.flip:
             x = random_flip(x, self.g)
+        x, labels = to_float(x[part]), self.data.labels[idx][part]
         x0 = downsample(x, self.cfg.resolution)
         z0 = downsample(x, self.cfg.lowres_resolution) if self.cfg.is_super_resolution else None
-        return x0, z0, self.data.labels[idx]
+        return x0, z0, labels
 
 
 def training_step_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor,
-                       g: torch.Generator, p_uncond: float = 0.0) -> Tensor:
-    """The per-batch loss (a scalar) of Algorithms 1 and 3. All randomness comes from ``g``."""
+                       g: torch.Generator, p_uncond: float = 0.0, rank: int = 0, world_size: int = 1) -> Tensor:
+    """The per-batch loss (a scalar) of Algorithms 1 and 3. All randomness comes from ``g``.
+
+    ``x0`` ``[n, C, R, R]`` (and ``z0``, ``labels``) are rows ``[rank * n, (rank + 1) * n)`` of a
+    global batch of ``n * world_size``: the random draws are made for the global batch and
+    sliced, so the mean of the ranks' losses is the single-process loss of the whole batch."""
     n, dev = x0.shape[0], stage.device
+    part, big = slice(rank * n, (rank + 1) * n), n * world_size
     if stage.num_classes and p_uncond > 0:
-        drop = torch.rand(n, generator=g) < p_uncond
+        drop = (torch.rand(big, generator=g) < p_uncond)[part]
         labels = torch.where(drop, stage.num_classes, labels)
     if stage.is_super_resolution:
-        levels = stage.augmentation.draw_levels(n, g)
-        aug_noise = torch.randn(z0.shape, generator=g)
+        levels = stage.augmentation.draw_levels(big, g)[part]
+        aug_noise = torch.randn((big, *z0.shape[1:]), generator=g)[part]
         cond = stage.conditioning(labels.to(dev), z0.to(dev), levels.to(dev), aug_noise.to(dev), corrupt=True)
     else:
         cond = stage.conditioning(labels.to(dev))
-    t = stage.diffusion.sample_t(n, g)
-    eps = torch.randn(x0.shape, generator=g)
+    t = stage.diffusion.sample_t(big, g)[part]
+    eps = torch.randn((big, *x0.shape[1:]), generator=g)[part]
     x0, t, eps = x0.to(dev), t.to(dev), eps.to(dev)
     xt = stage.diffusion.q_sample(x0, t, eps)
     if stage.config.train.channels_last:
@@ -138,82 +150,132 @@ def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int =
     return save_grid(x, path, nrow=2 * per_class if inputs is not None else per_class, inputs=inputs)
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep the lines of a run's ``log.jsonl`` for steps ``<= step``: a run resumed from step
+    ``step`` logs the later steps again, and a line cut short by a killed process is dropped."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
+
+
 def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, progress: bool = True,
                 data: ImageSet | None = None) -> Path:
-    """Train (or resume) one stage into ``out_dir``; returns the last checkpoint's path."""
+    """Train (or resume) one stage into ``out_dir``; returns the last checkpoint's path.
+
+    Under ``torchrun`` every process calls this with the same arguments (``train.batch_size`` is
+    the global batch, split evenly among them); ``out_dir`` must be on a file system they share."""
+    with world(cfg.train.device) as w:
+        return _train(cfg, Path(out_dir), fresh, progress, data, w)
+
+
+def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: ImageSet | None, w: World) -> Path:
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
     data = data if data is not None else load_dataset(cfg.data)
     cfg.data.class_names = data.class_names
     cfg.resolve(channels=data.images.shape[1], num_classes=data.num_classes)
-    device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    g = torch.Generator().manual_seed(cfg.train.seed)
+    tc = cfg.train
+    part = w.part(tc.batch_size)
+    torch.manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed)
 
-    stage = Stage(cfg).to(device)
-    if cfg.train.channels_last:
-        stage.net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(stage.net).requires_grad_(False)
-    opt = torch.optim.AdamW(stage.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    stage = Stage(cfg).to(w.device)
+    net = stage.net  # the bare network: its weights are what checkpoints hold
+    if tc.channels_last:
+        net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     step = 0
 
     found = [] if fresh else list_checkpoints(out)
     if found:
         ckpt = load_checkpoint(found[-1][1])
         _check_same_model(to_dict(ckpt.config), to_dict(cfg), out)
-        stage.net.load_state_dict(ckpt.model)
+        net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         opt.load_state_dict(ckpt.optimizer)
         torch.set_rng_state(ckpt.rng["torch"])
         g.set_state(ckpt.rng["data"])
         step = ckpt.step
-    elif fresh and out.exists():
-        for _, p in list_checkpoints(out):
-            p.unlink()
-        (out / "log.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
+    if not w.same(step):
+        raise DistributedError(f"the processes found different checkpoints in {out}; the run directory must "
+                               f"be on a file system that every node shares")
+    if w.is_main:
+        if fresh and out.exists():
+            for _, p in list_checkpoints(out):
+                p.unlink()
+            (out / "log.jsonl").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        trim_log(out / "log.jsonl", step)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
+    w.barrier()
+    if w.size > 1:  # forward passes go through DDP, which averages the gradients over the processes
+        from torch.nn.parallel import DistributedDataParallel
+
+        stage = Stage(cfg, net=DistributedDataParallel(net, device_ids=[w.device.index] if w.device.type == "cuda"
+                                                       else None))
 
     batcher = Batcher(data, cfg, g)
     ema_stage = Stage(cfg, net=ema)
-    tc = cfg.train
 
     def save(step: int) -> Path:
-        p = save_checkpoint(checkpoint_path(out, step), Checkpoint(
-            config=cfg, step=step, model=stage.net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-            rng={"torch": torch.get_rng_state(), "data": g.get_state()}))
-        prune_checkpoints(out, tc.keep_checkpoints)
+        p, err = checkpoint_path(out, step), None
+        if w.is_main:
+            try:
+                save_checkpoint(p, Checkpoint(
+                    config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                    rng={"torch": torch.get_rng_state(), "data": g.get_state()}))
+                prune_checkpoints(out, tc.keep_checkpoints)
+            except CheckpointError as e:
+                err = e
+        if not w.all_true(err is None):  # also the barrier: no process runs ahead of a checkpoint
+            raise err or TrainingError(f"rank 0 could not write {p}; see its message")
         return p
+
+    def stop(what: str, value: float) -> TrainingError:
+        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
+        return TrainingError(f"{what} became {value} at step {step + 1}; {kept}. Lower train.lr, raise "
+                             f"train.warmup_steps or set train.grad_clip, then re-run to resume")
 
     last = found[-1][1] if found else None
     if step >= tc.steps:
         return last
-    stage.net.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=cfg.name, dynamic_ncols=True,
-               unit="step")
-    log = open(out / "log.jsonl", "a")
+    net.train()
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and w.is_main), desc=cfg.name,
+               dynamic_ncols=True, unit="step")
+    log = open(out / "log.jsonl", "a") if w.is_main else None
     t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
     try:
         while step < tc.steps:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            x0, z0, labels = batcher(tc.batch_size)
-            loss = training_step_loss(stage, x0, z0, labels, g, tc.p_uncond)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step + 1}; the last good checkpoint "
-                                    f"({last}) is kept. Lower train.lr or raise train.warmup_steps, then resume")
+            x0, z0, labels = batcher(tc.batch_size, part)
+            loss = training_step_loss(stage, x0, z0, labels, g, tc.p_uncond, w.rank, w.size)
+            loss_all = w.mean(loss.detach())  # the whole batch's loss, the same on every process
+            if not torch.isfinite(loss_all):
+                raise stop("the loss", loss_all.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = nn.utils.clip_grad_norm_(stage.net.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            gn = nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if not torch.isfinite(gn):
+                raise stop("the gradient norm", gn.item())
             opt.step()
             step += 1
-            ema_update(ema, stage.net, min(tc.ema_decay, (1 + step) / (10 + step)))
+            ema_update(ema, net, min(tc.ema_decay, (1 + step) / (10 + step)))
             n_win += tc.batch_size
-            loss_win += loss.item()
+            loss_win += loss_all.item()
             gn_win += float(gn)
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if log and (step % tc.log_every == 0 or step == tc.steps):
                 k = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
                 dt = time.perf_counter() - t_win
                 rec = {"step": step, "loss": loss_win / k, "grad_norm": gn_win / k,
@@ -221,16 +283,17 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, prog
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            if step % tc.log_every == 0 or step == tc.steps:
                 t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 last = save(step)
-            if (tc.sample_every and step % tc.sample_every == 0) or step == tc.steps:
+            if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
                 ema.eval()
                 write_sample_grid(ema_stage, data, out / "samples" / f"step-{step:08d}.png")
                 t_win = time.perf_counter()  # sampling time is not training time
                 n_win = 0
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
     return last
-

@@ -1,0 +1,175 @@
+"""Large sample runs (e.g. 50,000 samples for FID) in shards: resumable, spread over processes or
+machines, and independent of how the work was split.
+
+Sample ``j`` depends only on its seed ``seed + j`` and its label (:class:`~cdm.samplers.SeededNoise`),
+so a run of ``n`` samples is cut into ``k`` contiguous shards that can be sampled anywhere, in any
+order and any number of times, and merged into the ``samples.npz`` one process would have
+written. A sharded run directory holds::
+
+    manifest.json        what is sampled: the stage checkpoints (with their checksums), the
+                         sampling settings, n, seed, every label, each shard's range
+    shard-0000.npz       shard 0, samples [start, stop): stage{i} uint8 [m, C, R_i, R_i], labels, seeds
+    samples.npz          the merge: stage{i} uint8 [n, C, R_i, R_i] and labels, as `cdm sample` writes
+    stage{i}-{R}px.png   a grid of the first samples of each stage
+
+Every file is written atomically, so a killed process leaves no partial shard, and re-running
+the same command samples only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .cascade import Cascade, CascadeSampling
+from .checkpoint import atomic_write, checkpoint_id
+from .config import to_dict
+from .data import to_float
+from .images import save_grid
+from .sample import sample_arrays, sample_batched, save_npz
+
+MANIFEST = "manifest.json"
+FORMAT = "cdm-sample-shards"
+PREVIEW = 100  # samples per stage in the merged run's grids
+
+
+class ShardError(ValueError):
+    """A sharded sample run cannot go on; the message says what to do."""
+
+
+def shard_range(n: int, num_shards: int, index: int) -> tuple[int, int]:
+    """Shard ``index``'s samples ``[start, stop)`` of ``n`` split into ``num_shards`` near-equal parts."""
+    return index * n // num_shards, (index + 1) * n // num_shards
+
+
+def shard_path(out: str | Path, index: int) -> Path:
+    """Where shard ``index`` of the run in ``out`` is written."""
+    return Path(out) / f"shard-{index:04d}.npz"
+
+
+def make_manifest(checkpoints: list[str | Path], sampling: CascadeSampling, labels: torch.Tensor, seed: int,
+                  num_shards: int) -> dict:
+    """The description of a sharded run of ``len(labels)`` samples (labels ``[n]``, seeds
+    ``seed .. seed + n - 1``) of the cascade made of ``checkpoints`` (files, base first)."""
+    n = len(labels)
+    if not 1 <= num_shards <= n:
+        raise ShardError(f"--num-shards must lie in [1, {n}] (the number of samples), got {num_shards}")
+    return {"format": FORMAT, "version": 1,
+            "stages": [{"path": str(Path(p).resolve()), "id": checkpoint_id(p)} for p in checkpoints],
+            "sampling": to_dict(sampling), "n": n, "seed": seed, "labels": [int(v) for v in labels],
+            "num_shards": num_shards,
+            "shards": [{"index": i, "start": a, "stop": b, "file": shard_path("", i).name}
+                       for i in range(num_shards) for a, b in [shard_range(n, num_shards, i)]]}
+
+
+def read_manifest(out: str | Path) -> dict:
+    """The manifest of the sharded run in ``out``."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{out} holds no {MANIFEST}; start the run with 'cdm sample ... --num-shards K --out {out}'")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is corrupt ({e}); delete it and the shards, and start again") from e
+    if m.get("format") != FORMAT:
+        raise ShardError(f"{path} is not a cdm sharded-run manifest")
+    return m
+
+
+def open_run(out: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` into ``out``, or check that the one there describes the same run (the
+    same checkpoints by checksum, settings, samples and split). A manifest no finished shard
+    depends on is replaced."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        diffs = [k for k in manifest if k != "stages" and old.get(k) != manifest[k]]
+        if [s["id"] for s in old.get("stages", [])] != [s["id"] for s in manifest["stages"]]:
+            diffs.insert(0, "stage checkpoints")
+        if not diffs:
+            return old
+        if any(shard_done(out, old, s["index"]) for s in old["shards"]):
+            raise ShardError(f"{out} holds a sharded run with other {', '.join(diffs)}; use another --out, "
+                             f"or repeat that run's options to resume it")
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    return manifest
+
+
+def shard_done(out: str | Path, manifest: dict, index: int) -> bool:
+    """Whether shard ``index`` is on disk, complete, holding exactly its seeds."""
+    p = shard_path(out, index)
+    if not p.is_file():
+        return False
+    sh = manifest["shards"][index]
+    want = list(range(manifest["seed"] + sh["start"], manifest["seed"] + sh["stop"]))
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return z["seeds"].tolist() == want
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def missing_shards(out: str | Path, manifest: dict) -> list[int]:
+    """The indices of the run's shards that are not finished, in order."""
+    return [s["index"] for s in manifest["shards"] if not shard_done(out, manifest, s["index"])]
+
+
+def run_shards(cascade: Cascade, sampling: CascadeSampling, manifest: dict, out: str | Path,
+               indices: Iterable[int], batch_size: int = 64) -> list[Path]:
+    """Sample the shards ``indices`` of the run ``manifest`` describes, skipping finished ones;
+    returns the files written."""
+    written = []
+    k, seed = manifest["num_shards"], manifest["seed"]
+    for i in indices:
+        if not 0 <= i < k:
+            raise ShardError(f"shard {i} does not exist: the run has shards 0..{k - 1}")
+        if shard_done(out, manifest, i):
+            continue
+        a, b = manifest["shards"][i]["start"], manifest["shards"][i]["stop"]
+        seeds = list(range(seed + a, seed + b))
+        result = sample_batched(cascade, torch.tensor(manifest["labels"][a:b], dtype=torch.long), seeds, sampling,
+                                batch_size)
+        written.append(save_npz(shard_path(out, i), {**sample_arrays(result), "seeds": np.array(seeds, np.int64)}))
+    return written
+
+
+def sample_sharded(cascade: Cascade, checkpoints: list[str | Path], sampling: CascadeSampling, labels: torch.Tensor,
+                   seed: int, out: str | Path, num_shards: int, indices: Iterable[int],
+                   batch_size: int = 64) -> tuple[list[Path], list[int], Path | None]:
+    """Open (or resume) the sharded run in ``out`` of ``len(labels)`` samples (labels ``[n]``,
+    seeds ``seed ..``) of ``cascade`` (loaded from ``checkpoints``), sample the shards ``indices``
+    and merge once no shard is missing. Returns the shard files written, the shards still
+    missing and the merged ``samples.npz`` (None until all shards exist)."""
+    manifest = open_run(out, make_manifest(checkpoints, sampling, labels, seed, num_shards))
+    written = run_shards(cascade, sampling, manifest, out, indices, batch_size)
+    left = missing_shards(out, manifest)
+    return written, left, None if left else merge_shards(out)
+
+
+def merge_shards(out: str | Path) -> Path:
+    """Concatenate a finished run's shards into ``samples.npz`` (and a grid per stage); returns its path."""
+    out = Path(out)
+    m = read_manifest(out)
+    missing = missing_shards(out, m)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ShardError(f"{out}: {len(missing)} of {m['num_shards']} shards are not finished ({shown}); run "
+                         f"them with the same 'cdm sample' options (add --shard I for one), then merge")
+    parts = []
+    for s in m["shards"]:
+        with np.load(shard_path(out, s["index"]), allow_pickle=False) as z:
+            parts.append({k: z[k] for k in z.files if k != "seeds"})
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    path = save_npz(out / "samples.npz", merged)
+    for key in sorted(k for k in merged if k.startswith("stage")):
+        imgs = merged[key][:PREVIEW]
+        res = imgs.shape[-1]
+        save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10, scale=max(1, 64 // res))
+    return path
