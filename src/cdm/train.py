@@ -251,7 +251,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         return last
     net.train()
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and w.is_main), desc=cfg.name,
-               dynamic_ncols=True, unit="step")
+               dynamic_ncols=True, unit="step", mininterval=1.0)
     log = open(out / "log.jsonl", "a") if w.is_main else None
     t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
     try:
