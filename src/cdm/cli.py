@@ -97,6 +97,39 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nll(a: argparse.Namespace) -> int:
+    from .likelihood import bound_table, cascade_bound, evaluation_set, write_bound
+    from .distributed import pick_device
+    from .sample import load_cascade, read_cascade_file
+
+    if bool(a.cascade) == bool(a.stage):
+        raise ConfigError("pass either --cascade FILE or one --stage CHECKPOINT per stage (base first)")
+    if a.cascade:
+        paths, sampling = read_cascade_file(a.cascade)
+        levels, mode = [st.level for st in sampling.stages], sampling.mode
+    else:
+        paths, levels, mode = a.stage, [0] * len(a.stage), "truncated"
+    cascade = load_cascade(paths, pick_device(a.device))
+    k = len(cascade.stages)
+    if a.level:
+        if len(a.level) not in (1, k) or (len(a.level) == 1 and k == 1 and a.level[0]):
+            raise ConfigError(f"--level needs one value for every super-resolution stage or {k} values "
+                              f"(0 for the base stage), got {len(a.level)}")
+        levels = [0] + a.level * (k - 1) if len(a.level) == 1 else a.level
+    mode = a.mode or mode
+    data = evaluation_set(cascade.stages[-1].config.data, a.split, a.n, a.data)
+    bound = cascade_bound(cascade, data.images, data.labels, levels, mode, t_samples=a.t_samples,
+                          seeds=range(a.seed, a.seed + a.n), batch_size=a.batch_size, progress=not a.no_progress)
+    summary = {**bound.summary(), "levels": levels, "split": a.split, "seed": a.seed,
+               "data": a.data or cascade.stages[-1].config.data.source,
+               "stages_from": [str(p) for p in paths]}
+    written = write_bound(summary, a.out)
+    print(bound_table(summary), end="")
+    for p in written:
+        print(p)
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -237,6 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a sharded sample run's shards into samples.npz")
     m.add_argument("out", help="the sharded run's directory (the --out of 'cdm sample --num-shards')")
     m.set_defaults(func=cmd_merge)
+
+    n = sub.add_parser("nll", help="the cascade's variational bound on -log p(x) in bits per dimension",
+                       description="Evaluate the cascade's likelihood bound (METHOD.md section 3) on real images: "
+                                   "per stage and in total, in bits per dimension, with standard errors.")
+    n.add_argument("--cascade", help="cascade file (JSON); its levels and mode are the defaults")
+    n.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
+                   help="a stage checkpoint or run directory, base first (repeat per stage)")
+    n.add_argument("--out", required=True, help="output directory (nll.json, nll.md)")
+    n.add_argument("--level", type=_ints, help="augmentation level s: one value for every SR stage, or one per "
+                                                "stage with 0 for the base (e.g. 0,250); default: the cascade "
+                                                "file's levels, else 0")
+    n.add_argument("--mode", choices=["truncated", "non-truncated"],
+                   help="truncated: SR stages conditioned on the lower stage's forward-process z_s (METHOD.md "
+                        "section 3); non-truncated: every stage's full bound, SR stages on the augmented z_0 "
+                        "(default: the cascade file's mode, else truncated)")
+    n.add_argument("--n", type=_positive, default=1000, help="number of images (the first N; default 1000)")
+    n.add_argument("--split", choices=["train", "test"], default="test", help="Fashion-MNIST split (default test)")
+    n.add_argument("--data", help="evaluate these images instead (same kind as the stage's data source)")
+    n.add_argument("--t-samples", type=_positive, metavar="K",
+                   help="Monte-Carlo estimate with K uniform t per image and stage (default: the exact sum "
+                        "over all T terms, T network calls per stage)")
+    n.add_argument("--seed", type=int, default=0, help="image j uses seed SEED + j")
+    n.add_argument("--batch-size", type=_positive, default=64)
+    n.add_argument("--device", default="auto")
+    n.add_argument("--no-progress", action="store_true")
+    n.set_defaults(func=cmd_nll)
 
     d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 10 minutes on 2 cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")
