@@ -133,8 +133,13 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         assert 0 <= res["cas"]["generated"]["top1"] <= 100
         assert (tmp_path / "ev" / "report.html").exists()
         assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",
-                     "--n-ref", "24", "--classifier", str(tmp_path / "clf"), "--split", "train"]) == 0
-        best = json.loads((tmp_path / "sw" / "summary.json").read_text())["best"]
+                     "--n-ref", "24", "--classifier", str(tmp_path / "clf"), "--split", "train",
+                     "--sampler", "ddim", "--steps", "3"]) == 0
+        summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+        best = summary["best"]
+        assert {r["sampler"] for r in summary["rows"]} == {"ddim"} and {r["steps"] for r in summary["rows"]} == {3}
         saved = json.loads(casc.read_text())["sampling"]
         assert saved["stages"][1]["level"] == best["level"] and saved["mode"] == best["mode"]
+        # the sweep's sampler override is not written back; only the chosen level and mode are
+        assert saved["sampler"] == "ancestral" and saved["stages"][1]["steps"] == 2
         assert (tmp_path / "sw" / "sweep.svg").exists()

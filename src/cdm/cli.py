@@ -209,7 +209,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, n=a.n, seed=a.seed, batch_size=a.batch_size)
     s = sweep_cascade(a.cascade, a.out, cfg, feature=a.feature, metric=a.metric, classifier=a.classifier,
-                      n_ref=a.n_ref, split=a.split, write_best=not a.no_write, device=a.device)
+                      n_ref=a.n_ref, split=a.split, write_best=not a.no_write, device=a.device,
+                      sampler=a.sampler, steps=a.steps, spacing=a.spacing)
     b = s["best"]
     print(f"best: {b['mode']} s={b['level']} {s['metric']}={b['value']:.4f}; report: {a.out.rstrip('/')}/report.html")
     return 0
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-ref", type=_positive, default=10000)
     w.add_argument("--split", default="test")
     w.add_argument("--no-write", action="store_true", help="do not write the best level into the cascade file")
+    w.add_argument("--sampler", choices=list(SAMPLERS), help="sampler for the sweep (default: the cascade file's)")
+    w.add_argument("--steps", type=_ints, help="sampler steps for the sweep, one value or one per stage")
+    w.add_argument("--spacing", choices=[sp.value for sp in Spacing], help="time-grid spacing for the sweep")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--batch-size", type=_positive, default=250)
     w.add_argument("--device", default="cpu")

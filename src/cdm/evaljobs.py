@@ -239,12 +239,23 @@ def _eval_report(results: dict, images, labels, cascade, out: Path) -> Path:
 def sweep_cascade(cascade_file: str | Path, out_dir: str | Path, cfg: SweepConfig, feature: str = "classifier",
                   metric: str = "fid", classifier: str | Path | None = None, n_ref: int = 10000,
                   split: str = "test", write_best: bool = True, device: str = "cpu", cache_dir=None,
+                  sampler: str | None = None, steps: list[int] | None = None, spacing: str | None = None,
                   log=print) -> dict:
     """Search the augmentation level of one SR stage in both modes; write results, a plot, a
-    report, and (``write_best``) the best (mode, s) into the cascade file."""
+    report, and (``write_best``) the best (mode, s) into the cascade file. ``sampler``, ``steps``
+    (one value or one per stage) and ``spacing`` override the cascade file's for the sweep only."""
     if metric not in ("fid", "kid"):
         raise ConfigError(f"sweep metric must be 'fid' or 'kid', got {metric!r}")
-    paths, sampling = read_cascade_file(cascade_file)
+    paths, saved = read_cascade_file(cascade_file)
+    sampling = CascadeSampling(**{**to_dict(saved), "stages": [replace(st) for st in saved.stages]})
+    sampling.sampler = sampler or sampling.sampler
+    sampling.spacing = spacing or sampling.spacing
+    if steps:
+        steps = steps * len(sampling.stages) if len(steps) == 1 else steps
+        if len(steps) != len(sampling.stages):
+            raise ConfigError(f"steps needs 1 or {len(sampling.stages)} values, got {len(steps)}")
+        for st, n in zip(sampling.stages, steps):
+            st.steps = n
     cascade = load_cascade(paths, device)
     i = cfg.stage % len(cascade.stages)
     ex = make_extractor(feature, classifier, device)
@@ -269,9 +280,9 @@ def sweep_cascade(cascade_file: str | Path, out_dir: str | Path, cfg: SweepConfi
     rep.table(sorted(rows, key=lambda r: (r["mode"], r["level"])), ["mode", "level", "value", "n", "steps", "sampler"])
     rep.text(f"Best: {best['mode']} at s = {best['level']} ({name} = {best['value']:.4f}).")
     if write_best:
-        sampling.stages[i].level = int(best["level"])
-        sampling.mode = Mode(best["mode"]).value
-        write_cascade_file(cascade_file, paths, sampling)
-        rep.text(f"Written into {cascade_file}: mode = {sampling.mode}, stage {i} level = {best['level']}.")
+        saved.stages[i].level = int(best["level"])
+        saved.mode = Mode(best["mode"]).value
+        write_cascade_file(cascade_file, paths, saved)
+        rep.text(f"Written into {cascade_file}: mode = {saved.mode}, stage {i} level = {best['level']}.")
     rep.write(out)
     return summary
