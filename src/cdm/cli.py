@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no-progress", action="store_true")
     n.set_defaults(func=cmd_nll)
 
-    d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 10 minutes on 2 cores)")
+    d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 11 minutes on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")
     d.add_argument("--scale", type=float, default=1.0, help="multiply the training steps (e.g. 0.01 for a smoke run)")
     d.add_argument("--device", default="auto")
