@@ -1,0 +1,53 @@
+"""How noisy is a FID at n samples, and where is its floor? Real images vs the cached reference.
+
+Scores K disjoint sets of n real *train* images against the reference statistics of the test
+split (the same reference `cdm eval` and `cdm sweep` use) in a feature space, and prints the mean
+and standard deviation: the mean is the floor a perfect generator would reach at that n, the
+standard deviation the noise between two evaluations.
+
+    .venv/bin/python benchmarks/fid_noise.py --classifier runs/classifier --n 500 --sets 8 --resolution 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import numpy as np
+
+from cdm.data import DataConfig
+from cdm.evaljobs import _ref_obj, make_extractor, reference
+from cdm.evaluate import quality_scores, real_images
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--sets", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--n-ref", type=int, default=10000)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    data = DataConfig()
+    ex = make_extractor("classifier", a.classifier)
+    stats, src = reference(ex, data, "test", a.resolution, a.n_ref)
+    ref = _ref_obj(stats, ex.name, src)
+    train = real_images(data, "train", a.resolution, a.n * a.sets)
+    fids, kids = [], []
+    for k in range(a.sets):
+        s = quality_scores(ex(train.images[k * a.n:(k + 1) * a.n]), ref, metrics=("fid", "kid"))
+        fids.append(s["fid"])
+        kids.append(s["kid"])
+    out = {"feature_space": ex.name, "reference": src, "n": a.n, "sets": a.sets,
+           "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids), "fids": fids,
+           "kid_mean": statistics.mean(kids), "kid_std": statistics.stdev(kids)}
+    print(json.dumps({k: v for k, v in out.items() if k != "fids"}, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
