@@ -14,10 +14,8 @@ import argparse
 import json
 import statistics
 
-import numpy as np
-
 from cdm.data import DataConfig
-from cdm.evaljobs import _ref_obj, make_extractor, reference
+from cdm.evaljobs import make_extractor, reference
 from cdm.evaluate import quality_scores, real_images
 
 
@@ -32,8 +30,8 @@ def main() -> None:
     a = p.parse_args()
     data = DataConfig()
     ex = make_extractor("classifier", a.classifier)
-    stats, src = reference(ex, data, "test", a.resolution, a.n_ref)
-    ref = _ref_obj(stats, ex.name, src)
+    ref = reference(ex, data, "test", a.resolution, a.n_ref)
+    src = ref.source
     train = real_images(data, "train", a.resolution, a.n * a.sets)
     fids, kids = [], []
     for k in range(a.sets):

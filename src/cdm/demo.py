@@ -15,7 +15,8 @@ import torch
 from .config import load_stage_config, to_dict
 from .data import load_dataset
 from .sample import default_sampling, load_cascade, sample_batched, write_cascade_file, write_samples
-from .train import pick_device, train_stage
+from .distributed import pick_device
+from .train import train_stage
 
 # Non-truncated Gaussian augmentation level for the demo's SR stage. A mild level hides the base
 # stage's small artefacts without throwing away its shape; `cdm sweep` (evaluation issue) picks it

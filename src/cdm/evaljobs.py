@@ -18,7 +18,7 @@ from .classifier import (Classifier, ClassifierConfig, accuracy_report, classifi
                          load_classifier, predict, save_classifier, train_classifier)
 from .config import ConfigError, to_dict
 from .data import DataConfig, ImageSet, load_dataset, to_uint8
-from .evaluate import quality_scores, real_images, stage_checks
+from .evaluate import ReferenceFeatures, quality_scores, real_images, stage_checks
 from .features import InceptionFID, reference_stats
 from .images import save_grid
 from .report import Report
@@ -59,19 +59,15 @@ def make_extractor(space: str, classifier: str | Path | None, device: str = "cpu
     raise ConfigError(f"unknown feature space {space!r} (choose from {', '.join(FEATURE_SPACES)})")
 
 
-def reference(extractor, data: DataConfig, split: str, resolution: int, n: int, cache_dir=None):
-    """Cached reference statistics of ``n`` real ``split`` images at ``resolution``, plus a label."""
+def reference(extractor, data: DataConfig, split: str, resolution: int, n: int, cache_dir=None) -> ReferenceFeatures:
+    """Cached reference statistics of ``n`` real ``split`` images at ``resolution`` in the
+    extractor's feature space, labelled with where they came from."""
     real = real_images(data, split, resolution, n)
     desc = {**to_dict(replace(data, class_names=[], flip=False, limit=0)), "split": split}
     stats = reference_stats(extractor.name, desc, len(real), resolution,
                             lambda: extractor(real.images)["features"], cache_dir=cache_dir)
-    source = f"{data.source}:{split}@{resolution}px n={len(real)}"
-    return stats, source
-
-
-def _ref_obj(stats, space: str, source: str):
-    from .evaluate import ReferenceFeatures
-    return ReferenceFeatures(features=stats.features, space=space, source=source, mu=stats.mu, sigma=stats.sigma)
+    return ReferenceFeatures(features=stats.features, space=extractor.name, mu=stats.mu, sigma=stats.sigma,
+                             source=f"{data.source}:{split}@{resolution}px n={len(real)}")
 
 
 # ----------------------------------------------------------------------------- train-classifier
@@ -157,8 +153,7 @@ def evaluate_cascade(checkpoints: list[Path], sampling: CascadeSampling, out_dir
         ex = make_extractor(space, classifier, device)
         for i, im in enumerate(images):
             res_i = cascade.stages[i].resolution
-            stats, src = reference(ex, data, split, res_i, n_ref, cache_dir)
-            ref = _ref_obj(stats, ex.name, src)
+            ref = reference(ex, data, split, res_i, n_ref, cache_dir)
             refs[(space, i)] = (ex, ref)
             log(f"scoring stage {i} ({res_i}px) in {ex.name}")
             row = {"stage": i, "resolution": res_i, **quality_scores(ex(im), ref)}
@@ -259,8 +254,8 @@ def sweep_cascade(cascade_file: str | Path, out_dir: str | Path, cfg: SweepConfi
     cascade = load_cascade(paths, device)
     i = cfg.stage % len(cascade.stages)
     ex = make_extractor(feature, classifier, device)
-    stats, src = reference(ex, cascade.stages[i].config.data, split, cascade.stages[i].resolution, n_ref, cache_dir)
-    ref = _ref_obj(stats, ex.name, src)
+    ref = reference(ex, cascade.stages[i].config.data, split, cascade.stages[i].resolution, n_ref, cache_dir)
+    src = ref.source
     name = f"{metric}[{ex.name}]"
 
     def scorer(x, labels):

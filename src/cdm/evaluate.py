@@ -8,9 +8,7 @@ count) by :func:`cdm.features.cached_reference`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,9 +17,6 @@ from torch import Tensor
 from .cascade import Cascade, CascadeSampling
 from .data import DataConfig, ImageSet, downsample, load_dataset, to_float, to_uint8
 from .metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
-
-Extractor = Callable[[Tensor], dict]  # uint8 [N, C, H, W] -> {"features": [N, D], "probs"?: [N, K]}; has .name
-
 
 def real_images(data: DataConfig, split: str, resolution: int, n: int) -> ImageSet:
     """The first ``n`` images of ``split`` (0 = all) at ``resolution``, made with the same
@@ -107,11 +102,3 @@ def stage_checks(cascade: Cascade, i: int, settings: CascadeSampling, real: Imag
         out["generated"] = score(x_gen, extractor, ref, metrics=metrics)
         out["generated"]["consistency_psnr"] = psnr(downsample(x_gen, stage.lowres_resolution), lower[:n].cpu())
     return out
-
-
-def finite_or_nan(v) -> float:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-    return v if math.isfinite(v) else float("nan")

@@ -37,7 +37,7 @@ from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_p
 from .config import StageConfig, to_dict
 from .data import ImageSet, downsample, load_dataset, random_flip, to_float
 from .diffusion import time_grid
-from .distributed import DistributedError, World, pick_device, world  # noqa: F401 (cdm.train.pick_device)
+from .distributed import DistributedError, World, world
 from .images import save_grid
 from .samplers import SAMPLERS, SeededNoise, derive_seed
 from .stage import Stage
