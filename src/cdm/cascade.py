@@ -55,6 +55,43 @@ class CascadeOutput:
     labels: Tensor  # [N]
 
 
+@torch.no_grad()
+def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
+                 level: int = 0, corrupt: bool = True, stop: int = 0,
+                 sampler: str = "ancestral", spacing: str = "uniform") -> tuple[Tensor, Tensor]:
+    """Run one stage, ``stage`` at index ``i`` of its cascade: ``(x_stop, x0_hat)``, the state at
+    time ``stop`` and the last estimate of ``x_0``.
+
+    For an SR stage, ``lowres`` ``[N, C, r, r]`` is its input at augmentation ``level``: a
+    clean ``z0`` to corrupt (``corrupt=True``, non-truncated) or the lower stage's ``z_s``
+    (``corrupt=False``, truncated). ``stop > 0`` truncates this stage's own reverse process
+    (to hand ``z_stop`` to a truncated stage above). The noise of sample ``j`` comes from
+    ``seeds[j]`` and ``i`` alone, so a stage's output does not depend on the batch, and the
+    sampler's noise is the same in both modes.
+    """
+    if sampler not in SAMPLERS:
+        raise CascadeError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if spacing not in {sp.value for sp in Spacing}:
+        raise CascadeError(f"unknown grid spacing {spacing!r} (choose from {', '.join(sp.value for sp in Spacing)})")
+    dev = stage.device
+    n = len(labels)
+    noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
+    lab = labels.to(dev)
+    if stage.is_super_resolution:
+        if lowres is None:
+            raise CascadeError(f"stage {i} ({stage.config.name!r}) is a super-resolution stage: pass lowres")
+        lv = stage.augmentation.inference_levels(n, level).to(dev)
+        aug_noise = None
+        if corrupt:  # its own stream: the sampler's noise is then the same in both modes
+            aug_noise = SeededNoise([derive_seed(s, i, 1) for s in seeds], dev).randn(*lowres.shape[1:])
+        cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
+    else:
+        cond = stage.conditioning(lab)
+    grid = time_grid(stage.diffusion.T, steps, stop=stop, spacing=spacing)
+    x = noise.randn(stage.channels, stage.resolution, stage.resolution)
+    return SAMPLERS[sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+
+
 class Cascade:
     def __init__(self, stages: list[Stage]):
         self.stages = stages
@@ -117,42 +154,11 @@ class Cascade:
             raise CascadeError(f"class labels must lie in [0, {nc - 1}] (or {nc} for 'no class'), "
                                f"got {int(labels.min())}..{int(labels.max())}")
 
-    @torch.no_grad()
     def sample_stage(self, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
                      level: int = 0, corrupt: bool = True, stop: int = 0,
                      sampler: str = "ancestral", spacing: str = "uniform") -> tuple[Tensor, Tensor]:
-        """Run stage ``i`` alone: ``(x_stop, x0_hat)``, the state at time ``stop`` and the last
-        estimate of ``x_0``.
-
-        For an SR stage, ``lowres`` ``[N, C, r, r]`` is its input at augmentation ``level``: a
-        clean ``z0`` to corrupt (``corrupt=True``, non-truncated) or the lower stage's ``z_s``
-        (``corrupt=False``, truncated). ``stop > 0`` truncates this stage's own reverse process
-        (to hand ``z_stop`` to a truncated stage above). The noise of sample ``j`` comes from
-        ``seeds[j]`` and ``i`` alone, so a stage's output does not depend on the batch, and the
-        sampler's noise is the same in both modes.
-        """
-        stage = self.stages[i]
-        if sampler not in SAMPLERS:
-            raise CascadeError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-        if spacing not in {sp.value for sp in Spacing}:
-            raise CascadeError(f"unknown grid spacing {spacing!r} (choose from {', '.join(sp.value for sp in Spacing)})")
-        dev = stage.device
-        n = len(labels)
-        noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
-        lab = labels.to(dev)
-        if stage.is_super_resolution:
-            if lowres is None:
-                raise CascadeError(f"stage {i} ({stage.config.name!r}) is a super-resolution stage: pass lowres")
-            lv = stage.augmentation.inference_levels(n, level).to(dev)
-            aug_noise = None
-            if corrupt:  # its own stream: the sampler's noise is then the same in both modes
-                aug_noise = SeededNoise([derive_seed(s, i, 1) for s in seeds], dev).randn(*lowres.shape[1:])
-            cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
-        else:
-            cond = stage.conditioning(lab)
-        grid = time_grid(stage.diffusion.T, steps, stop=stop, spacing=spacing)
-        x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-        return SAMPLERS[sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+        """Run stage ``i`` alone (see :func:`sample_stage`)."""
+        return sample_stage(self.stages[i], i, labels, seeds, steps, lowres, level, corrupt, stop, sampler, spacing)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, seeds: list[int], settings: CascadeSampling,

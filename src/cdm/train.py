@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, list_checkpoints,
                          load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from .cascade import sample_stage
 from .config import StageConfig, to_dict
 from .data import ImageSet, downsample, load_dataset, random_flip, to_float
-from .diffusion import time_grid
 from .distributed import DistributedError, World, world
 from .images import save_grid
-from .samplers import SAMPLERS, SeededNoise, derive_seed
+from .samplers import derive_seed
 from .stage import Stage
 
 
@@ -129,25 +129,15 @@ def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int =
     cfg = stage.config
     nc = max(stage.num_classes, 1)
     labels = torch.arange(nc).repeat_interleave(per_class)[:max_n]
-    n = len(labels)
-    noise = SeededNoise([derive_seed(cfg.train.seed, 7919, j) for j in range(n)], stage.device)
+    z0 = None
     if stage.is_super_resolution:
         # The first training images of each class, downsampled as in training.
-        pick = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(nc)])[:n]
+        pick = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(nc)])[:len(labels)]
         labels = data.labels[pick]
-        x = to_float(data.images[pick])
-        z0 = downsample(x, cfg.lowres_resolution)
-        lv = stage.augmentation.inference_levels(len(pick), cfg.train.sample_level)
-        cond = stage.conditioning(labels.to(stage.device), z0.to(stage.device), lv.to(stage.device),
-                                  noise.randn(*z0.shape[1:]), corrupt=True)
-        inputs = z0
-    else:
-        cond = stage.conditioning(labels.to(stage.device))
-        inputs = None
-    grid = time_grid(stage.diffusion.T, cfg.train.sample_steps)
-    x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-    x, _ = SAMPLERS["ancestral"](lambda a, t: stage(a, t, cond), stage.diffusion, x, grid, noise)
-    return save_grid(x, path, nrow=2 * per_class if inputs is not None else per_class, inputs=inputs)
+        z0 = downsample(to_float(data.images[pick]), cfg.lowres_resolution)
+    seeds = [derive_seed(cfg.train.seed, 7919, j) for j in range(len(labels))]
+    x, _ = sample_stage(stage, 0, labels, seeds, cfg.train.sample_steps, lowres=z0, level=cfg.train.sample_level)
+    return save_grid(x, path, nrow=2 * per_class if z0 is not None else per_class, inputs=z0)
 
 
 def trim_log(path: Path, step: int) -> None:
