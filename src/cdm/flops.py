@@ -1,0 +1,64 @@
+"""Counted floating-point operations of a stage's training step and network evaluation.
+
+Counts come from :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and
+attention; element-wise work such as normalisation and activations is not counted, as is usual
+for FLOP figures), on a one-image batch, so they are exact for the network and independent of the
+machine. One multiply-add counts as two FLOPs. Used to give a baseline the same training compute
+as a cascade, and to report achieved FLOP/s against a machine's matmul peak.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import StageConfig
+from .stage import Stage
+
+__all__ = ["train_flops_per_image", "forward_flops_per_image", "training_flops"]
+
+
+def _one_image_inputs(stage: Stage) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    c, r = stage.channels, stage.resolution
+    x = torch.zeros(1, c, r, r)
+    t = torch.full((1,), stage.diffusion.T // 2, dtype=torch.long)
+    label = torch.zeros(1, dtype=torch.long) if stage.num_classes else None
+    if stage.is_super_resolution:
+        lo = torch.zeros(1, c, stage.lowres_resolution, stage.lowres_resolution)
+        cond = stage.conditioning(label, lo, torch.zeros(1, dtype=torch.long), torch.zeros_like(lo))
+    else:
+        cond = stage.conditioning(label)
+    return x, t, cond
+
+
+def _stage_fp32(config: StageConfig) -> Stage:
+    cfg = copy.deepcopy(config)
+    cfg.train.precision = "fp32"  # count the network, not autocast's casts
+    torch.manual_seed(0)
+    return Stage(cfg)
+
+
+def forward_flops_per_image(config: StageConfig) -> int:
+    """FLOPs of one network evaluation (one sampling step) for one image. ``config`` resolved."""
+    stage = _stage_fp32(config)
+    x, t, cond = _one_image_inputs(stage)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        stage(x, t, cond)
+    return int(fc.get_total_flops())
+
+
+def train_flops_per_image(config: StageConfig) -> int:
+    """FLOPs of one training example: forward and backward through the network (the optimiser
+    step is per parameter, not per image, and is not counted). ``config`` resolved."""
+    stage = _stage_fp32(config)
+    x, t, cond = _one_image_inputs(stage)
+    with FlopCounterMode(display=False) as fc:
+        stage(x, t, cond).sum().backward()
+    return int(fc.get_total_flops())
+
+
+def training_flops(config: StageConfig) -> int:
+    """Total FLOPs of a stage's training run: ``steps * batch_size * train_flops_per_image``."""
+    return config.train.steps * config.train.batch_size * train_flops_per_image(config)
