@@ -51,3 +51,33 @@ def test_bad_inputs_are_explained():
         net(torch.randn(2, 1, 16, 16), t, label=torch.tensor([0, 1]), lowres=lo)
     with pytest.raises(ValueError, match="not divisible"):
         UNetConfig(resolution=12, channel_mult=[1, 2, 2, 2])
+
+
+def test_condition_embedding_once_equals_inside():
+    cfg = UNetConfig(resolution=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[],
+                     num_classes=3, lowres_channels=1, aug_level_embedding=True)
+    net = UNet(cfg).eval()
+    torch.nn.init.normal_(net.out[-1].weight)
+    x, lo, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 4, 4), torch.rand(2)
+    label, level = torch.tensor([0, 3]), torch.tensor([0.0, 0.3])
+    emb = net.embed_condition(label, level)
+    assert emb.shape == (2, 32)
+    torch.testing.assert_close(net(x, t, label=label, lowres=lo, aug_level=level),
+                               net(x, t, lowres=lo, cond_emb=emb))
+    with pytest.raises(ValueError, match="either cond_emb or label"):
+        net(x, t, label=label, lowres=lo, cond_emb=emb)
+
+
+def test_sampling_embeds_class_and_level_once_per_sample():
+    """The class and level embeddings do not depend on t: a 6-step SR sampling run computes them
+    once, the time embedding six times."""
+    from cdm.cascade import sample_stage
+    from conftest import tiny_stage
+
+    stage = tiny_stage(resolution=8, lowres=4, aug="gaussian")
+    calls = {"label": 0, "level": 0, "time": 0}
+    for name, mod in (("label", stage.net.label_embed), ("level", stage.net.level_embed), ("time", stage.net.time_embed)):
+        mod.register_forward_hook(lambda *_, k=name: calls.__setitem__(k, calls[k] + 1))
+    sample_stage(stage, 1, torch.tensor([0, 1]), [0, 1], steps=6, lowres=torch.zeros(2, 1, 4, 4), level=10,
+                 sampler="ddim")
+    assert calls == {"label": 1, "level": 1, "time": 6}

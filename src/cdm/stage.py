@@ -79,12 +79,12 @@ class Stage:
         ``[N, C, h, w]`` is the low-resolution image and ``level`` ``[N]`` its augmentation level.
         With ``corrupt=True`` (training; non-truncated sampling) ``lowres`` is a clean ``z0`` that
         the stage's augmentation corrupts at ``level`` with ``noise``; with ``corrupt=False``
-        (truncated sampling) it already is ``z_s``. The upsampled low-res image is computed here
-        once, not at every sampling step.
+        (truncated sampling) it already is ``z_s``. The upsampled low-res image and the class and
+        level embedding (``cond_emb``) are computed here once, not at every sampling step.
         """
-        cond: dict[str, Tensor | None] = {"label": label if self.num_classes > 0 else None}
+        label = label if self.num_classes > 0 else None
         if not self.is_super_resolution:
-            return cond
+            return {"cond_emb": self.module.embed_condition(label, None)}
         if lowres is None or level is None:
             raise ValueError("a super-resolution stage needs lowres and level")
         want = (self.channels, self.lowres_resolution, self.lowres_resolution)
@@ -92,9 +92,8 @@ class Stage:
             raise ValueError(f"stage {self.config.name!r} expects low-resolution inputs [N, {want[0]}, "
                              f"{want[1]}, {want[2]}], got {list(lowres.shape)}")
         z = self.augmentation.apply(lowres, level, noise) if corrupt else lowres
-        cond["lowres_up"] = self.module.upsample_lowres(z)
-        cond["aug_level"] = self.augmentation.network_level(level)
-        return cond
+        return {"cond_emb": self.module.embed_condition(label, self.augmentation.network_level(level)),
+                "lowres_up": self.module.upsample_lowres(z)}
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor | None]) -> Tensor:
         """The network's raw output at integer times ``t`` ``[N]`` (passed as ``t / T``)."""

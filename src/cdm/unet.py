@@ -145,7 +145,8 @@ class Level(nn.Module):
 
 class UNet(nn.Module):
     """``forward(x [N, C, H, W], t [N], label [N]?, lowres [N, C_lo, h, w]?, aug_level [N]?)
-    -> [N, out_channels, H, W]``."""
+    -> [N, out_channels, H, W]`` (or ``lowres_up [N, C_lo, H, W]`` and ``cond_emb [N, E]``
+    precomputed in place of ``lowres``, ``label`` and ``aug_level``)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -195,10 +196,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def embed(self, t: Tensor, label: Tensor | None, aug_level: Tensor | None) -> Tensor:
-        """The summed embedding ``[N, 4 * base_channels]`` of time, class and augmentation level."""
+    def embed_condition(self, label: Tensor | None, aug_level: Tensor | None) -> Tensor | None:
+        """The summed class and augmentation-level embedding ``[N, 4 * base_channels]`` (``None``
+        when the network has neither). It does not depend on the time, so a sampler computes it
+        once per sample (:meth:`cdm.stage.Stage.conditioning`) and passes it as ``cond_emb``."""
         cfg = self.config
-        emb = self.time_embed(timestep_embedding(t.float() * 1000.0, cfg.base_channels))
+        emb: Tensor | None = None
         if self.label_embed is not None:
             if label is None:
                 raise ValueError("this network is class-conditional: pass label (use "
@@ -206,14 +209,20 @@ class UNet(nn.Module):
             if (label < 0).any() or (label > cfg.num_classes).any():
                 raise ValueError(f"class labels must lie in [0, {cfg.num_classes}] "
                                  f"({cfg.num_classes} = no class), got {label.min().item()}..{label.max().item()}")
-            emb = emb + self.label_embed(label.long())
+            emb = self.label_embed(label.long())
         elif label is not None:
             raise ValueError("this network is unconditional (unet.num_classes = 0) but got label")
         if self.level_embed is not None:
             if aug_level is None:
                 raise ValueError("this network embeds the augmentation level: pass aug_level")
-            emb = emb + self.level_embed(timestep_embedding(aug_level.float() * 1000.0, cfg.base_channels))
+            lv = self.level_embed(timestep_embedding(aug_level.float() * 1000.0, cfg.base_channels))
+            emb = lv if emb is None else emb + lv
         return emb
+
+    def embed(self, t: Tensor, cond_emb: Tensor | None) -> Tensor:
+        """The time embedding plus ``cond_emb`` (from :meth:`embed_condition`): ``[N, 4 * base_channels]``."""
+        emb = self.time_embed(timestep_embedding(t.float() * 1000.0, self.config.base_channels))
+        return emb if cond_emb is None else emb + cond_emb
 
     def upsample_lowres(self, lowres: Tensor) -> Tensor:
         """``[N, C_lo, h, w] -> [N, C_lo, H, W]``, bilinear or bicubic."""
@@ -225,15 +234,21 @@ class UNet(nn.Module):
                              align_corners=False)
 
     def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None, lowres: Tensor | None = None,
-                aug_level: Tensor | None = None, lowres_up: Tensor | None = None) -> Tensor:
-        """``lowres_up`` (already upsampled ``lowres``) may be passed instead of ``lowres`` to skip
-        re-upsampling at every sampling step."""
+                aug_level: Tensor | None = None, lowres_up: Tensor | None = None,
+                cond_emb: Tensor | None = None) -> Tensor:
+        """``lowres_up`` (already upsampled ``lowres``) may be passed instead of ``lowres``, and
+        ``cond_emb`` (:meth:`embed_condition` of ``label`` and ``aug_level``) instead of those two,
+        so that a sampler computes neither at every step."""
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.resolution \
                 or x.shape[-2] != cfg.resolution:
             raise ValueError(f"x must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}], "
                              f"got {list(x.shape)}")
-        emb = self.embed(t, label, aug_level)
+        if cond_emb is None:
+            cond_emb = self.embed_condition(label, aug_level)
+        elif label is not None or aug_level is not None:
+            raise ValueError("pass either cond_emb or label/aug_level, not both")
+        emb = self.embed(t, cond_emb)
         if cfg.lowres_channels:
             if lowres_up is None:
                 if lowres is None:
