@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cdm.cli import main
+from cdm.config import ConfigError
 
 TINY = """
 name = "{name}"
@@ -67,6 +68,15 @@ def test_train_then_sample(tmp_path, toy_npz, capsys):
     z = np.load(out / "samples.npz")
     assert z["stage1"].shape == (6, 1, 16, 16) and z["stage1"].dtype == np.uint8
     assert z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    # The float32 switch: the same samples up to bf16 rounding.
+    assert main(["sample", "--stage", str(tmp_path / "base"), "--stage", str(tmp_path / "sr"), "--out", str(out / "bf16"),
+                 "--n", "6", "--steps", "3", "--levels", "0,10", "--mode", "truncated", "--precision", "bf16"]) == 0
+    z16 = np.load(out / "bf16" / "samples.npz")
+    assert np.abs(z16["stage1"].astype(int) - z["stage1"].astype(int)).mean() < 8
+    from cdm.sample import load_cascade
+    assert {s.precision for s in load_cascade([tmp_path / "base", tmp_path / "sr"], precision="bf16").stages} == {"bf16"}
+    with pytest.raises(ConfigError, match="precision"):
+        load_cascade([tmp_path / "base"], precision="fp16")
     capsys.readouterr()
     assert main(["train", str(base), "--out", str(tmp_path / "x"), "--dry-run"]) == 0
     resolved = json.loads(capsys.readouterr().out)

@@ -66,7 +66,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise ConfigError("--shard I needs --num-shards K")
     paths, sampling = _cascade_args(a)
     paths = [resolve_checkpoint_path(p) for p in paths]
-    cascade = load_cascade(paths, pick_device(a.device))
+    cascade = load_cascade(paths, pick_device(a.device), a.precision)
     if a.classes:
         classes = torch.tensor(a.classes)
         labels = classes.repeat((a.n + len(classes) - 1) // len(classes))[:a.n]
@@ -191,7 +191,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     r = evaluate_cascade(paths, sampling, a.out, n=a.n, features=a.features, classifier=a.classifier,
                          n_ref=a.n_ref, split=a.split, samples=a.samples, per_stage=not a.no_per_stage, cas=a.cas,
                          cas_config=ClassifierConfig(epochs=a.cas_epochs), seed=a.seed, batch_size=a.batch_size,
-                         device=a.device)
+                         device=a.device, precision=a.precision)
     for row in r["scores"]:
         keys = [k for k in ("fid", "kid", "is", "precision", "recall") if k in row]
         print(f"stage {row['stage']} ({row['resolution']}px) [{row['feature_space']}, n={row['n_fake']} vs "
@@ -234,6 +234,9 @@ def _add_cascade_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", choices=[sp.value for sp in Spacing],
                    help="time-grid spacing (default: the cascade file's, else uniform); "
                         "quadratic suits few-step ddim / dpmpp-2m")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="network precision while sampling (default: what each stage was trained in, bf16 "
+                        "autocast for the presets); fp32 is the exact but slower switch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -124,13 +124,13 @@ def evaluate_cascade(checkpoints: list[Path], sampling: CascadeSampling, out_dir
                      n_ref: int = 10000, split: str = "test", samples: str | Path | None = None,
                      per_stage: bool = True, cas: bool = False, cas_config: ClassifierConfig | None = None,
                      seed: int = 0, batch_size: int = 250, device: str = "cpu", cache_dir=None,
-                     log=print) -> dict:
+                     precision: str | None = None, log=print) -> dict:
     """Score every stage's samples in each feature space against real data at that stage's
     resolution; per-stage checks of SR stages; CAS of the final stage if asked. Writes
     ``results.json`` and ``report.html``/``report.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cascade = load_cascade(checkpoints, device)
+    cascade = load_cascade(checkpoints, device, precision)
     k = len(cascade.stages)
     data = cascade.stages[-1].config.data
     t0 = time.time()

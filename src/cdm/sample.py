@@ -23,9 +23,16 @@ from .data import to_uint8
 from .images import save_grid
 
 
-def load_cascade(checkpoints: list[str | Path], device: torch.device | str = "cpu") -> Cascade:
-    """Build and validate a cascade from stage checkpoints (files or run directories), base first."""
-    return Cascade([load_stage(p, device) for p in checkpoints])
+def load_cascade(checkpoints: list[str | Path], device: torch.device | str = "cpu",
+                 precision: str | None = None) -> Cascade:
+    """Build and validate a cascade from stage checkpoints (files or run directories), base first.
+    ``precision`` ("bf16" autocast or "fp32") overrides the precision each stage was trained in."""
+    if precision not in (None, "bf16", "fp32"):
+        raise ConfigError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    stages = [load_stage(p, device) for p in checkpoints]
+    for st in stages:
+        st.precision = precision or st.precision
+    return Cascade(stages)
 
 
 def read_cascade_file(path: str | Path) -> tuple[list[Path], CascadeSampling]:
