@@ -1,0 +1,177 @@
+"""Peak memory of training and sampling each preset, every measurement in a fresh process.
+
+- training: ``--train-steps`` training steps (the step of ``benchmarks/train_precision.py``:
+  loss, backward, AdamW) at the preset batch size, in fp32 and bf16 autocast. The default of 2
+  steps includes the first, which allocates AdamW's moments, and a steady-state step;
+- sampling: one stage's sampling through :func:`cdm.cascade.sample_stage` (ancestral,
+  ``--sample-steps`` steps, a batch of ``--sample-batch``; an SR stage conditioned on random
+  low-resolution inputs), in fp32 and bf16 autocast.
+
+Networks are untrained (random init); inputs are synthetic. Each measurement runs in a new
+process (this script with ``--one``), so that no earlier allocation hides a peak.
+
+On the CPU: the baseline is the resident set size (VmRSS) after building the network, optimiser
+and inputs; the kernel's peak-RSS counter is then reset (``/proc/self/clear_refs``, Linux) and
+the peak is ``getrusage(RUSAGE_SELF).ru_maxrss`` after the run. Reported: the peak minus the
+baseline (what the step or the sampling itself needs) and the absolute peak. Where the counter
+cannot be reset, the peak is the process's whole-life peak, so the difference may understate
+the run's own need (the JSON says which). Memory the allocator kept from building the model can
+be reused by the run, which also makes the difference a slight underestimate.
+
+On CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus ``memory_allocated``
+after building; this path has not been run yet (the development machine has no GPU).
+
+    .venv/bin/python benchmarks/memory.py --out docs/bench/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import (PRESETS, SyntheticBatch, facts_line, fmt, load_average, machine_facts, print_table,
+                     resolved_config, summary, write_json)
+from cdm.cascade import sample_stage
+from cdm.stage import Stage
+from cdm.train import training_step_loss
+
+MIB = 2 ** 20
+MARK = "MEMORY-RESULT "
+
+
+# ----------------------------------------------------------------------------- one measurement (child)
+def _status_kib(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_one(spec: dict) -> dict:
+    """Build, then measure one task: ``spec`` has preset, task (train/sample), precision, device,
+    train_steps, sample_steps, sample_batch."""
+    dev = torch.device(spec["device"])
+    cfg = resolved_config(spec["preset"], [f"train.precision={spec['precision']}"])
+    torch.manual_seed(0)
+    stage = Stage(cfg).to(dev)
+    if spec["task"] == "train":
+        batch = SyntheticBatch.for_config(cfg)
+        x0, z0, labels = (None if t is None else t.to(dev) for t in (batch.x0, batch.z0, batch.labels))
+        opt = torch.optim.AdamW(stage.net.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+
+        def run() -> None:
+            for _ in range(spec["train_steps"]):
+                loss = training_step_loss(stage, x0, z0, labels, g)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        n = cfg.train.batch_size
+    else:
+        n = spec["sample_batch"]
+        labels = torch.arange(n) % max(stage.num_classes, 1)
+        lowres = SyntheticBatch.for_config(cfg, n).z0
+        level = cfg.train.sample_level
+
+        def run() -> None:
+            sample_stage(stage, 0, labels, list(range(n)), spec["sample_steps"], lowres=lowres, level=level)
+    gc.collect()
+    out = {"batch": n, "params": sum(p.numel() for p in stage.net.parameters())}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize(dev)
+        out.update(seconds=time.perf_counter() - t0, baseline_mib=base / MIB,
+                   peak_mib=torch.cuda.max_memory_allocated(dev) / MIB,
+                   peak_reserved_mib=torch.cuda.max_memory_reserved(dev) / MIB, method="cuda max_memory_allocated")
+    else:
+        base = _status_kib("VmRSS")
+        lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = _reset_peak_rss()
+        t0 = time.perf_counter()
+        run()
+        out.update(seconds=time.perf_counter() - t0, baseline_mib=base / 1024,
+                   peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   peak_before_run_mib=lifetime_peak / 1024, peak_reset=reset,
+                   method="ru_maxrss after resetting the peak" if reset else "ru_maxrss (process lifetime)")
+    out["delta_mib"] = out["peak_mib"] - out["baseline_mib"]
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    """:func:`measure_one` in a fresh interpreter running this script."""
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"measurement {spec} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len(MARK):])
+
+
+# ----------------------------------------------------------------------------- driver
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default=PRESETS)
+    p.add_argument("--tasks", default="train,sample")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--sample-batch", type=int, default=250)
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (peak allocated; untested)")
+    p.add_argument("--out", default="")
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
+    a = p.parse_args()
+    if a.one:
+        print(MARK + json.dumps(measure_one(json.loads(a.one))), flush=True)
+        return
+    facts = machine_facts()
+    print(facts_line(facts), flush=True)
+    specs = [{"preset": pr, "task": task, "precision": prec, "device": a.device, "train_steps": a.train_steps,
+              "sample_steps": a.sample_steps, "sample_batch": a.sample_batch}
+             for pr in a.presets.split(",") for task in a.tasks.split(",") for prec in a.precisions.split(",")]
+    runs: list[list[dict]] = [[] for _ in specs]
+    for _ in range(a.repeats):  # repeats interleaved over all measurements
+        for spec, got in zip(specs, runs):
+            got.append(run_child(spec))
+            r = got[-1]
+            print(f"{spec['preset']} {spec['task']} {spec['precision']}: peak {r['peak_mib']:.0f} MiB, "
+                  f"baseline {r['baseline_mib']:.0f} MiB, {r['seconds']:.1f} s", flush=True)
+    rows = []
+    for spec, got in zip(specs, runs):
+        rows.append({**{k: spec[k] for k in ("preset", "task", "precision", "device")},
+                     "batch": got[0]["batch"], "params": got[0]["params"], "method": got[0]["method"],
+                     **{k: summary([r[k] for r in got]) for k in ("delta_mib", "peak_mib", "baseline_mib", "seconds")},
+                     "runs": got})
+    what = {task: f"{task}, {n} step{'s' * (n != 1)}" for task, n in (("train", a.train_steps),
+                                                                      ("sample", a.sample_steps))}
+    print(f"\nPeak memory ({'RSS' if a.device == 'cpu' else 'CUDA allocated'}, MiB), median (min–max) over "
+          f"{a.repeats} fresh processes:\n")
+    print_table(["preset", "task (batch)", "precision", "peak − baseline", "peak", "baseline", "seconds"],
+                [[r["preset"], f"{what[r['task']]} ({r['batch']})", r["precision"], fmt(r["delta_mib"]),
+                  fmt(r["peak_mib"]), fmt(r["baseline_mib"]), fmt(r["seconds"], 1)] for r in rows])
+    meta = {**facts, "load_average_at_end": load_average(), "device": a.device, "repeats": a.repeats,
+            "train_steps": a.train_steps, "sample_steps": a.sample_steps, "sample_batch": a.sample_batch,
+            "sampler": "ancestral", "unit": "MiB"}
+    write_json(a.out, {"meta": meta, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
