@@ -110,9 +110,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
-        # (N, heads, HW, head_ch)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        # [N, 3, heads, HW, head_ch], made contiguous in one copy: with a unit-stride last dim,
+        # PyTorch's fused (flash) attention kernel runs on CPU too, about 2x the unfused one.
+        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        q, k, v = qkv.contiguous().unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, HW, head_ch]
         return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
 
