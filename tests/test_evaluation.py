@@ -107,7 +107,8 @@ def test_ground_truth_sweep_conditions_on_the_real_inputs_and_keeps_its_own_rows
 
     gen = run_sweep(cascade, sampling, SweepConfig(levels=[0, 10], n=n), scorer, tmp_path, "m", progress=lambda s: None)
     cfg = SweepConfig(levels=[0, 10], n=n, conditioning="ground-truth")
-    gt = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, ground_truth=(z_gt, gt_labels))
+    gt = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None,
+                   ground_truth=(z_gt, gt_labels))
     assert [(r["conditioning"], r["mode"]) for r in gt] == [("ground-truth", "non-truncated")] * 2
     assert len(gen) == 4 and {r["conditioning"] for r in gen} == {"generated"}  # one file, rows kept apart
     assert torch.equal(seen[-1], gt_labels)  # scored with the real images' labels

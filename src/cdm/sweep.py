@@ -24,6 +24,8 @@ settings or weights changed, so an interrupted sweep resumes where it stopped an
 samples are cached with a manifest (``lower.json``) of what made them, and thrown away when it
 differs. With ``keep_samples`` each point's samples are saved (uint8 ``.npz`` under
 ``samples/``) before scoring, so a run killed while scoring does not sample again.
+:func:`score_point` is that resumable score-one-point step on its own, for sample sets that are
+not an SR stage's sweep (a single-stage baseline, say), so they can share the results file.
 """
 
 from __future__ import annotations
@@ -246,53 +248,68 @@ def run_sweep(cascade: Cascade, sampling: CascadeSampling, cfg: SweepConfig, sco
     if cond is Conditioning.GROUND_TRUTH:
         z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
         if len(z_gt) != cfg.n or len(labels) != cfg.n:
-            raise CascadeError(f"ground-truth inputs: need {cfg.n} images and labels, got {len(z_gt)} and {len(labels)}")
+            raise CascadeError(f"ground-truth inputs: need {cfg.n} images and labels, "
+                               f"got {len(z_gt)} and {len(labels)}")
         ident["ground_truth"] = tensor_fingerprint(z_gt, labels)
         lower = None
     else:
-        labels = torch.arange(cfg.n) % max(cascade.num_classes, 1)
+        z_gt, labels = None, torch.arange(cfg.n) % max(cascade.num_classes, 1)
         lower = _LowerSamples(cascade, sampling, cfg, i, labels, seeds, out, progress)
         ident.update(lower.identity)
-    results_path = out / "results.jsonl"
-    done = {(r["mode"], r["level"]) for r in read_rows(results_path) if _matches(r, ident)}
 
-    def run_sr(z: Tensor, level: int, corrupt: bool) -> Tensor:
-        return _batched(lambda sl: cascade.sample_stage(
-            i, labels[sl], seeds[sl], st[i].steps, lowres=z[sl], level=level, corrupt=corrupt,
-            sampler=sampling.sampler, spacing=sampling.spacing)[0], cfg.n, cfg.batch_size).clamp(-1, 1)
+    def sample(mode: Mode, s: int) -> tuple[Tensor, Tensor, Tensor]:
+        z, corrupt = (z_gt, True) if lower is None else lower.inputs(mode, s)
+        x = _batched(lambda sl: cascade.sample_stage(
+            i, labels[sl], seeds[sl], st[i].steps, lowres=z[sl], level=s, corrupt=corrupt,
+            sampler=sampling.sampler, spacing=sampling.spacing)[0], cfg.n, cfg.batch_size)
+        return x.clamp(-1, 1), labels, z
 
+    named = [v for v in (tags or {}).values() if isinstance(v, str)]  # readable sample file names
     for mode in modes:
         for s in cfg.levels:
-            if (mode.value, s) in done:
-                continue
-            t0 = time.perf_counter()
-            point = {**ident, "mode": mode.value, "level": s}
-            spath = out / "samples" / f"{cond.value}-{mode.value}-s{s}-{_key(point)}.npz"
-            kept = load_samples(spath) if cfg.keep_samples else None
-            if kept is not None:
-                x = to_float(kept["images"])
-            else:
-                if cond is Conditioning.GROUND_TRUTH:
-                    z, corrupt = z_gt, True
-                else:
-                    z, corrupt = lower.inputs(mode, s)
-                x = run_sr(z, s, corrupt)
-                if cfg.keep_samples:
-                    x = to_float(to_uint8(x))  # score what is saved, so a resumed run scores the same
-                    save_samples(spath, x, labels, z)
-            t1 = time.perf_counter()
-            value, metrics = _primary_value(scorer(x, labels), primary, metric_name)
-            row = {**point, "value": value}
-            if metrics is not None:
-                row["metrics"] = metrics
-            if cfg.keep_samples:
-                row["samples"] = str(spath.relative_to(out))
-            row.update(sample_s=round(t1 - t0, 2), score_s=round(time.perf_counter() - t1, 2))
-            append_row(results_path, row)
-            extra = "" if metrics is None else "  " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != (primary or metric_name))
-            progress(f"{cond.value:12s} {mode.value:14s} s={s:5d}  {metric_name}={value:.4f}{extra}")
-    return [r for r in read_rows(results_path) if _matches(r, ident)]
+            score_point(out, {**ident, "mode": mode.value, "level": s}, lambda: sample(mode, s), scorer,
+                        metric_name=metric_name, primary=primary, keep_samples=cfg.keep_samples,
+                        name="-".join([*named, cond.value, mode.value, f"s{s}"]), progress=progress)
+    return [r for r in read_rows(out / "results.jsonl") if _matches(r, ident)]
+
+
+def score_point(out_dir: str | Path, point: dict, sample: Callable[[], tuple[Tensor, Tensor, Tensor | None]],
+                scorer: Scorer, *, metric_name: str, primary: str | None = None, keep_samples: bool = False,
+                name: str = "point", progress: Callable[[str], None] = print) -> dict:
+    """One point of a sweep (or any scored sample set), resumable: the row of ``out_dir/results.jsonl``
+    that matches ``point`` (JSON values naming everything the samples depend on), else
+    ``sample() -> (images [N, C, R, R] in [-1, 1], labels [N], low-res inputs or None)``, scored
+    and added as a new row (``point`` + ``value``, ``metrics``, ``samples``, ``sample_s``,
+    ``score_s``). With ``keep_samples`` the samples are saved first
+    (``samples/{name}-{key}.npz``, uint8) and a later call scores them without sampling."""
+    out = Path(out_dir)
+    results_path = out / "results.jsonl"
+    for r in read_rows(results_path):
+        if _matches(r, point):
+            return r
+    t0 = time.perf_counter()
+    spath = out / "samples" / f"{name}-{_key(point)}.npz"
+    kept = load_samples(spath) if keep_samples else None
+    if kept is not None:
+        x, labels = to_float(kept["images"]), kept["labels"]
+    else:
+        x, labels, lowres = sample()
+        if keep_samples:
+            x = to_float(to_uint8(x))  # score what is saved, so a resumed run scores the same
+            save_samples(spath, x, labels, lowres)
+    t1 = time.perf_counter()
+    value, metrics = _primary_value(scorer(x, labels), primary, metric_name)
+    row = {**point, "value": value}
+    if metrics is not None:
+        row["metrics"] = metrics
+    if keep_samples:
+        row["samples"] = str(spath.relative_to(out))
+    row.update(sample_s=round(t1 - t0, 2), score_s=round(time.perf_counter() - t1, 2))
+    append_row(results_path, row)
+    extra = "" if metrics is None else "  " + " ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != (primary or metric_name))
+    progress(f"{name}  {metric_name}={value:.4f}{extra}")
+    return row
 
 
 def _key(point: dict) -> str:
