@@ -125,19 +125,22 @@ def assets(summary: dict, out: Path) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- the markdown
 def render(summary: dict, prefix: str, reading: str) -> str:
     """The report's Markdown; assets are referred to as ``prefix + name``."""
-    p, pts, plan = summary["profile"], summary["points"], summary["plan"]
-    cas = {(c["row"], c.get("condition"), c.get("level")): c for c in summary["cas"]}
-    tasks = summary["timings"]["tasks"]
-    md = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n"]
-    inv = summary["timings"]["invocations"]
-    md.append(f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; "
-              f"total wall time {_dur(summary['total_seconds'])} over {len(inv)} invocation(s). "
-              f"Every cascade row shares one base stage; sampling: {summary['sampling']['sampler']}, "
-              f"{p['sample_steps']} steps per stage, {summary['sampling']['spacing']} time grid.\n")
+    p, inv = summary["profile"], summary["timings"]["invocations"]
+    head = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n",
+            f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; total wall time "
+            f"{_dur(summary['total_seconds'])} over {len(inv)} invocation(s). Every cascade row shares one base "
+            f"stage; sampling: {summary['sampling']['sampler']}, {p['sample_steps']} steps per stage, "
+            f"{summary['sampling']['spacing']} time grid.\n"]
+    sections = (_main_section(summary), _claims_section(summary["points"]), _sweep_section(summary["points"], prefix),
+                _samples_section(summary["points"], prefix), _training_section(summary), _time_section(summary))
+    return "\n".join(head + [line for sec in sections for line in sec])
 
-    md.append("## Main results\n")
+
+def _main_section(summary: dict) -> list[str]:
+    p, plan, tasks = summary["profile"], summary["plan"], summary["timings"]["tasks"]
+    cas = {(c["row"], c.get("condition"), c.get("level")): c for c in summary["cas"]}
     rows = []
-    for r in _main_table_points(pts):
+    for r in _main_table_points(summary["points"]):
         key = r["row"]
         c = cas.get((key, condition(r), r["level"]))
         train_s = sum(tasks.get(f"train {k}", 0.0) for k in (("single",) if key == "single" else ("base", key)))
@@ -147,70 +150,85 @@ def render(summary: dict, prefix: str, reading: str) -> str:
     real = cas.get(("real", "real train images", None))
     if real:
         rows.append(["real data (train split)", *["—"] * 5, f"{real['top1']:.1f}%", "—", "—"])
-    md.append(_table(["row", "condition", "s", "classifier FID ± SE", "KID", "Inception FID", "CAS top-1",
-                      "training FLOPs", "training wall time"], rows))
-    md.append(f"Classifier FID and KID: {p['n']} samples against {p['n_ref']} real test images in the domain "
-              f"classifier's {summary['classifier']['feature_dim']}-d feature space (the classifier's test top-1: "
-              f"{summary['classifier']['top1']:.1f}%); ± is the bootstrap standard error over the generated samples "
-              f"({p['bootstrap']} resamples, the reference held fixed). Inception FID: the first {p['n_incep']} "
-              f"samples against {p['n_incep_ref']} real test images in the FID-Inception space"
-              + ("" if p["inception_rows"] is None else f" (only for rows {', '.join(p['inception_rows'])})")
-              + ": biased upwards at this size and far from Inception's domain, so compare rows, not papers. "
-              f"CAS: the classifier recipe trained on the {p['n']} samples with their conditioning labels, "
-              f"tested on {'the first ' + str(p['cas_test_limit']) if p['cas_test_limit'] else 'the 10,000'} real test "
-              f"images, against the same recipe on {p['n']} real train images. "
-              f"Best s: the lowest classifier FID of that condition. Training FLOPs: counted forward + backward "
-              f"FLOPs per example (`cdm.flops`) × steps × batch, base + SR stage for the cascades. "
-              f"Ground-truth conditioning: real 8×8 inputs made from a seeded subset of {p['n']} *train*-split "
-              f"images (with their labels), downsampled exactly as in training and corrupted by the forward "
-              f"process at s; the train split keeps them out of the test-split reference.\n")
+    test = f"the first {p['cas_test_limit']}" if p["cas_test_limit"] else "the 10,000"
+    only = "" if p["inception_rows"] is None else f" (only for rows {', '.join(p['inception_rows'])})"
+    return ["## Main results\n",
+            _table(["row", "condition", "s", "classifier FID ± SE", "KID", "Inception FID", "CAS top-1",
+                    "training FLOPs", "training wall time"], rows),
+            f"Classifier FID and KID: {p['n']} samples against {p['n_ref']} real test images in the domain "
+            f"classifier's {summary['classifier']['feature_dim']}-d feature space (the classifier's test top-1: "
+            f"{summary['classifier']['top1']:.1f}%); ± is the bootstrap standard error over the generated samples "
+            f"({p['bootstrap']} resamples, the reference held fixed). Inception FID: the first {p['n_incep']} "
+            f"samples against {p['n_incep_ref']} real test images in the FID-Inception space{only}: biased "
+            f"upwards at this size and far from Inception's domain, so compare rows, not papers. CAS: the "
+            f"classifier recipe trained on the {p['n']} samples with their conditioning labels, tested on {test} "
+            f"real test images, against the same recipe on {p['n']} real train images. Best s: the lowest "
+            f"classifier FID of that condition. Training FLOPs: counted forward + backward FLOPs per example "
+            f"(`cdm.flops`) × steps × batch, base + SR stage for the cascades. Ground-truth conditioning: real 8×8 "
+            f"inputs made from a seeded subset of {p['n']} *train*-split images (with their labels), downsampled "
+            f"exactly as in training and corrupted by the forward process at s; the train split keeps them out of "
+            f"the test-split reference.\n"]
 
-    md.append("## The paper's claims, checked mechanically\n")
-    md.append(_table(["claim (paper: ImageNet 16→64)", "here", "verdict"], [list(c) for c in claims(pts)]))
-    md.append("A difference counts when it exceeds twice the combined bootstrap standard error; otherwise the "
-              "verdict is *not resolved*. The SE covers the generated set's sampling noise only, not the "
-              "training run's (another seed trains other stages).\n")
 
-    md.append("## Sweep over the augmentation level s (Gaussian augmentation)\n")
-    md.extend(_sweep_tables(pts))
-    md.append(f"![classifier FID against s]({prefix}fid-vs-s.svg)\n")
+def _claims_section(pts: list[dict]) -> list[str]:
+    return ["## The paper's claims, checked mechanically\n",
+            _table(["claim (paper: ImageNet 16→64)", "here", "verdict"], [list(c) for c in claims(pts)]),
+            "A difference counts when it exceeds twice the combined bootstrap standard error; otherwise the "
+            "verdict is *not resolved*. The SE covers the generated set's sampling noise only, not the training "
+            "run's (another seed trains other stages).\n"]
+
+
+def _sweep_section(pts: list[dict], prefix: str) -> list[str]:
+    out = ["## Sweep over the augmentation level s (Gaussian augmentation)\n", *_sweep_tables(pts),
+           f"![classifier FID against s]({prefix}fid-vs-s.svg)\n"]
     if any("inception_fid" in r["metrics"] for r in pts):
-        md.append(f"![Inception FID against s]({prefix}inception-fid-vs-s.svg)\n")
-    md.append("Truncated: the base stage stops at s and hands over its z_s; non-truncated: the base runs to z_0, "
-              "which is corrupted to z_s by the forward process; ground-truth: a real z_0 corrupted the same way. "
-              "At s = 0 truncated and non-truncated are the same samples (a check).\n")
+        out.append(f"![Inception FID against s]({prefix}inception-fid-vs-s.svg)\n")
+    out.append("Truncated: the base stage stops at s and hands over its z_s; non-truncated: the base runs to z_0, "
+               "which is corrupted to z_s by the forward process; ground-truth: a real z_0 corrupted the same way. "
+               "At s = 0 truncated and non-truncated are the same samples (a check). Dashed lines: the "
+               "single-stage model and the cascade without augmentation.\n")
+    return out
 
-    md.append("## Samples\n")
+
+def _samples_section(pts: list[dict], prefix: str) -> list[str]:
+    out = ["## Samples\n"]
     for r in main_points(pts):
-        md.append(f"**{ROW_NAMES[r['row']]}, {condition(r)}, s = {r['level']}** (first 40 samples; column = class)\n\n"
-                  f"![samples]({prefix}samples-{r['row']}-{condition(r)}-s{r['level']}.png)\n")
-    md.append(f"**Real test images** (4 per class)\n\n![real images]({prefix}samples-real.png)\n")
+        out.append(f"**{ROW_NAMES[r['row']]}, {condition(r)}, s = {r['level']}** (first 40 samples; column = "
+                   f"class)\n\n![samples]({prefix}samples-{r['row']}-{condition(r)}-s{r['level']}.png)\n")
+    return out + [f"**Real test images** (4 per class)\n\n![real images]({prefix}samples-real.png)\n"]
 
-    md.append("## Training\n")
-    trows = [[k, v["name"], f"{v['lowres_resolution'] or '—'}→{v['resolution']}" if v["lowres_resolution"]
-              else f"{v['resolution']}", v["augment"], f"{v['steps']} × {v['batch_size']}", f"{v['params']:,}",
-              f"{v['flops_per_image'] / 1e6:.0f} M", _flops(v["train_flops"]), _dur(tasks.get(f"train {k}"))]
-             for k, v in plan.items()]
-    md.append(_table(["stage", "config", "resolution", "augmentation", "steps × batch", "parameters",
-                      "FLOPs / example", "training FLOPs", "wall time"], trows))
-    md.append(f"The single stage has the SR stage's U-Net without the low-resolution input and is trained for "
-              f"{plan['single']['steps']} steps so that its training FLOPs ({_flops(plan['single']['train_flops'])}) "
-              f"match the base plus one SR stage ({_flops(plan['sr-gaussian']['row_flops'])}). Wall time includes "
-              f"the periodic sample grids; a resumed stage counts only the time spent in each invocation.\n")
 
-    md.append("## Wall time, machine and commands\n")
-    md.append(_table(["task", "wall time"], [[k, _dur(v)] for k, v in tasks.items()]
-                     + [["**total**", _dur(summary["total_seconds"])]]))
-    for i in inv:
+def _training_section(summary: dict) -> list[str]:
+    plan, tasks = summary["plan"], summary["timings"]["tasks"]
+    rows = [[k, v["name"], f"{v['lowres_resolution']}→{v['resolution']}" if v["lowres_resolution"]
+             else f"{v['resolution']}", v["augment"], f"{v['steps']} × {v['batch_size']}", f"{v['params']:,}",
+             f"{v['flops_per_image'] / 1e6:.0f} M", _flops(v["train_flops"]), _dur(tasks.get(f"train {k}"))]
+            for k, v in plan.items()]
+    single = plan["single"]
+    return ["## Training\n",
+            _table(["stage", "config", "resolution", "augmentation", "steps × batch", "parameters",
+                    "FLOPs / example", "training FLOPs", "wall time"], rows),
+            f"The single stage has the SR stage's U-Net without the low-resolution input and is trained for "
+            f"{single['steps']} steps so that its training FLOPs ({_flops(single['train_flops'])}) match the base "
+            f"plus one SR stage ({_flops(plan['sr-gaussian']['row_flops'])}). Wall time includes the periodic "
+            f"sample grids; a resumed stage counts only the time spent in each invocation.\n"]
+
+
+def _time_section(summary: dict) -> list[str]:
+    tasks = summary["timings"]["tasks"]
+    out = ["## Wall time, machine and commands\n",
+           _table(["task", "wall time"], [[k, _dur(v)] for k, v in tasks.items()]
+                  + [["**total**", _dur(summary["total_seconds"])]])]
+    for i in summary["timings"]["invocations"]:
         m = i["machine"]
-        md.append(f"- `{i['command']}` — {i['started']}, {_dur(i['seconds'])}"
-                  f"{'' if i['finished'] else ' (interrupted)'}; {m['cpu']}, {m['cores']} cores, "
-                  f"torch {m['torch']}, {m['threads']} threads (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}), "
-                  f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}\n")
-    md.append("\nPer-point times (sampling and scoring) are in `points/results.jsonl` (`sample_s`, `score_s`). "
-              "To reproduce: `make repro` (the cpu profile, publishing into docs/), or the commands above; "
-              "re-running a command resumes it.\n")
-    return "\n".join(md)
+        out.append(f"- `{i['command']}` — {i['started']}, {_dur(i['seconds'])}"
+                   f"{'' if i['finished'] else ' (interrupted)'}; {m['cpu']}, {m['cores']} cores, "
+                   f"torch {m['torch']}, {m['threads']} threads (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}), "
+                   f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}\n")
+    out.append("\nPer-point times (sampling and scoring) are in `points/results.jsonl` (`sample_s`, `score_s`). "
+               "To reproduce: `make repro` (the cpu profile, publishing into docs/), or the commands above; "
+               "re-running a command resumes it.\n")
+    return out
 
 
 def _main_table_points(pts: list[dict]) -> list[dict]:
