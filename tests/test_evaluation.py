@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.config import ConfigError
 from cdm.classifier import ClassifierConfig, classification_accuracy_score, load_classifier, save_classifier, \
     train_classifier
 from cdm.evaluate import psnr
@@ -92,6 +93,110 @@ def test_sweep_scores_every_level_in_both_modes_and_resumes(tmp_path):
     assert best_level(rows)["value"] == min(r["value"] for r in rows)
 
 
+def test_ground_truth_sweep_conditions_on_the_real_inputs_and_keeps_its_own_rows(tmp_path):
+    cascade = two_stage()
+    sampling = CascadeSampling(stages=[StageSampling(steps=3), StageSampling(steps=3)])
+    n = 6
+    z_gt = torch.rand(n, 1, 4, 4) * 2 - 1
+    gt_labels = torch.tensor([2, 0, 1, 1, 0, 2])
+    seen = []
+
+    def scorer(x, labels):
+        seen.append(labels.clone())
+        return float(x.mean())
+
+    gen = run_sweep(cascade, sampling, SweepConfig(levels=[0, 10], n=n), scorer, tmp_path, "m", progress=lambda s: None)
+    cfg = SweepConfig(levels=[0, 10], n=n, conditioning="ground-truth")
+    gt = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None,
+                   ground_truth=(z_gt, gt_labels))
+    assert [(r["conditioning"], r["mode"]) for r in gt] == [("ground-truth", "non-truncated")] * 2
+    assert len(gen) == 4 and {r["conditioning"] for r in gen} == {"generated"}  # one file, rows kept apart
+    assert torch.equal(seen[-1], gt_labels)  # scored with the real images' labels
+    # the SR stage saw the real inputs: the same call by hand gives the same images
+    x, _ = cascade.sample_stage(1, gt_labels, list(range(n)), 3, lowres=z_gt, level=10)
+    assert gt[1]["value"] == pytest.approx(float(x.clamp(-1, 1).mean()), rel=1e-5)
+    # a re-run is a no-op; other real inputs are other points
+    calls = len(seen)
+    run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, ground_truth=(z_gt, gt_labels))
+    assert len(seen) == calls
+    run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, ground_truth=(-z_gt, gt_labels))
+    assert len(seen) == calls + 2
+    with pytest.raises(ConfigError, match="non-truncated"):
+        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="ground-truth", modes=["truncated"]), scorer,
+                  tmp_path, "m", ground_truth=(z_gt, gt_labels))
+    with pytest.raises(ConfigError, match="unknown conditioning"):
+        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="real"), scorer, tmp_path, "m")
+
+
+def test_ground_truth_inputs_are_a_seeded_subset_downsampled_as_in_training(toy_npz):
+    from cdm.data import DataConfig, downsample, load_dataset, to_float
+    from cdm.evaluate import ground_truth_lowres
+
+    data = DataConfig(source="npz", path=str(toy_npz), resolution=16)
+    z, labels = ground_truth_lowres(data, "train", 10, 4, seed=3)
+    ds = load_dataset(data)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3))[:10]
+    assert torch.equal(z, downsample(to_float(ds.images[idx]), 4)) and torch.equal(labels, ds.labels[idx])
+    assert z.shape == (10, 1, 4, 4) and len(set(idx.tolist())) == 10
+    z2, _ = ground_truth_lowres(data, "train", 10, 4, seed=4)
+    assert not torch.equal(z, z2)
+
+
+def test_multi_metric_scorer_ranks_by_its_primary_metric(tmp_path):
+    cascade = two_stage()
+    sampling = CascadeSampling(stages=[StageSampling(steps=2), StageSampling(steps=2)])
+
+    def scorer(x, labels):
+        m = float(x.abs().mean())
+        return {"a": m, "b": -m, "note": "text"}
+
+    cfg = SweepConfig(levels=[0, 20, 40], n=4, modes=["non-truncated"])
+    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, primary="b")
+    assert all(r["value"] == r["metrics"]["b"] and r["metrics"]["note"] == "text" for r in rows)
+    assert best_level(rows) is best_level(rows, "b")
+    assert best_level(rows, "a")["metrics"]["a"] == min(r["metrics"]["a"] for r in rows)
+    with pytest.raises(ValueError, match="primary"):
+        run_sweep(cascade, sampling, cfg, scorer, tmp_path / "x", "m", progress=lambda s: None)
+
+
+def test_kept_samples_are_scored_again_without_sampling_and_changes_are_rescored(tmp_path, monkeypatch):
+    cascade = two_stage()
+    sampling = CascadeSampling(stages=[StageSampling(steps=2), StageSampling(steps=2)])
+    cfg = SweepConfig(levels=[0, 10], n=4, keep_samples=True)
+    got = []
+
+    def scorer(x, labels):
+        if fail:
+            raise RuntimeError("killed while scoring")
+        got.append(x.clone())
+        return float(x.mean())
+
+    fail = True
+    with pytest.raises(RuntimeError):
+        run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    kept = list((tmp_path / "samples").glob("*.npz"))
+    assert len(kept) == 1
+    fail = False
+    sampled = []
+    real = Cascade.sample_stage
+    monkeypatch.setattr(Cascade, "sample_stage", lambda self, *a, **k: sampled.append(a[0]) or real(self, *a, **k))
+    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    assert len(rows) == 4 and all((tmp_path / r["samples"]).exists() for r in rows)
+    assert sampled.count(1) == 3  # the SR stage sampled the three points that were not kept yet
+    z = np.load(kept[0])
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (4, 1, 8, 8) and z["lowres"].shape == (4, 1, 4, 4)
+    # other weights, or another sampler setting, are other points; the lower caches are rebuilt
+    sampled.clear()
+    with torch.no_grad():
+        next(cascade.stages[0].net.parameters()).add_(0.1)
+    rows2 = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    assert len(rows2) == 4 and {r["lower_fingerprints"][0] for r in rows2} != {r["lower_fingerprints"][0] for r in rows}
+    assert sampled.count(0) == 3  # z0 once, z_s for s = 0 and 10
+    sampling.stages[1].steps = 3
+    assert len(run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)) == 4
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
+
+
 def test_report_is_self_contained(tmp_path):
     from cdm.images import save_grid
 
@@ -104,6 +209,12 @@ def test_report_is_self_contained(tmp_path):
     assert "data:image/png;base64," in html and "<svg" in html and "1.235" in html
     md = (tmp_path / "r" / "report.md").read_text()
     assert "![a grid](grid.png)" in md and (tmp_path / "r" / "plot.svg").exists()
+
+
+def test_line_plot_reference_lines_widen_the_y_range_and_join_the_legend():
+    svg = line_plot_svg({"m": [(0, 1.0), (10, 2.0)]}, "s", "fid", hlines={"baseline": 5.0, "bad": float("nan")})
+    assert "stroke-dasharray" in svg and "baseline" in svg and "bad" not in svg
+    assert ">5.32<" in svg  # the top tick lies above the reference line: 5 + 8% of the range 1..5
 
 
 def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
@@ -143,3 +254,13 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         # the sweep's sampler override is not written back; only the chosen level and mode are
         assert saved["sampler"] == "ancestral" and saved["stages"][1]["steps"] == 2
         assert (tmp_path / "sw" / "sweep.svg").exists()
+        # ground-truth inputs: the same sweep on real low-res images; the cascade file is left alone
+        before = casc.read_text()
+        assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",
+                     "--n-ref", "24", "--classifier", str(tmp_path / "clf"), "--split", "train",
+                     "--conditioning", "ground-truth", "--keep-samples"]) == 0
+        summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+        assert [(r["conditioning"], r["mode"], r["level"]) for r in summary["rows"]] == [
+            ("ground-truth", "non-truncated", 0), ("ground-truth", "non-truncated", 5)]
+        assert casc.read_text() == before and len(list((tmp_path / "sw" / "samples").glob("*.npz"))) == 2
+        assert "best: ground-truth s=" in capsys.readouterr().out

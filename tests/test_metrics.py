@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdm.metrics import (feature_stats, frechet_distance, inception_score, kid, polynomial_mmd2,
-                         precision_recall)
+from cdm.metrics import (feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid,
+                         polynomial_mmd2, precision_recall)
 
 
 def random_cov(d: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:
@@ -71,6 +71,29 @@ def test_feature_stats_are_mean_and_unbiased_covariance_and_converge_to_the_gaus
 def test_frechet_distance_checks_shapes():
     with pytest.raises(ValueError, match="sigma2"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+def test_fid_bootstrap_se_matches_the_spread_over_independent_sets():
+    # Generated features N(0.3, 1.3^2 I) against the reference N(0, I): the bootstrap SE from one
+    # set of N should match the standard deviation of the FID over many independent sets of N.
+    rng = np.random.default_rng(0)
+    d, n = 8, 300
+    mu_ref, s_ref = np.zeros(d), np.eye(d)
+    draws = [0.3 + 1.3 * rng.standard_normal((n, d)) for _ in range(200)]
+    spread = np.std([frechet_distance(*feature_stats(x), mu_ref, s_ref) for x in draws])
+    se = np.mean([fid_bootstrap_se(x, mu_ref, s_ref, num_resamples=50, seed=1) for x in draws[:10]])
+    assert se == pytest.approx(spread, rel=0.25)
+
+
+def test_fid_bootstrap_se_is_zero_for_identical_rows_seeded_and_checked():
+    x = np.ones((20, 3))
+    assert fid_bootstrap_se(x, np.zeros(3), np.eye(3)) == pytest.approx(0.0, abs=1e-12)
+    y = np.random.default_rng(2).standard_normal((40, 3))
+    assert fid_bootstrap_se(y, np.zeros(3), np.eye(3), seed=5) == fid_bootstrap_se(y, np.zeros(3), np.eye(3), seed=5)
+    with pytest.raises(ValueError, match="num_resamples"):
+        fid_bootstrap_se(y, np.zeros(3), np.eye(3), num_resamples=1)
+    with pytest.raises(ValueError, match="do not match"):
+        fid_bootstrap_se(y, np.zeros(4), np.eye(4))
 
 
 # ----------------------------------------------------------------------------- KID

@@ -204,19 +204,23 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
     return net.eval(), json.loads(meta.get("extra", "{}"))
 
 
+def train_and_test(train_images, train_labels, test_images, test_labels, config: ClassifierConfig,
+                   progress: bool = False) -> dict:
+    """The classifier recipe ``config`` trained on ``(train_images [N, C, H, W], train_labels [N])``
+    and tested on ``(test_images, test_labels)``: an :func:`accuracy_report` plus ``train_n``."""
+    net = train_classifier(train_images, train_labels, config, progress=progress)
+    out = accuracy_report(predict(net, test_images)["logits"], torch.as_tensor(test_labels), config.num_classes)
+    out["train_n"] = len(train_labels)
+    return out
+
+
 def classification_accuracy_score(gen_images, gen_labels, test_images, test_labels, config: ClassifierConfig,
                                   real_images=None, real_labels=None, progress: bool = False) -> dict:
     """CAS: a classifier trained only on generated ``(gen_images, gen_labels)``, tested on the real
     test split; with ``real_images``, the same classifier recipe trained on as many real images, for
     reference. Returns accuracy reports (percent)."""
     out = {"config": to_dict(config)}
-    net = train_classifier(gen_images, gen_labels, config, progress=progress)
-    out["generated"] = accuracy_report(predict(net, test_images)["logits"], torch.as_tensor(test_labels),
-                                       config.num_classes)
-    out["generated"]["train_n"] = len(gen_labels)
+    out["generated"] = train_and_test(gen_images, gen_labels, test_images, test_labels, config, progress)
     if real_images is not None:
-        net = train_classifier(real_images, real_labels, config, progress=progress)
-        out["real"] = accuracy_report(predict(net, test_images)["logits"], torch.as_tensor(test_labels),
-                                      config.num_classes)
-        out["real"]["train_n"] = len(real_labels)
+        out["real"] = train_and_test(real_images, real_labels, test_images, test_labels, config, progress)
     return out

@@ -205,14 +205,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_sweep(a: argparse.Namespace) -> int:
     from .evaljobs import sweep_cascade
-    from .sweep import SweepConfig
+    from .sweep import SweepConfig, condition_label
 
-    cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, n=a.n, seed=a.seed, batch_size=a.batch_size)
+    cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
+                      ground_truth_split=a.ground_truth_split, n=a.n, seed=a.seed, batch_size=a.batch_size,
+                      keep_samples=a.keep_samples)
     s = sweep_cascade(a.cascade, a.out, cfg, feature=a.feature, metric=a.metric, classifier=a.classifier,
                       n_ref=a.n_ref, split=a.split, write_best=not a.no_write, device=a.device,
                       sampler=a.sampler, steps=a.steps, spacing=a.spacing)
     b = s["best"]
-    print(f"best: {b['mode']} s={b['level']} {s['metric']}={b['value']:.4f}; report: {a.out.rstrip('/')}/report.html")
+    print(f"best: {condition_label(b)} s={b['level']} {s['metric']}={b['value']:.4f}; "
+          f"report: {a.out.rstrip('/')}/report.html")
     return 0
 
 
@@ -342,7 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, help="output directory (resumable)")
     w.add_argument("--stage-index", type=int, default=-1, help="the SR stage to sweep (default: the last)")
     w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500], help="candidate levels s")
-    w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v], default=["non-truncated", "truncated"])
+    w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v],
+                   help="comma-separated: non-truncated, truncated (default: both; ground-truth inputs: "
+                        "non-truncated)")
+    w.add_argument("--conditioning", choices=["generated", "ground-truth"], default="generated",
+                   help="the SR stage's inputs: the stage below's samples (default), or real low-resolution "
+                        "images corrupted at s by the forward process (the paper's ablation; the cascade "
+                        "file is not changed)")
+    w.add_argument("--ground-truth-split", default="train",
+                   help="split the real low-resolution inputs are drawn from (default train, so that they "
+                        "are not the test images scored against)")
+    w.add_argument("--keep-samples", action="store_true",
+                   help="save every candidate's samples (OUT/samples/*.npz, uint8) before scoring them")
     w.add_argument("--n", type=_positive, default=500, help="samples per candidate (default 500)")
     w.add_argument("--feature", default="classifier", choices=["classifier", "inception"])
     w.add_argument("--metric", default="fid", choices=["fid", "kid"])

@@ -24,7 +24,7 @@ from .images import save_grid
 from .report import Report
 from .sample import (balanced_labels, load_cascade, read_cascade_file, sample_batched, write_cascade_file,
                      write_samples)
-from .sweep import SweepConfig, best_level, run_sweep, sweep_plot
+from .sweep import Conditioning, SweepConfig, best_level, condition_label, run_sweep, sweep_plot
 
 FEATURE_SPACES = ("classifier", "inception")
 
@@ -236,11 +236,13 @@ def sweep_cascade(cascade_file: str | Path, out_dir: str | Path, cfg: SweepConfi
                   split: str = "test", write_best: bool = True, device: str = "cpu", cache_dir=None,
                   sampler: str | None = None, steps: list[int] | None = None, spacing: str | None = None,
                   log=print) -> dict:
-    """Search the augmentation level of one SR stage in both modes; write results, a plot, a
-    report, and (``write_best``) the best (mode, s) into the cascade file. ``sampler``, ``steps``
-    (one value or one per stage) and ``spacing`` override the cascade file's for the sweep only."""
+    """Search the augmentation level of one SR stage (both modes with generated inputs, or with
+    ground-truth inputs); write results, a plot, a report, and (``write_best``, generated inputs
+    only) the best (mode, s) into the cascade file. ``sampler``, ``steps`` (one value or one per
+    stage) and ``spacing`` override the cascade file's for the sweep only."""
     if metric not in ("fid", "kid"):
         raise ConfigError(f"sweep metric must be 'fid' or 'kid', got {metric!r}")
+    generated = cfg.conditioning_kind() is Conditioning.GENERATED
     paths, saved = read_cascade_file(cascade_file)
     sampling = CascadeSampling(**{**to_dict(saved), "stages": [replace(st) for st in saved.stages]})
     sampling.sampler = sampler or sampling.sampler
@@ -264,20 +266,27 @@ def sweep_cascade(cascade_file: str | Path, out_dir: str | Path, cfg: SweepConfi
     rows = run_sweep(cascade, sampling, cfg, scorer, out_dir, name, progress=log)
     best = best_level(rows)
     per_mode = {m: best_level([r for r in rows if r["mode"] == m]) for m in {r["mode"] for r in rows}}
-    summary = {"metric": name, "reference": src, "stage": i, "best": best, "best_per_mode": per_mode, "rows": rows}
+    summary = {"metric": name, "reference": src, "stage": i, "conditioning": cfg.conditioning, "best": best,
+               "best_per_mode": per_mode, "rows": rows}
     out = Path(out_dir)
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     svg = sweep_plot(rows, name, i)
     rep = Report(f"cdm augmentation-level sweep (stage {i})")
-    rep.text(f"Cascade {cascade_file}; {cfg.n} samples per candidate; metric {name} against {src}; "
-             f"sampler {sampling.sampler}, steps {[s.steps for s in sampling.stages]}.")
-    rep.svg(svg, "sweep.svg", "metric against the augmentation level, both modes")
-    rep.table(sorted(rows, key=lambda r: (r["mode"], r["level"])), ["mode", "level", "value", "n", "steps", "sampler"])
-    rep.text(f"Best: {best['mode']} at s = {best['level']} ({name} = {best['value']:.4f}).")
-    if write_best:
+    inputs = ("the stage below's samples" if generated else
+              f"ground-truth inputs: {cfg.n} real {cfg.ground_truth_split}-split images (seed {cfg.seed}), "
+              f"downsampled as in training and corrupted at s by the forward process")
+    rep.text(f"Cascade {cascade_file}; {cfg.n} samples per candidate; conditioned on {inputs}; metric {name} "
+             f"against {src}; sampler {sampling.sampler}, steps {[s.steps for s in sampling.stages]}.")
+    rep.svg(svg, "sweep.svg", "metric against the augmentation level")
+    rep.table(sorted(rows, key=lambda r: (r["mode"], r["level"])),
+              ["conditioning", "mode", "level", "value", "n", "steps", "sampler"])
+    rep.text(f"Best: {condition_label(best)} at s = {best['level']} ({name} = {best['value']:.4f}).")
+    if write_best and generated:
         saved.stages[i].level = int(best["level"])
         saved.mode = Mode(best["mode"]).value
         write_cascade_file(cascade_file, paths, saved)
         rep.text(f"Written into {cascade_file}: mode = {saved.mode}, stage {i} level = {best['level']}.")
+    elif write_best:
+        rep.text("Ground-truth inputs are an ablation, not a way to sample: the cascade file is left as it was.")
     rep.write(out)
     return summary

@@ -8,14 +8,14 @@ count) by :func:`cdm.features.cached_reference`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .cascade import Cascade, CascadeSampling
-from .data import DataConfig, ImageSet, downsample, load_dataset, to_float, to_uint8
+from .data import DataConfig, DataError, ImageSet, downsample, load_dataset, to_float, to_uint8
 from .metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
 
 def real_images(data: DataConfig, split: str, resolution: int, n: int) -> ImageSet:
@@ -25,6 +25,19 @@ def real_images(data: DataConfig, split: str, resolution: int, n: int) -> ImageS
     ds = load_dataset(cfg)
     imgs = ds.images if ds.images.shape[-1] == resolution else to_uint8(downsample(to_float(ds.images), resolution))
     return ImageSet(imgs, ds.labels, ds.class_names)
+
+
+def ground_truth_lowres(data: DataConfig, split: str, n: int, resolution: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Real low-resolution inputs for an SR stage (the paper's ground-truth conditioning): a
+    seeded random subset of ``n`` images of ``split`` (without replacement), made exactly as
+    training makes the stage's input: the data set at ``data.resolution`` (uint8), to float
+    ``[-1, 1]``, then :func:`downsample` to ``resolution``, not re-quantised.
+    Returns ``(z0 float [n, C, resolution, resolution], labels int64 [n])``."""
+    ds = load_dataset(replace(data, split=split, flip=False))
+    if not 1 <= n <= len(ds):
+        raise DataError(f"ground-truth conditioning needs 1..{len(ds)} images of the {split!r} split, asked for {n}")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return downsample(to_float(ds.images[idx]), resolution), ds.labels[idx]
 
 
 def psnr(a: Tensor, b: Tensor) -> float:

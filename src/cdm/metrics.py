@@ -5,7 +5,8 @@ or a torch tensor (any float dtype, any device); they are converted to float64 n
 CPU, and every result is a plain Python ``float``. Which network made the features is the
 caller's business (see :mod:`cdm.features`); these functions only do the statistics.
 
-- :func:`feature_stats` and :func:`frechet_distance`: FID (Heusel et al. 2017).
+- :func:`feature_stats` and :func:`frechet_distance`: FID (Heusel et al. 2017);
+  :func:`fid_bootstrap_se`: its bootstrap standard error over the generated samples.
 - :func:`kid`: Kernel Inception Distance (Binkowski et al. 2018), unbiased MMD^2 with the cubic
   polynomial kernel, averaged over random subsets.
 - :func:`inception_score`: IS (Salimans et al. 2016) from predicted class probabilities.
@@ -21,8 +22,8 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["feature_stats", "frechet_distance", "polynomial_mmd2", "kid", "inception_score",
-           "precision_recall"]
+__all__ = ["feature_stats", "frechet_distance", "fid_bootstrap_se", "polynomial_mmd2", "kid",
+           "inception_score", "precision_recall"]
 
 
 def _f64(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
@@ -85,11 +86,42 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     for name, a in (("mu2", m2), ("sigma1", s1), ("sigma2", s2)):
         if a.shape != (d,) * a.ndim:
             raise ValueError(f"{name} has shape {list(a.shape)}; expected {[d] * a.ndim} to match mu1 [{d}]")
-    r = _sqrt_psd(s1)
-    m = r @ s2 @ r
+    return _frechet(m1, s1, _sqrt_psd(s1), m2, s2)
+
+
+def _frechet(m1: np.ndarray, s1: np.ndarray, r1: np.ndarray, m2: np.ndarray, s2: np.ndarray) -> float:
+    """:func:`frechet_distance` given ``r1 = S1^(1/2)`` (so a fixed S1 is decomposed once)."""
+    m = r1 @ s2 @ r1
     tr_sqrt = np.sqrt(_psd_eigvals(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     fd = float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
     return max(fd, 0.0)
+
+
+def fid_bootstrap_se(feats: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike, num_resamples: int = 50,
+                     seed: int = 0) -> float:
+    """Bootstrap standard error of the FID of generated features ``feats [N, D]`` against fixed
+    reference statistics ``mu_ref [D]``, ``sigma_ref [D, D]``.
+
+    The standard deviation (divisor ``B - 1``) of the FID over ``B = num_resamples`` resamples of
+    the ``N`` rows drawn with replacement from a generator seeded with ``seed`` (Efron & Tibshirani
+    1993, eq. 6.6). It measures the noise that the finite generated set puts into the FID, with
+    the reference held fixed (a reference of many more images adds far less). A resample repeats
+    rows, so its FID is biased upwards; its spread still estimates the spread of the FID over
+    independent generated sets of size ``N``. ``sigma_ref`` is decomposed once, so this costs
+    ``B`` covariance products and eigen-decompositions of size ``D``.
+    """
+    x = _features(feats, "feats", min_rows=2)
+    mu, s_ref = _f64(mu_ref, "mu_ref", 1), _f64(sigma_ref, "sigma_ref", 2)
+    if mu.shape != (x.shape[1],) or s_ref.shape != (x.shape[1],) * 2:
+        raise ValueError(f"reference statistics mu {list(mu.shape)}, sigma {list(s_ref.shape)} do not match "
+                         f"features of dimension {x.shape[1]}")
+    if num_resamples < 2:
+        raise ValueError(f"fid_bootstrap_se needs num_resamples >= 2, got {num_resamples}")
+    rng = np.random.default_rng(seed)
+    r_ref = _sqrt_psd(s_ref)
+    fids = [_frechet(mu, s_ref, r_ref, *feature_stats(x[rng.integers(0, x.shape[0], x.shape[0])]))
+            for _ in range(num_resamples)]
+    return float(np.std(fids, ddof=1))
 
 
 # ----------------------------------------------------------------------------- KID

@@ -18,13 +18,16 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
 def line_plot_svg(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str = "",
-                  width: int = 560, height: int = 340) -> str:
-    """A minimal SVG line plot of named ``(x, y)`` series, with axes, ticks and a legend."""
+                  width: int = 560, height: int = 340, hlines: dict[str, float] | None = None) -> str:
+    """A minimal SVG line plot of named ``(x, y)`` series, with axes, ticks and a legend.
+    ``hlines`` adds named horizontal reference lines (dashed, in the legend) at those y values."""
     pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
+    refs = {k: v for k, v in (hlines or {}).items() if math.isfinite(v)}
     if not pts:
         return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="10" y="25">no data</text></svg>'
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    ys = [p[1] for p in pts] + list(refs.values())
+    y0, y1 = min(ys), max(ys)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     pad_y = (y1 - y0) * 0.08 or abs(y0) * 0.1 or 1.0
@@ -59,6 +62,13 @@ def line_plot_svg(series: dict[str, list[tuple[float, float]]], xlabel: str, yla
             out.append(f'<path d="{path}" fill="none" stroke="{col}" stroke-width="2"/>')
             out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{col}"/>' for x, y in s]
         out.append(f'<rect x="{L + pw - 150}" y="{T + 6 + 16 * j}" width="10" height="10" fill="{col}"/>'
+                   f'<text x="{L + pw - 135}" y="{T + 15 + 16 * j}">{html.escape(name)}</text>')
+    for j, (name, y) in enumerate(refs.items(), start=len(series)):
+        col = _PALETTE[j % len(_PALETTE)]
+        out.append(f'<line x1="{L}" y1="{sy(y):.1f}" x2="{L + pw}" y2="{sy(y):.1f}" stroke="{col}" '
+                   f'stroke-width="1.5" stroke-dasharray="6 4"/>'
+                   f'<line x1="{L + pw - 152}" y1="{T + 11 + 16 * j}" x2="{L + pw - 140}" y2="{T + 11 + 16 * j}" '
+                   f'stroke="{col}" stroke-width="2" stroke-dasharray="4 2"/>'
                    f'<text x="{L + pw - 135}" y="{T + 15 + 16 * j}">{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)

@@ -1,0 +1,75 @@
+"""The experiment's stages: one shared base, three SR stages (no / Gaussian / blur augmentation)
+and a single-stage 32x32 model given the training FLOPs of base + one SR stage."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from cdm.config import DERIVED_UNET_FIELDS, StageConfig, load_stage_config, to_dict
+from cdm.flops import train_flops_per_image
+
+from .profiles import Profile
+
+BASE, SINGLE = "base", "single"
+SR_ROWS = ("sr-none", "sr-gaussian", "sr-blur")  # the SR stages, by augmentation
+AUGMENT = {"sr-none": "none", "sr-gaussian": "gaussian", "sr-blur": "blur"}
+
+
+@dataclass
+class StagePlan:
+    key: str  # base, sr-none, sr-gaussian, sr-blur, single
+    config: StageConfig  # resolved
+    flops_per_image: int  # one training example, forward + backward (cdm.flops)
+
+    @property
+    def train_flops(self) -> int:
+        return self.config.train.steps * self.config.train.batch_size * self.flops_per_image
+
+
+def _scaled(cfg: StageConfig, scale: float) -> StageConfig:
+    t = cfg.train
+    t.steps = max(1, round(t.steps * scale))
+    t.ckpt_every = min(t.ckpt_every, t.steps)
+    t.sample_every = min(t.sample_every, t.steps)
+    return cfg
+
+
+def _plan(key: str, cfg: StageConfig, channels: int, num_classes: int) -> StagePlan:
+    cfg.resolve(channels=channels, num_classes=num_classes)
+    return StagePlan(key, cfg, train_flops_per_image(copy.deepcopy(cfg)))
+
+
+def plan_stages(profile: Profile, device: str, data_path: str = "", channels: int = 1,
+                num_classes: int = 10) -> dict[str, StagePlan]:
+    """Every stage's resolved config. The SR stages are the ``fmnist-sr8to32`` preset with
+    ``augment.kind`` none / gaussian (as shipped) / blur; the single stage is ``fmnist-single32``
+    with the SR stage's U-Net (without the low-res input) and batch size, trained for as many
+    steps as make its training FLOPs those of the base plus one (Gaussian) SR stage. ``data_path``:
+    the Fashion-MNIST folder (default: Debian's)."""
+    def load(preset: str, kind: str, name: str, extra: dict | None = None) -> StageConfig:
+        over = [*profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
+                *([f"data.path={data_path}"] if data_path else [])]
+        return load_stage_config(preset, over, extra={"name": name, **(extra or {})})
+
+    plans = {BASE: _plan(BASE, _scaled(load("fmnist-base8", "base", "fmnist-base8"), profile.steps_scale),
+                         channels, num_classes)}
+    for key in SR_ROWS:
+        cfg = load("fmnist-sr8to32", "sr", f"fmnist-sr8to32-{AUGMENT[key]}", {"augment": {"kind": AUGMENT[key]}})
+        plans[key] = _plan(key, _scaled(cfg, profile.steps_scale), channels, num_classes)
+    sr = plans["sr-gaussian"].config
+    unet = {k: v for k, v in to_dict(sr.unet).items() if k not in DERIVED_UNET_FIELDS}
+    single = load("fmnist-single32", "single", "fmnist-single32-matched",
+                  {"unet": unet, "train": {"batch_size": sr.train.batch_size}})
+    plans[SINGLE] = _plan(SINGLE, single, channels, num_classes)
+    budget = plans[BASE].train_flops + plans["sr-gaussian"].train_flops
+    t = single.train
+    t.steps = max(1, round(budget / (t.batch_size * plans[SINGLE].flops_per_image)))
+    t.ckpt_every = min(t.ckpt_every, t.steps)
+    t.sample_every = min(t.sample_every, t.steps)
+    return plans
+
+
+def cascade_flops(plans: dict[str, StagePlan], key: str) -> int:
+    """Training FLOPs behind a row: the single stage's own, or base + that SR stage."""
+    return plans[SINGLE].train_flops if key == SINGLE else plans[BASE].train_flops + plans[key].train_flops

@@ -1,0 +1,79 @@
+"""Profiles: how big a run is. ``cpu`` (the default) is the laptop-scale experiment, ``smoke`` a
+CI-sized run of every code path, ``gpu`` the real scale (untested on a GPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cdm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    about: str
+    steps_scale: float = 1.0  # multiplies the presets' training steps (the single stage follows by FLOPs)
+    n: int = 1000  # samples per point
+    n_ref: int = 10000  # real test images: the classifier-space reference
+    n_incep: int = 500  # the first n_incep samples of a point are scored in FID-Inception space (0: none)
+    n_incep_ref: int = 2000  # real test images: the Inception-space reference
+    # rows scored in Inception space (None: all). An FID in 2048-d costs ~3 s on one thread.
+    inception_rows: tuple[str, ...] | None = None
+    levels: tuple[int, ...] = (0, 25, 50, 100, 200, 300, 500)  # Gaussian augmentation levels s
+    bootstrap: int = 50  # resamples for the bootstrap standard error of FID
+    sampler: str = "dpmpp-2m"
+    sample_steps: int = 25  # per stage
+    spacing: str = "quadratic"
+    sample_batch: int = 250
+    device: str = "cpu"
+    # key=value overrides per stage kind ("base", "sr", "single"), on top of the presets
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    classifier: dict[str, Any] = field(default_factory=dict)  # ClassifierConfig of the feature space
+    classifier_limit: int = 0  # train the domain classifier on the first N train images (0: all)
+    cas: dict[str, Any] = field(default_factory=lambda: {"epochs": 4})  # ClassifierConfig of CAS
+    cas_test_limit: int = 0  # CAS is tested on the first N real test images (0: all 10,000)
+    seed: int = 0
+
+
+_TINY_BASE = ("unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blocks=1",
+              "unet.attention_resolutions=4", "unet.head_channels=8", "train.batch_size=8")
+_TINY_32 = ("unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blocks=1",
+            "unet.attention_resolutions=16", "unet.head_channels=8", "train.batch_size=8")
+_SMOKE_TRAIN = ("train.sample_every=0", "train.sample_steps=2", "train.log_every=1")
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        name="cpu", about="laptop scale: the presets' training steps, 1000 samples per point; "
+                          "about two hours on 2 CPU cores"),
+    "smoke": Profile(
+        name="smoke", about="CI size: tiny networks, a few training steps, 16 samples per point; every "
+                            "code path, meaningless numbers",
+        steps_scale=0.004, n=16, n_ref=64, n_incep=4, n_incep_ref=8, inception_rows=("single",),
+        levels=(0, 100), bootstrap=10, sample_steps=3, sample_batch=16,
+        overrides={"base": _TINY_BASE + _SMOKE_TRAIN, "sr": _TINY_32 + _SMOKE_TRAIN, "single": _SMOKE_TRAIN},
+        classifier={"width": 8, "feature_dim": 16, "epochs": 1, "min_steps": 40, "batch_size": 64},
+        classifier_limit=2560, cas_test_limit=500,
+        cas={"width": 8, "feature_dim": 16, "epochs": 1, "min_steps": 0, "batch_size": 16}),
+    "gpu": Profile(
+        name="gpu", about="real scale, UNTESTED on a GPU: 10x the presets' training steps, 10000 samples per "
+                          "point, every sample scored in Inception space",
+        steps_scale=10.0, n=10000, n_ref=10000, n_incep=10000, n_incep_ref=10000, sample_batch=1000,
+        device="auto"),
+}
+
+
+def get_profile(name: str, steps_scale: float | None = None, n: int | None = None) -> Profile:
+    """A named profile with optional overrides of its training-step scale and samples per point."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r} (choose from {', '.join(PROFILES)})")
+    p = PROFILES[name]
+    if steps_scale is not None:
+        if steps_scale <= 0:
+            raise ConfigError(f"--steps-scale must be > 0, got {steps_scale}")
+        p = replace(p, steps_scale=steps_scale)
+    if n is not None:
+        if n < 2:
+            raise ConfigError(f"--n must be >= 2 (an FID needs two samples), got {n}")
+        p = replace(p, n=n, n_incep=min(p.n_incep, n))
+    return p

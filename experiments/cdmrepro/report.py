@@ -1,0 +1,265 @@
+"""The experiment's report: ``report.md`` (assets in ``report/``) in the run directory, and with
+``--publish DIR`` ``DIR/RESULTS.md`` (assets in ``DIR/results/``). Both come from ``summary.json``
+and the kept samples. A hand-written reading between ``<!-- reading -->`` and ``<!-- /reading -->``
+in an existing file is kept when the file is written again."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from cdm.checkpoint import atomic_write
+from cdm.data import DataConfig, to_float
+from cdm.evaluate import real_images
+from cdm.images import make_grid
+from cdm.report import line_plot_svg
+from cdm.sweep import load_samples
+
+from .checks import claims
+from .run import condition, main_points
+
+READING_OPEN, READING_CLOSE = "<!-- reading -->", "<!-- /reading -->"
+READING_PLACEHOLDER = ("_Not written yet: after the full run, say here what the numbers show about the paper's "
+                       "claims, and how far to trust them. This text survives re-publishing._")
+ROW_NAMES = {"single": "single-stage 32×32", "sr-none": "cascade, no augmentation",
+             "sr-gaussian": "cascade, Gaussian augmentation", "sr-blur": "cascade, blur augmentation",
+             "real": "real data"}
+
+
+# ----------------------------------------------------------------------------- formatting
+def _f(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _fid(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    m = r.get("metrics", {})
+    return f"{m['fid']:.3g} ± {m['fid_se']:.2g}" if "fid_se" in m else _f(r["value"])
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]) + "\n"
+
+
+def _flops(v: int | None) -> str:
+    return "—" if v is None else f"{v / 1e12:.1f} TFLOP" if v >= 1e11 else f"{v / 1e9:.3g} GFLOP"
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _reading(path: Path) -> str:
+    """The hand-written reading of an existing report (markers included), else a placeholder."""
+    if path.exists():
+        m = re.search(re.escape(READING_OPEN) + r".*?" + re.escape(READING_CLOSE), path.read_text(), re.S)
+        if m:
+            return m.group(0)
+    return f"{READING_OPEN}\n{READING_PLACEHOLDER}\n{READING_CLOSE}"
+
+
+# ----------------------------------------------------------------------------- assets
+def _grid(images: torch.Tensor) -> bytes:
+    """A PNG of up to 40 uint8 images ``[N, 1, 32, 32]``, 10 per row, enlarged twice."""
+    import io
+
+    from PIL import Image
+
+    g = make_grid(to_float(images[:40]), nrow=10)
+    g = g.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    buf = io.BytesIO()
+    Image.fromarray(g[0].numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _real_grid(data: DataConfig) -> bytes:
+    real = real_images(data, "test", 32, 2000)
+    pick = torch.cat([torch.nonzero(real.labels == c).flatten()[:4] for c in range(10)])
+    order = pick.view(10, 4).T.flatten()  # row r: the r-th image of every class
+    return _grid(real.images[order])
+
+
+def _plots(points: list[dict], metric: str, label: str) -> str:
+    gauss = [r for r in points if r["row"] == "sr-gaussian"]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for cond in ("truncated", "non-truncated", "ground-truth"):
+        series[cond] = [(r["level"], r["metrics"].get(metric, float("nan"))) for r in gauss if condition(r) == cond]
+    ref = {}
+    for key, cond, name in (("single", "single-stage", "single-stage"),
+                            ("sr-none", "non-truncated", "no aug (generated)"),
+                            ("sr-none", "ground-truth", "no aug (ground truth)")):
+        r = next((r for r in points if r["row"] == key and condition(r) == cond), None)
+        if r is not None and metric in r["metrics"]:
+            ref[name] = r["metrics"][metric]
+    return line_plot_svg(series, "augmentation level s", label,
+                         f"Gaussian augmentation: {label} against s (lower is better)", width=640, height=380,
+                         hlines=ref)
+
+
+def assets(summary: dict, out: Path) -> dict[str, bytes]:
+    """Plots (SVG) and sample grids (PNG) of the report, by file name."""
+    pts = summary["points"]
+    files = {"fid-vs-s.svg": _plots(pts, "fid", "classifier FID").encode()}
+    if any("inception_fid" in r["metrics"] for r in pts):
+        files["inception-fid-vs-s.svg"] = _plots(pts, "inception_fid", "Inception FID").encode()
+    for r in main_points(pts):
+        z = load_samples(out / "points" / r["samples"])
+        if z is not None:
+            files[f"samples-{r['row']}-{condition(r)}-s{r['level']}.png"] = _grid(z["images"])
+    files["samples-real.png"] = _real_grid(DataConfig(**summary["data"]))
+    return files
+
+
+# ----------------------------------------------------------------------------- the markdown
+def render(summary: dict, prefix: str, reading: str) -> str:
+    """The report's Markdown; assets are referred to as ``prefix + name``."""
+    p, inv = summary["profile"], summary["timings"]["invocations"]
+    head = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n",
+            f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; total wall time "
+            f"{_dur(summary['total_seconds'])} over {len(inv)} invocation(s). Every cascade row shares one base "
+            f"stage; sampling: {summary['sampling']['sampler']}, {p['sample_steps']} steps per stage, "
+            f"{summary['sampling']['spacing']} time grid.\n"]
+    sections = (_main_section(summary), _claims_section(summary["points"]), _sweep_section(summary["points"], prefix),
+                _samples_section(summary["points"], prefix), _training_section(summary), _time_section(summary))
+    return "\n".join(head + [line for sec in sections for line in sec])
+
+
+def _main_section(summary: dict) -> list[str]:
+    p, plan, tasks = summary["profile"], summary["plan"], summary["timings"]["tasks"]
+    cas = {(c["row"], c.get("condition"), c.get("level")): c for c in summary["cas"]}
+    rows = []
+    for r in _main_table_points(summary["points"]):
+        key = r["row"]
+        c = cas.get((key, condition(r), r["level"]))
+        train_s = sum(tasks.get(f"train {k}", 0.0) for k in (("single",) if key == "single" else ("base", key)))
+        rows.append([ROW_NAMES[key], condition(r), r["level"], _fid(r), r["metrics"].get("kid"),
+                     r["metrics"].get("inception_fid"), None if c is None else f"{c['top1']:.1f}%",
+                     _flops(plan[key]["row_flops"]), _dur(train_s)])
+    real = cas.get(("real", "real train images", None))
+    if real:
+        rows.append(["real data (train split)", *["—"] * 5, f"{real['top1']:.1f}%", "—", "—"])
+    test = f"the first {p['cas_test_limit']}" if p["cas_test_limit"] else "the 10,000"
+    only = "" if p["inception_rows"] is None else f" (only for rows {', '.join(p['inception_rows'])})"
+    return ["## Main results\n",
+            _table(["row", "condition", "s", "classifier FID ± SE", "KID", "Inception FID", "CAS top-1",
+                    "training FLOPs", "training wall time"], rows),
+            f"Classifier FID and KID: {p['n']} samples against {p['n_ref']} real test images in the domain "
+            f"classifier's {summary['classifier']['feature_dim']}-d feature space (the classifier's test top-1: "
+            f"{summary['classifier']['top1']:.1f}%); ± is the bootstrap standard error over the generated samples "
+            f"({p['bootstrap']} resamples, the reference held fixed). Inception FID: the first {p['n_incep']} "
+            f"samples against {p['n_incep_ref']} real test images in the FID-Inception space{only}: biased "
+            f"upwards at this size and far from Inception's domain, so compare rows, not papers. CAS: the "
+            f"classifier recipe trained on the {p['n']} samples with their conditioning labels, tested on {test} "
+            f"real test images, against the same recipe on {p['n']} real train images. Best s: the lowest "
+            f"classifier FID of that condition. Training FLOPs: counted forward + backward FLOPs per example "
+            f"(`cdm.flops`) × steps × batch, base + SR stage for the cascades. Ground-truth conditioning: real 8×8 "
+            f"inputs made from a seeded subset of {p['n']} *train*-split images (with their labels), downsampled "
+            f"exactly as in training and corrupted by the forward process at s; the train split keeps them out of "
+            f"the test-split reference.\n"]
+
+
+def _claims_section(pts: list[dict]) -> list[str]:
+    return ["## The paper's claims, checked mechanically\n",
+            _table(["claim (paper: ImageNet 16→64)", "here", "verdict"], [list(c) for c in claims(pts)]),
+            "A difference counts when it exceeds twice the combined bootstrap standard error; otherwise the "
+            "verdict is *not resolved*. The SE covers the generated set's sampling noise only, not the training "
+            "run's (another seed trains other stages).\n"]
+
+
+def _sweep_section(pts: list[dict], prefix: str) -> list[str]:
+    out = ["## Sweep over the augmentation level s (Gaussian augmentation)\n", *_sweep_tables(pts),
+           f"![classifier FID against s]({prefix}fid-vs-s.svg)\n"]
+    if any("inception_fid" in r["metrics"] for r in pts):
+        out.append(f"![Inception FID against s]({prefix}inception-fid-vs-s.svg)\n")
+    out.append("Truncated: the base stage stops at s and hands over its z_s; non-truncated: the base runs to z_0, "
+               "which is corrupted to z_s by the forward process; ground-truth: a real z_0 corrupted the same way. "
+               "At s = 0 truncated and non-truncated are the same samples (a check). Dashed lines: the "
+               "single-stage model and the cascade without augmentation.\n")
+    return out
+
+
+def _samples_section(pts: list[dict], prefix: str) -> list[str]:
+    out = ["## Samples\n"]
+    for r in main_points(pts):
+        out.append(f"**{ROW_NAMES[r['row']]}, {condition(r)}, s = {r['level']}** (first 40 samples; column = "
+                   f"class)\n\n![samples]({prefix}samples-{r['row']}-{condition(r)}-s{r['level']}.png)\n")
+    return out + [f"**Real test images** (4 per class)\n\n![real images]({prefix}samples-real.png)\n"]
+
+
+def _training_section(summary: dict) -> list[str]:
+    plan, tasks = summary["plan"], summary["timings"]["tasks"]
+    rows = [[k, v["name"], f"{v['lowres_resolution']}→{v['resolution']}" if v["lowres_resolution"]
+             else f"{v['resolution']}", v["augment"], f"{v['steps']} × {v['batch_size']}", f"{v['params']:,}",
+             f"{v['flops_per_image'] / 1e6:.0f} M", _flops(v["train_flops"]), _dur(tasks.get(f"train {k}"))]
+            for k, v in plan.items()]
+    single = plan["single"]
+    return ["## Training\n",
+            _table(["stage", "config", "resolution", "augmentation", "steps × batch", "parameters",
+                    "FLOPs / example", "training FLOPs", "wall time"], rows),
+            f"The single stage has the SR stage's U-Net without the low-resolution input and is trained for "
+            f"{single['steps']} steps so that its training FLOPs ({_flops(single['train_flops'])}) match the base "
+            f"plus one SR stage ({_flops(plan['sr-gaussian']['row_flops'])}). Wall time includes the periodic "
+            f"sample grids; a resumed stage counts only the time spent in each invocation.\n"]
+
+
+def _time_section(summary: dict) -> list[str]:
+    tasks = summary["timings"]["tasks"]
+    out = ["## Wall time, machine and commands\n",
+           _table(["task", "wall time"], [[k, _dur(v)] for k, v in tasks.items()]
+                  + [["**total**", _dur(summary["total_seconds"])]])]
+    for i in summary["timings"]["invocations"]:
+        m = i["machine"]
+        out.append(f"- `{i['command']}` — {i['started']}, {_dur(i['seconds'])}"
+                   f"{'' if i['finished'] else ' (interrupted)'}; {m['cpu']}, {m['cores']} cores, "
+                   f"torch {m['torch']}, {m['threads']} threads (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}), "
+                   f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}\n")
+    out.append("\nPer-point times (sampling and scoring) are in `points/results.jsonl` (`sample_s`, `score_s`). "
+               "To reproduce: `make repro` (the cpu profile, publishing into docs/), or the commands above; "
+               "re-running a command resumes it.\n")
+    return out
+
+
+def _main_table_points(pts: list[dict]) -> list[dict]:
+    from .run import best
+
+    picks = [best(pts, "single", "single-stage"), best(pts, "sr-none", "non-truncated"),
+             best(pts, "sr-gaussian", "truncated"), best(pts, "sr-gaussian", "non-truncated"),
+             best(pts, "sr-blur", "non-truncated"), best(pts, "sr-none", "ground-truth"),
+             best(pts, "sr-gaussian", "ground-truth"), best(pts, "sr-blur", "ground-truth")]
+    return [r for r in picks if r is not None]
+
+
+def _sweep_tables(pts: list[dict]) -> list[str]:
+    gauss = {(condition(r), r["level"]): r for r in pts if r["row"] == "sr-gaussian"}
+    levels = sorted({lv for _, lv in gauss})
+    conds = ("truncated", "non-truncated", "ground-truth")
+    out = ["Classifier FID ± bootstrap SE:\n",
+           _table(["s", *conds], [[s, *(_fid(gauss.get((c, s))) for c in conds)] for s in levels])]
+    if any("inception_fid" in r["metrics"] for r in gauss.values()):
+        out += ["Inception FID:\n", _table(["s", *conds], [
+            [s, *(gauss[(c, s)]["metrics"].get("inception_fid") if (c, s) in gauss else None for c in conds)]
+            for s in levels])]
+    out += ["KID (classifier space):\n", _table(["s", *conds], [
+        [s, *(gauss[(c, s)]["metrics"].get("kid") if (c, s) in gauss else None for c in conds)] for s in levels])]
+    return out
+
+
+def write_report(summary: dict, out: Path, target: Path, asset_dir: Path, prefix: str) -> Path:
+    """Write ``target`` (Markdown) and its assets into ``asset_dir``, keeping ``target``'s reading."""
+    for name, data in assets(summary, out).items():
+        atomic_write(asset_dir / name, lambda tmp, d=data: Path(tmp).write_bytes(d))
+    text = render(summary, prefix, _reading(target))
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+    return target

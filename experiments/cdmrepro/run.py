@@ -1,0 +1,265 @@
+"""The experiment, resumable at every level: train every stage (``train_stage`` resumes from its
+checkpoints), train the domain classifier, score every (row, condition, s) point into
+``points/results.jsonl`` (``cdm.sweep``: samples kept as uint8 ``.npz``), compute CAS for the main
+rows into ``cas.jsonl``, and write ``summary.json``. A re-run skips everything that is done.
+
+Layout of the output directory::
+
+    stages/<key>/        the five stage runs (checkpoints, log, config)
+    classifier/          the domain classifier (feature space and CAS recipe)
+    cache/               reference statistics (classifier and Inception space)
+    points/results.jsonl one row per scored point; points/samples/*.npz its samples
+    cas.jsonl            CAS of the main rows and of real data
+    plan.json            the resolved stage configs and their training FLOPs
+    timings.json         wall time per task, invocations, commands, machines
+    summary.json         everything the report is made from
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.checkpoint import atomic_write, list_checkpoints, load_stage
+from cdm.classifier import ClassifierConfig, train_and_test
+from cdm.config import to_dict
+from cdm.data import DataConfig, ImageSet, load_dataset, to_float
+from cdm.distributed import pick_device
+from cdm.evaljobs import make_extractor, reference, train_domain_classifier
+from cdm.evaluate import ground_truth_lowres, real_images
+from cdm.sample import balanced_labels, sample_batched
+from cdm.sweep import SweepConfig, append_row, load_samples, read_rows, run_sweep, score_point, stage_fingerprint
+from cdm.train import train_stage
+from cdm.unet import UNet
+
+from .ledger import Ledger, machine_info
+from .plan import BASE, SINGLE, SR_ROWS, StagePlan, cascade_flops, plan_stages
+from .profiles import Profile
+from .scoring import PRIMARY, PointScorer
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunConfig:
+    out: Path
+    profile: Profile
+    device: str = ""  # "" = the profile's
+    data_path: str = ""  # Fashion-MNIST folder ("" = Debian's)
+    command: str = ""  # recorded as given
+    progress: bool = False  # training progress bars (stderr)
+
+
+def run_experiment(rc: RunConfig, log: Log) -> dict:
+    """Run (or resume) the whole experiment; returns the summary (also ``summary.json``)."""
+    p, out = rc.profile, Path(rc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(rc.device or p.device)
+    ledger = Ledger(out / "timings.json", rc.command, machine_info(dev), p.name)
+    log(f"profile {p.name}: {p.about}; device {dev}, {torch.get_num_threads()} threads")
+    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=rc.data_path)
+    with ledger.task("load data"):
+        train_set = load_dataset(data_cfg)
+    plans = plan_stages(p, str(dev), rc.data_path, train_set.images.shape[1], train_set.num_classes)
+    _write_json(out / "plan.json", {k: {"config": to_dict(v.config), "flops_per_image": v.flops_per_image,
+                                        "train_flops": v.train_flops} for k, v in plans.items()})
+    ckpts = {key: train(plan, out / "stages" / key, train_set, ledger, log, rc.progress)
+             for key, plan in plans.items()}
+    scorer, metric = build_scorer(p, out, data_cfg, str(dev), ledger, log)
+    scoring = {"n_ref": p.n_ref, "n_incep": p.n_incep, "n_incep_ref": p.n_incep_ref, "bootstrap": p.bootstrap}
+    sampling = CascadeSampling(mode="non-truncated", sampler=p.sampler, spacing=p.spacing,
+                               stages=[StageSampling(steps=p.sample_steps), StageSampling(steps=p.sample_steps)])
+    points_dir = out / "points"
+    points = [single_point(ckpts[SINGLE], sampling, p, scorer.for_row(SINGLE, p.inception_rows), points_dir,
+                           metric, scoring, dev, ledger, log)]
+    gt = ground_truth_lowres(data_cfg, "train", p.n, plans["sr-gaussian"].config.lowres_resolution, p.seed)
+    for key in SR_ROWS:
+        cascade = Cascade([load_stage(ckpts[BASE], dev), load_stage(ckpts[key], dev)])
+        points += sr_points(key, cascade, sampling, p, scorer.for_row(key, p.inception_rows), points_dir, metric,
+                            scoring, gt, ledger, log)
+    cas = cas_points(main_points(points), points_dir, out / "cas.jsonl", data_cfg, p, ledger, log)
+    ledger.finish()
+    summary = {"profile": asdict(p), "plan": {k: _plan_summary(k, v, plans) for k, v in plans.items()},
+               "sampling": to_dict(sampling), "metric": metric, "points": points, "cas": cas,
+               "timings": ledger.data, "total_seconds": ledger.total_seconds, "data": to_dict(data_cfg),
+               "classifier": {"top1": json.loads((out / "classifier" / "summary.json").read_text())["test"]["top1"],
+                              "feature_dim": scorer.ref.features.shape[1]}}
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def describe_plan(p: Profile, device: str = "", data_path: str = "") -> str:
+    """The profile and every stage's training plan (steps, batch, FLOPs), as text."""
+    data = load_dataset(DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path))
+    plans = plan_stages(p, str(pick_device(device or p.device)), data_path, data.images.shape[1], data.num_classes)
+    lines = [json.dumps(asdict(p), indent=1)]
+    for k, v in plans.items():
+        c = v.config
+        lines.append(f"{k:12s} {c.name:26s} {c.train.steps:6d} steps x {c.train.batch_size:3d}  "
+                     f"{v.flops_per_image / 1e6:8.1f} MFLOP/example  {v.train_flops / 1e12:8.2f} TFLOP"
+                     + ("" if k == BASE else f"  (row: {cascade_flops(plans, k) / 1e12:.2f} TFLOP)"))
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _plan_summary(key: str, plan: StagePlan, plans: dict[str, StagePlan]) -> dict:
+    c = plan.config
+    return {"name": c.name, "resolution": c.resolution, "lowres_resolution": c.lowres_resolution,
+            "augment": c.augment.kind, "steps": c.train.steps, "batch_size": c.train.batch_size,
+            "flops_per_image": plan.flops_per_image, "train_flops": plan.train_flops,
+            "row_flops": None if key == BASE else cascade_flops(plans, key),
+            "params": sum(v.numel() for v in UNet(c.unet).parameters())}
+
+
+# ----------------------------------------------------------------------------- training
+def train(plan: StagePlan, run_dir: Path, data: ImageSet, ledger: Ledger, log: Log, progress: bool) -> Path:
+    """Train (or resume, or skip when done) one stage; returns its last checkpoint."""
+    cfg = plan.config
+    found = list_checkpoints(run_dir)
+    if found and found[-1][0] >= cfg.train.steps:
+        return found[-1][1]
+    log(f"train {plan.key} ({cfg.name}): {cfg.train.steps} steps x {cfg.train.batch_size}"
+        + (f", resuming at step {found[-1][0]}" if found else ""))
+    t = time.time()
+    with ledger.task(f"train {plan.key}"):
+        last = train_stage(cfg, run_dir, progress=progress, data=data)
+    log(f"train {plan.key}: done in {time.time() - t:.0f} s")
+    return last
+
+
+# ----------------------------------------------------------------------------- scoring
+def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: Ledger, log: Log
+                 ) -> tuple[PointScorer, str]:
+    """Train the domain classifier (once), load the reference statistics (cached in ``out/cache``)
+    and return the scorer and the name of its primary metric."""
+    clf_dir = out / "classifier"
+    if not (clf_dir / "summary.json").exists():
+        log("train the domain classifier")
+        with ledger.task("train classifier"):
+            s = train_domain_classifier(replace(data, limit=p.classifier_limit), clf_dir,
+                                        ClassifierConfig(**p.classifier), progress=False)
+        log(f"domain classifier: test top-1 {s['test']['top1']:.2f}%")
+    with ledger.task("reference statistics"):
+        ex = make_extractor("classifier", clf_dir)
+        ref = reference(ex, data, "test", 32, p.n_ref, cache_dir=out / "cache")
+        incep = incep_ref = None
+        if p.n_incep > 0:
+            incep = make_extractor("inception", None, device)
+            incep_ref = reference(incep, data, "test", 32, p.n_incep_ref, cache_dir=out / "cache")
+    scorer = PointScorer(ex, ref, p.bootstrap, incep, incep_ref, p.n_incep, p.seed)
+    return scorer, f"{PRIMARY}[{ex.name}]"
+
+
+def single_point(ckpt: Path, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path, metric: str,
+                 scoring: dict, device: torch.device, ledger: Ledger, log: Log) -> dict:
+    """The single-stage model's point, in the same results file as the cascade's."""
+    stage = load_stage(ckpt, device)
+    one = CascadeSampling(mode="non-truncated", sampler=sampling.sampler, spacing=sampling.spacing,
+                          stages=[StageSampling(steps=sampling.stages[-1].steps)])
+    point = {"row": SINGLE, "scoring": scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
+             "level": 0, "metric": metric, "n": p.n, "seed": p.seed, "steps": one.stages[0].steps,
+             "sampler": one.sampler, "spacing": one.spacing, "fingerprint": stage_fingerprint(stage)}
+
+    def sample():
+        labels = balanced_labels(p.n, stage.num_classes)
+        res = sample_batched(Cascade([stage]), labels, list(range(p.seed, p.seed + p.n)), one, p.sample_batch)
+        return res.images[0], labels, None
+
+    with ledger.task("points single"):
+        return score_point(points_dir, point, sample, scorer, metric_name=metric, primary=PRIMARY,
+                           keep_samples=True, name="single", progress=log)
+
+
+def sr_points(key: str, cascade: Cascade, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path,
+              metric: str, scoring: dict, gt: tuple, ledger: Ledger, log: Log) -> list[dict]:
+    """One SR stage's points: generated inputs (both modes over the levels for Gaussian
+    augmentation; non-truncated at s = 0 otherwise) and ground-truth inputs."""
+    gaussian = cascade.stages[1].augmentation.network_sees_level
+    levels = list(p.levels) if gaussian else [0]
+    common = dict(levels=levels, n=p.n, seed=p.seed, batch_size=p.sample_batch, keep_samples=True)
+    tags = {"row": key, "scoring": scoring}
+    rows = []
+    for cfg in (SweepConfig(modes=None if gaussian else ["non-truncated"], **common),
+                SweepConfig(conditioning="ground-truth", **common)):
+        with ledger.task(f"points {key} {cfg.conditioning}"):
+            rows += run_sweep(cascade, sampling, cfg, scorer, points_dir, metric, log, primary=PRIMARY, tags=tags,
+                              ground_truth=gt if cfg.conditioning == "ground-truth" else None)
+    return sorted(rows, key=lambda r: (r["conditioning"], r["mode"], r["level"]))
+
+
+# ----------------------------------------------------------------------------- CAS
+def condition(row: dict) -> str:
+    """single-stage, truncated, non-truncated or ground-truth."""
+    return "ground-truth" if row["conditioning"] == "ground-truth" else row["mode"]
+
+
+def best(points: list[dict], key: str, cond: str) -> dict | None:
+    """The point of row ``key`` and condition ``cond`` with the lowest classifier FID (ties: smaller s)."""
+    rows = [r for r in points if r["row"] == key and condition(r) == cond]
+    return min(rows, key=lambda r: (r["value"], r["level"])) if rows else None
+
+
+def main_points(points: list[dict]) -> list[dict]:
+    """The rows CAS is computed for: the single stage, the cascade without augmentation, with
+    Gaussian augmentation at the best s of each generated-input mode, and with blur."""
+    picks = [best(points, SINGLE, "single-stage"), best(points, "sr-none", "non-truncated"),
+             best(points, "sr-gaussian", "truncated"), best(points, "sr-gaussian", "non-truncated"),
+             best(points, "sr-blur", "non-truncated")]
+    return [r for r in picks if r is not None]
+
+
+def cas_points(picks: list[dict], points_dir: Path, path: Path, data: DataConfig, p: Profile, ledger: Ledger,
+               log: Log) -> list[dict]:
+    """CAS of each main point (the classifier recipe trained on its samples and their labels,
+    tested on the real test split) and of as many real train images; rows in ``cas.jsonl``."""
+    test = real_images(data, "test", 32, p.cas_test_limit)
+    cfg = ClassifierConfig(**{**p.cas, "resolution": 32, "channels": 1, "num_classes": len(test.class_names)})
+    recipe = {**to_dict(cfg), "test_limit": p.cas_test_limit}
+    rows = read_rows(path)
+    out = []
+
+    def one(ident: dict, get: Callable[[], tuple]) -> dict:
+        for r in rows:
+            if all(r.get(k) == v for k, v in ident.items()):
+                return r
+        t = time.time()
+        images, labels = get()
+        acc = train_and_test(images, labels, test.images, test.labels, cfg)
+        acc["n_test"] = acc.pop("n")
+        row = {**ident, **acc, "seconds": round(time.time() - t, 1)}
+        append_row(path, row)
+        rows.append(row)
+        log(f"CAS {ident['row']} {ident.get('condition', '')} s={ident.get('level', '')}: top-1 {acc['top1']:.2f}%")
+        return row
+
+    with ledger.task("CAS"):
+        for r in picks:
+            ident = {"row": r["row"], "condition": condition(r), "level": r["level"], "samples": r["samples"],
+                     "recipe": recipe}
+
+            def get(r=r):
+                z = load_samples(points_dir / r["samples"])
+                if z is None:
+                    raise FileNotFoundError(f"{points_dir / r['samples']} is missing or damaged; delete its row "
+                                            f"from {points_dir / 'results.jsonl'} and re-run to sample it again")
+                return to_float(z["images"]), z["labels"]
+
+            out.append(one(ident, get))
+
+        def real():
+            ims = real_images(data, "train", 32, p.n)
+            return ims.images, ims.labels
+
+        out.append(one({"row": "real", "condition": "real train images", "level": None, "n": p.n,
+                        "recipe": recipe}, real))
+    return out
