@@ -22,9 +22,12 @@ class Profile:
     inception_rows: tuple[str, ...] | None = None
     levels: tuple[int, ...] = (0, 25, 50, 100, 200, 300, 500)  # Gaussian augmentation levels s
     bootstrap: int = 50  # resamples for the bootstrap standard error of FID
-    sampler: str = "dpmpp-2m"
+    # SDE-DPM-Solver++(2M), 25 uniform steps per stage: within 10% of 250-step ancestral sampling in
+    # classifier FID on the demo cascade, where the deterministic solvers stay ~2x worse at any step
+    # count (docs/BENCHMARKS.md, "Sample quality against network evaluations")
+    sampler: str = "dpmpp-2m-sde"
     sample_steps: int = 25  # per stage
-    spacing: str = "quadratic"
+    spacing: str = "uniform"
     sample_batch: int = 250
     device: str = "cpu"
     # key=value overrides per stage kind ("base", "sr", "single"), on top of the presets
