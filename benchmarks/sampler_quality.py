@@ -9,7 +9,10 @@ configuration is appended to ``<out>.jsonl`` and skipped when the script is run 
         --classifier runs/classifier --n 500 --out docs/bench/sampler_quality.json
 
 Target (issue "Speed"): DPM-Solver++(2M) with <= 25 steps per stage within 10% of the FID of
-250-step ancestral sampling.
+250-step ancestral sampling; checked for its deterministic (``dpmpp-2m``) and stochastic
+(``dpmpp-2m-sde``) forms. At 500 samples differences of a few percent are not resolved: 250-step
+ancestral sampling on quadratic and uniform grids (which should barely differ at 250 steps) scored
+11.30 and 11.60 on the demo cascade.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from cdm.evaljobs import make_extractor, reference
 from cdm.evaluate import quality_scores
 from cdm.sample import balanced_labels, load_cascade, read_cascade_file, sample_batched
 
-DEFAULT_CONFIGS = "ancestral:25,50,100,250;ddim:10,25,50;dpmpp-2m:10,15,25"
+DEFAULT_CONFIGS = "ancestral:25,50,100,250;ddim:10,25,50;ddim-eta1:25;dpmpp-2m:10,15,25;dpmpp-2m-sde:10,15,25,50"
 
 
 def parse_configs(text: str) -> list[tuple[str, int]]:
@@ -107,14 +110,18 @@ def main() -> None:
                "feature_space": ref.space, "reference": ref.source, "rows": rows,
                "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
     if ref_row:
-        dpm = [r for r in rows if r["sampler"] == "dpmpp-2m" and r["steps"] <= 25]
-        if dpm:
+        summary["targets"] = {}
+        for name in ("dpmpp-2m", "dpmpp-2m-sde"):  # the DPM-Solver++ family: ODE and SDE forms
+            dpm = [r for r in rows if r["sampler"] == name and r["steps"] <= 25]
+            if not dpm:
+                continue
             best = min(dpm, key=lambda r: r["fid"])
-            summary["target"] = {"reference": ref_row, "best_dpmpp_le25": best,
-                                 "ratio": best["fid"] / ref_row["fid"], "pass": best["fid"] <= 1.1 * ref_row["fid"]}
-            print(f"\nDPM-Solver++(2M) <= 25 steps: best FID {best['fid']:.2f} at {best['steps']} steps = "
-                  f"{summary['target']['ratio']:.2f}x the {ref_row['steps']}-step ancestral FID "
-                  f"{ref_row['fid']:.2f} -> {'PASS' if summary['target']['pass'] else 'MISS'} (target <= 1.10x)")
+            t = {"reference": ref_row, "best_le25": best, "ratio": best["fid"] / ref_row["fid"],
+                 "pass": best["fid"] <= 1.1 * ref_row["fid"]}
+            summary["targets"][name] = t
+            print(f"{name} <= 25 steps: best FID {best['fid']:.2f} at {best['steps']} steps = {t['ratio']:.2f}x the "
+                  f"{ref_row['steps']}-step ancestral FID {ref_row['fid']:.2f} -> "
+                  f"{'PASS' if t['pass'] else 'MISS'} (target <= 1.10x)")
     out.write_text(json.dumps(summary, indent=2))
 
 
