@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from _common import cpu_model
 from cdm.data import to_uint8
 from cdm.evaljobs import make_extractor, reference
 from cdm.evaluate import quality_scores
@@ -41,16 +41,6 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
         name, steps = part.split(":")
         out += [(name.strip(), int(s)) for s in steps.split(",")]
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

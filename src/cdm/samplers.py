@@ -116,47 +116,26 @@ def ddim(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int
 
 @torch.no_grad()
 def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
-             clip_x0: bool = True) -> tuple[Tensor, Tensor]:
+             clip_x0: bool = True, sde: bool = False) -> tuple[Tensor, Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the multistep second-order
-    solver of the probability-flow ODE in data prediction, with ``alpha_t = sqrt(abar_t)``,
-    ``sigma_t = sqrt(1 - abar_t)``, ``lambda_t = log(alpha_t / sigma_t)``, ``h_i = lambda_{t_i} -
-    lambda_{t_{i-1}}``. The first step and a step to ``t = 0`` (sigma = 0, lambda = inf) are first
-    order; the latter lands on x0_hat. A grid ending at ``s > 0`` stops at the noisy ``z_s``.
-    Deterministic: draws no noise. ``x`` ``[N, C, H, W]``."""
-    lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
-    x0 = x
-    x0_prev: Tensor | None = None
-    h_prev = 0.0
-    for t, p in zip(grid[:-1], grid[1:]):
-        x0, _ = _denoise(model, diffusion, x, t, clip_x0)
-        if p == 0:
-            x = x0  # (sigma_0 / sigma_t) x - alpha_0 (e^-inf - 1) x0_hat = x0_hat
-            continue
-        ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
-        h = (lam[p] - lam[t]).item()
-        if x0_prev is None:
-            d = x0  # first order: DPM-Solver++(1) = DDIM
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # D_i of Algorithm 2
-        x = math.sqrt((1 - ab_p) / (1 - ab_t)) * x - math.sqrt(ab_p) * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
-    return x, x0
+    solver in data prediction, with ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``,
+    ``lambda_t = log(alpha_t / sigma_t)``, ``h = lambda_p - lambda_t`` for a step ``t -> p``, and
+    ``D = x0_hat`` on the first step, ``D = x0_hat + (x0_hat - x0_prev) / (2 r)``,
+    ``r = h_prev / h``, after (D_i of Algorithm 2).
 
+    ``sde=False`` solves the probability-flow ODE and draws no noise::
 
-@torch.no_grad()
-def dpmpp_2m_sde(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
-                 clip_x0: bool = True) -> tuple[Tensor, Tensor]:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Appendix; the midpoint form of
-    k-diffusion's ``sample_dpmpp_2m_sde`` with eta = 1): the multistep second-order solver of the
-    reverse *SDE* in data prediction. With the notation of :func:`dpmpp_2m`, a step ``t -> p``::
+        x_p = (sigma_p / sigma_t) x_t - alpha_p (e^-h - 1) D
+
+    (its first step is DDIM). ``sde=True`` is SDE-DPM-Solver++(2M) (the paper's Appendix; the
+    midpoint form of k-diffusion's ``sample_dpmpp_2m_sde`` with eta = 1)::
 
         x_p = (sigma_p / sigma_t) e^-h x_t + alpha_p (1 - e^-2h) D + sigma_p sqrt(1 - e^-2h) z
 
-    with ``D = x0_hat`` on the first step (then the step *is* the ancestral / DDIM-eta=1 step) and
-    ``D = x0_hat + (x0_hat - x0_prev) / (2 r)``, ``r = h_prev / h``, after. Fresh noise at each
-    step corrects the network's errors the way ancestral sampling does, which the deterministic
-    ODE solvers cannot; a step to ``t = 0`` lands on x0_hat. ``x`` ``[N, C, H, W]``."""
+    (its first step is the ancestral / DDIM-eta=1 step); the fresh noise corrects the network's
+    errors the way ancestral sampling does, which the ODE cannot. A step to ``t = 0`` (sigma = 0,
+    lambda = inf) lands on x0_hat; a grid ending at ``s > 0`` stops at the noisy ``z_s``.
+    ``x`` ``[N, C, H, W]``."""
     lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
     x0 = x
     x0_prev: Tensor | None = None
@@ -169,11 +148,18 @@ def dpmpp_2m_sde(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: 
         ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
         h = (lam[p] - lam[t]).item()
         d = x0 if x0_prev is None else x0 + (x0 - x0_prev) / (2 * (h_prev / h))
-        decay = -math.expm1(-2 * h)  # 1 - e^-2h
-        x = (math.sqrt((1 - ab_p) / (1 - ab_t)) * math.exp(-h) * x + math.sqrt(ab_p) * decay * d
-             + math.sqrt((1 - ab_p) * decay) * noise.randn(*x.shape[1:]))
+        ratio = math.sqrt((1 - ab_p) / (1 - ab_t))  # sigma_p / sigma_t
+        if sde:
+            decay = -math.expm1(-2 * h)  # 1 - e^-2h
+            x = (ratio * math.exp(-h) * x + math.sqrt(ab_p) * decay * d
+                 + math.sqrt((1 - ab_p) * decay) * noise.randn(*x.shape[1:]))
+        else:
+            x = ratio * x - math.sqrt(ab_p) * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x, x0
+
+
+dpmpp_2m_sde = partial(dpmpp_2m, sde=True)
 
 
 SAMPLERS: dict[str, Sampler] = {
