@@ -1,7 +1,7 @@
 # Two commands do all the set-up (virtual environment, Python packages, Debian's Fashion-MNIST):
 #   make demo   train the 8->32 Fashion-MNIST cascade and write sample grids to runs/demo/samples
 #   make test   run the test suite
-#   make repro  the paper's conditioning-augmentation experiments on Fashion-MNIST (~2 h on 2 cores)
+#   make repro  the paper's conditioning-augmentation experiments on Fashion-MNIST (~3.5 h on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -18,7 +18,7 @@ test: install data
 
 # Resumable: re-running continues where it stopped. Results: runs/repro/report.md, docs/RESULTS.md.
 repro: install data
-	$(BIN)/python experiments/fmnist_repro.py --out runs/repro --publish docs
+	$(BIN)/python experiments/fmnist_repro.py --out runs/repro --publish docs --diagnostics
 
 install: $(VENV)/.installed
 

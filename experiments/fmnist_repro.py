@@ -1,11 +1,12 @@
 """Reproduce the paper's conditioning-augmentation findings on Fashion-MNIST 8x8 -> 32x32.
 
-    python experiments/fmnist_repro.py --out runs/repro [--profile cpu|smoke|gpu] [--publish docs]
+    python experiments/fmnist_repro.py --out runs/repro [--profile cpu|smoke|gpu] [--publish docs] [--diagnostics]
 
 Trains one base stage, three SR stages (no, Gaussian and blur augmentation) and a single-stage
 32x32 model with the training FLOPs of base + SR; scores every (row, condition, s) point (FID
 with bootstrap SE and KID in the domain classifier's space, FID in Inception space, CAS for the
-main rows); writes ``report.md`` into --out and, with --publish DIR, ``DIR/RESULTS.md``.
+main rows); with --diagnostics also variants of the SR stages (what a change of recipe or of
+training seed does); writes ``report.md`` into --out and, with --publish DIR, ``DIR/RESULTS.md``.
 Re-running the same command resumes; what is done is skipped. See ``cdmrepro/run.py``.
 """
 
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: the profile's)")
     p.add_argument("--data-path", default="", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also train and score the profile's variants of the SR stages (clean-only, more clean "
+                        "examples, twice the steps, a second training seed), to explain the Gaussian stage's "
+                        "quality at s = 0 and size the run-to-run noise")
     p.add_argument("--dry-run", action="store_true", help="print the profile and the stages' plan, then exit")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="training progress bars on stderr (default: when stderr is a terminal)")
@@ -58,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = get_profile(a.profile, a.steps_scale, a.n)
         out = Path(a.out)
         if a.dry_run:
-            print(describe_plan(profile, a.device or "", a.data_path))
+            print(describe_plan(profile, a.device or "", a.data_path, a.diagnostics))
             return 0
         command = shlex.join(["python", "experiments/fmnist_repro.py", *argv])
         progress = sys.stderr.isatty() if a.progress is None else a.progress
-        summary = run_experiment(RunConfig(out, profile, a.device or "", a.data_path, command, progress), log)
+        summary = run_experiment(RunConfig(out, profile, a.device or "", a.data_path, command, progress,
+                                           a.diagnostics), log)
         log(f"report: {write_report(summary, out, out / 'report.md', out / 'report', 'report/')}")
         if a.publish:
             d = Path(a.publish)

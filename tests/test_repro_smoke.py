@@ -24,7 +24,10 @@ pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's data
 
 EXPECTED = {("single", "single-stage", 0), ("sr-none", "non-truncated", 0), ("sr-none", "ground-truth", 0),
             ("sr-blur", "non-truncated", 0), ("sr-blur", "ground-truth", 0),
-            *(("sr-gaussian", c, s) for c in ("truncated", "non-truncated", "ground-truth") for s in (0, 100))}
+            *(("sr-gaussian", c, s) for c in ("truncated", "non-truncated", "ground-truth") for s in (0, 100)),
+            # --diagnostics: the smoke profile's variants
+            ("sr-gaussian-p50", "non-truncated", 0), ("sr-gaussian-p50", "ground-truth", 0),
+            ("single-p50", "single-stage", 0)}
 
 
 def _condition(r: dict) -> str:
@@ -40,7 +43,7 @@ def _written(out: Path) -> dict[Path, int]:
 
 def test_smoke_profile_end_to_end_resumes_and_keeps_the_reading(tmp_path, capsys):
     out, docs = tmp_path / "run", tmp_path / "docs"
-    argv = ["--out", str(out), "--profile", "smoke", "--publish", str(docs)]
+    argv = ["--out", str(out), "--profile", "smoke", "--publish", str(docs), "--diagnostics"]
     assert main(argv) == 0
     rows = read_rows(out / "points" / "results.jsonl")
     assert {(r["row"], _condition(r), r["level"]) for r in rows} == EXPECTED and len(rows) == len(EXPECTED)
@@ -48,7 +51,7 @@ def test_smoke_profile_end_to_end_resumes_and_keeps_the_reading(tmp_path, capsys
         m = r["metrics"]
         assert all(math.isfinite(m[k]) for k in ("fid", "fid_se", "kid")) and m["fid_se"] >= 0
         assert (out / "points" / r["samples"]).exists()
-        assert ("inception_fid" in m) == (r["row"] == "single")  # the smoke profile's Inception rows
+        assert ("inception_fid" in m) == (r["row"] == "single")  # the smoke profile's Inception rows (not variants)
     assert math.isfinite(next(r for r in rows if r["row"] == "single")["metrics"]["inception_fid"])
     by = {(r["row"], _condition(r), r["level"]): r["value"] for r in rows}
     assert by[("sr-gaussian", "truncated", 0)] == pytest.approx(by[("sr-gaussian", "non-truncated", 0)])
@@ -60,9 +63,16 @@ def test_smoke_profile_end_to_end_resumes_and_keeps_the_reading(tmp_path, capsys
     step = plan["single"]["batch_size"] * plan["single"]["flops_per_image"]  # the single stage's FLOPs per step
     assert abs(plan["single"]["train_flops"] - plan["sr-gaussian"]["row_flops"]) <= step / 2
     assert plan["sr-gaussian"]["row_flops"] == plan["base"]["train_flops"] + plan["sr-gaussian"]["train_flops"]
+    assert plan["sr-gaussian-p50"]["steps"] == max(1, round(plan["sr-gaussian"]["steps"] * 0.5))  # steps_factor
+    cfg = json.loads((out / "plan.json").read_text())["sr-gaussian-p50"]["config"]
+    assert cfg["augment"]["kind"] == "gaussian" and cfg["augment"]["p_zero"] == 0.5
+    step = plan["single-p50"]["batch_size"] * plan["single-p50"]["flops_per_image"]  # FLOP-matched to its row
+    assert abs(plan["single-p50"]["train_flops"] - plan["sr-gaussian-p50"]["row_flops"]) <= step / 2
     md = (docs / "RESULTS.md").read_text()
     assert READING_PLACEHOLDER in md and "| single-stage 32×32 |" in md and "## The paper's claims" in md
-    for name in ("fid-vs-s.svg", "inception-fid-vs-s.svg", "samples-real.png", "samples-single-single-stage-s0.png"):
+    assert "## Diagnostics" in md and "| sr-gaussian-p50 |" in md and "background noise" in md
+    for name in ("fid-vs-s.svg", "inception-fid-vs-s.svg", "samples-real.png", "samples-single-single-stage-s0.png",
+                 "samples-sr-gaussian-p50-non-truncated-s0.png", "samples-single-p50-single-stage-s0.png"):
         assert (docs / "results" / name).exists() and f"results/{name}" in md
     assert (out / "report.md").exists() and (out / "report" / "fid-vs-s.svg").exists()
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from cdm.config import DERIVED_UNET_FIELDS, StageConfig, load_stage_config, to_dict
+from cdm.config import DERIVED_UNET_FIELDS, ConfigError, StageConfig, load_stage_config, to_dict
 from cdm.flops import train_flops_per_image
 
-from .profiles import Profile
+from .profiles import Profile, Variant
 
 BASE, SINGLE = "base", "single"
 SR_ROWS = ("sr-none", "sr-gaussian", "sr-blur")  # the SR stages, by augmentation
@@ -48,9 +48,7 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
     steps as make its training FLOPs those of the base plus one (Gaussian) SR stage. ``data_path``:
     the Fashion-MNIST folder (default: Debian's)."""
     def load(preset: str, kind: str, name: str, extra: dict | None = None) -> StageConfig:
-        over = [*profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
-                *([f"data.path={data_path}"] if data_path else [])]
-        return load_stage_config(preset, over, extra={"name": name, **(extra or {})})
+        return _load(profile, preset, kind, name, device, data_path, extra)
 
     plans = {BASE: _plan(BASE, _scaled(load("fmnist-base8", "base", "fmnist-base8"), profile.steps_scale),
                          channels, num_classes)}
@@ -70,6 +68,48 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
     return plans
 
 
+def _load(profile: Profile, preset: str, kind: str, name: str, device: str, data_path: str,
+          extra: dict | None = None, overrides: tuple[str, ...] = ()) -> StageConfig:
+    over = [*profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
+            *([f"data.path={data_path}"] if data_path else []), *overrides]
+    return load_stage_config(preset, over, extra={"name": name, **(extra or {})})
+
+
+def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StagePlan], device: str, data_path: str = "",
+                 channels: int = 1, num_classes: int = 10) -> StagePlan:
+    """A diagnostic variant of a stage (``plans``: :func:`plan_stages`'): an SR row's config with
+    the variant's overrides on top and ``variant.steps_factor`` times its (profile-scaled) training
+    steps; or the FLOP-matched single stage with ``steps_factor`` times its steps (no overrides)."""
+    if variant.row == SINGLE:
+        if variant.overrides or variant.match_flops not in plans or variant.match_flops == SINGLE:
+            raise ConfigError(f"diagnostic variant {variant.key!r}: a single-stage variant takes no overrides and "
+                              f"match_flops naming a cascade row planned before it, got {variant.match_flops!r}")
+        cfg = copy.deepcopy(plans[SINGLE].config)
+        cfg.name = f"{cfg.name}-{variant.key.removeprefix('single-')}"
+        plan = _plan(variant.key, cfg, channels, num_classes)
+        t = cfg.train
+        t.steps = max(1, round(cascade_flops(plans, variant.match_flops) / (t.batch_size * plan.flops_per_image)))
+        t.ckpt_every = min(t.ckpt_every, t.steps)
+        t.sample_every = min(t.sample_every, t.steps)
+        return plan
+    if variant.row not in AUGMENT:
+        raise ConfigError(f"diagnostic variant {variant.key!r}: row must be one of {', '.join(AUGMENT)} or "
+                          f"{SINGLE}, got {variant.row!r}")
+    cfg = _load(profile, "fmnist-sr8to32", "sr", f"fmnist-sr8to32-{variant.key.removeprefix('sr-')}",
+                device, data_path, {"augment": {"kind": AUGMENT[variant.row]}}, variant.overrides)
+    return _plan(variant.key, _scaled(cfg, profile.steps_scale * variant.steps_factor), channels, num_classes)
+
+
+def plan_all(profile: Profile, device: str, data_path: str = "", channels: int = 1, num_classes: int = 10,
+             diagnostics: bool = False) -> dict[str, StagePlan]:
+    """:func:`plan_stages`, then (with ``diagnostics``) the profile's variants in their order."""
+    plans = plan_stages(profile, device, data_path, channels, num_classes)
+    for v in profile.diagnostics if diagnostics else ():
+        plans[v.key] = plan_variant(profile, v, plans, device, data_path, channels, num_classes)
+    return plans
+
+
 def cascade_flops(plans: dict[str, StagePlan], key: str) -> int:
-    """Training FLOPs behind a row: the single stage's own, or base + that SR stage."""
-    return plans[SINGLE].train_flops if key == SINGLE else plans[BASE].train_flops + plans[key].train_flops
+    """Training FLOPs behind a row: a single stage's own, or base + that SR stage."""
+    plan = plans[key]
+    return plan.train_flops if not plan.config.lowres_resolution else plans[BASE].train_flops + plan.train_flops

@@ -10,6 +10,37 @@ from cdm.config import ConfigError
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A diagnostic variant of an SR stage (run with ``--diagnostics``): the config of ``row``
+    (``sr-none``, ``sr-gaussian`` or ``sr-blur``) with ``overrides`` on top and ``steps_factor``
+    times its training steps, scored with generated (non-truncated) and ground-truth inputs at
+    ``levels``, in classifier space only."""
+    key: str  # its row name, e.g. "sr-gaussian-p50"
+    about: str
+    overrides: tuple[str, ...] = ()
+    steps_factor: float = 1.0
+    levels: tuple[int, ...] = (0, 100, 200)
+    row: str = "sr-gaussian"  # or "single": the FLOP-matched single stage, retrained for ...
+    match_flops: str = ""  # ... the training FLOPs of this row (base + its SR stage)
+
+
+# Why is the amortised Gaussian stage weaker than the no-augmentation stage even with real inputs
+# at s = 0? Its code path trained on clean inputs only (a bug would show here), more clean
+# examples, twice the training; and how much a second training seed moves the numbers.
+DIAGNOSTICS = (
+    Variant("sr-gaussian-s0", "s = 0 always (augment.s_max=0): the Gaussian stage's code path, no augmentation",
+            ("augment.s_max=0",), levels=(0,)),
+    Variant("sr-gaussian-p50", "half the examples clean (augment.p_zero=0.5)", ("augment.p_zero=0.5",)),
+    Variant("sr-gaussian-2x", "twice the training steps", steps_factor=2.0),
+    Variant("sr-none-2x", "no augmentation, twice the training steps", steps_factor=2.0, levels=(0,), row="sr-none"),
+    Variant("single-2x", "the single stage, FLOP-matched to base + sr-gaussian-2x", row="single",
+            match_flops="sr-gaussian-2x"),
+    Variant("sr-none-seed1", "no augmentation, training seed 1", ("train.seed=1",), levels=(0,), row="sr-none"),
+    Variant("sr-gaussian-seed1", "training seed 1", ("train.seed=1",), levels=(0, 100)),
+)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     about: str
@@ -37,6 +68,7 @@ class Profile:
     cas: dict[str, Any] = field(default_factory=lambda: {"epochs": 4})  # ClassifierConfig of CAS
     cas_test_limit: int = 0  # CAS is tested on the first N real test images (0: all 10,000)
     seed: int = 0
+    diagnostics: tuple[Variant, ...] = DIAGNOSTICS  # variants of the SR stages (--diagnostics)
 
 
 _TINY_BASE = ("unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blocks=1",
@@ -48,7 +80,7 @@ _SMOKE_TRAIN = ("train.sample_every=0", "train.sample_steps=2", "train.log_every
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu", about="laptop scale: the presets' training steps, 1000 samples per point; "
-                          "about two hours on 2 CPU cores"),
+                          "about 1.75 h on 2 CPU cores (+1.7 h with --diagnostics)"),
     "smoke": Profile(
         name="smoke", about="CI size: tiny networks, a few training steps, 16 samples per point; every "
                             "code path, meaningless numbers",
@@ -57,7 +89,11 @@ PROFILES: dict[str, Profile] = {
         overrides={"base": _TINY_BASE + _SMOKE_TRAIN, "sr": _TINY_32 + _SMOKE_TRAIN, "single": _SMOKE_TRAIN},
         classifier={"width": 8, "feature_dim": 16, "epochs": 1, "min_steps": 40, "batch_size": 64},
         classifier_limit=2560, cas_test_limit=500,
-        cas={"width": 8, "feature_dim": 16, "epochs": 1, "min_steps": 0, "batch_size": 16}),
+        cas={"width": 8, "feature_dim": 16, "epochs": 1, "min_steps": 0, "batch_size": 16},
+        diagnostics=(Variant("sr-gaussian-p50", "half the examples clean", ("augment.p_zero=0.5",),
+                             steps_factor=0.5, levels=(0,)),
+                     Variant("single-p50", "FLOP-matched to base + sr-gaussian-p50", row="single",
+                             match_flops="sr-gaussian-p50"))),
     "gpu": Profile(
         name="gpu", about="real scale, UNTESTED on a GPU: 10x the presets' training steps, 10000 samples per "
                           "point, every sample scored in Inception space",

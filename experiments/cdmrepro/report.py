@@ -5,6 +5,8 @@ in an existing file is kept when the file is written again."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 import time
@@ -13,8 +15,8 @@ from pathlib import Path
 import torch
 
 from cdm.checkpoint import atomic_write
-from cdm.data import DataConfig, to_float
-from cdm.evaluate import real_images
+from cdm.data import DataConfig, downsample, to_float
+from cdm.evaluate import ground_truth_lowres, psnr, real_images
 from cdm.images import make_grid
 from cdm.report import line_plot_svg
 from cdm.sweep import load_samples
@@ -114,7 +116,7 @@ def assets(summary: dict, out: Path) -> dict[str, bytes]:
     files = {"fid-vs-s.svg": _plots(pts, "fid", "classifier FID").encode()}
     if any("inception_fid" in r["metrics"] for r in pts):
         files["inception-fid-vs-s.svg"] = _plots(pts, "inception_fid", "Inception FID").encode()
-    for r in main_points(pts):
+    for r in main_points(pts) + _variant_points(summary):
         z = load_samples(out / "points" / r["samples"])
         if z is not None:
             files[f"samples-{r['row']}-{condition(r)}-s{r['level']}.png"] = _grid(z["images"])
@@ -123,8 +125,8 @@ def assets(summary: dict, out: Path) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- the markdown
-def render(summary: dict, prefix: str, reading: str) -> str:
-    """The report's Markdown; assets are referred to as ``prefix + name``."""
+def render(summary: dict, prefix: str, reading: str, out: Path) -> str:
+    """The report's Markdown; assets are referred to as ``prefix + name``; ``out``: the run directory."""
     p, inv = summary["profile"], summary["timings"]["invocations"]
     head = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n",
             f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; total wall time "
@@ -132,7 +134,8 @@ def render(summary: dict, prefix: str, reading: str) -> str:
             f"stage; sampling: {summary['sampling']['sampler']}, {p['sample_steps']} steps per stage, "
             f"{summary['sampling']['spacing']} time grid.\n"]
     sections = (_main_section(summary), _claims_section(summary["points"]), _sweep_section(summary["points"], prefix),
-                _samples_section(summary["points"], prefix), _training_section(summary), _time_section(summary))
+                _diagnostics_section(summary, out), _samples_section(summary, prefix), _training_section(summary),
+                _time_section(summary))
     return "\n".join(head + [line for sec in sections for line in sec])
 
 
@@ -190,10 +193,94 @@ def _sweep_section(pts: list[dict], prefix: str) -> list[str]:
     return out
 
 
-def _samples_section(pts: list[dict], prefix: str) -> list[str]:
+def _diagnostics_section(summary: dict, out: Path) -> list[str]:
+    """Variants of the SR stages (``--diagnostics``) beside the no-augmentation and the shipped
+    Gaussian stage, at the variants' levels."""
+    variants = summary.get("diagnostics") or []
+    if not variants:
+        return []
+    pts, plan, tasks = summary["points"], summary["plan"], summary["timings"]["tasks"]
+    levels = sorted({lv for v in variants for lv in v["levels"]})
+    conds = ("non-truncated", "ground-truth")
+    at = {(r["row"], condition(r), r["level"]): r for r in pts}
+    for v in variants:  # a single stage's samples go in the generated column
+        if v["row"] == "single" and (v["key"], "single-stage", 0) in at:
+            at[(v["key"], "non-truncated", 0)] = at[(v["key"], "single-stage", 0)]
+    if ("single", "single-stage", 0) in at:
+        at[("single", "non-truncated", 0)] = at[("single", "single-stage", 0)]
+    rows = []
+    for key, about in (("single", "the FLOP-matched single stage (its samples under generated)"),
+                       ("sr-none", "no augmentation"), ("sr-gaussian", "as shipped (the sweep above)"),
+                       *((v["key"], v["about"]) for v in variants)):
+        if key not in plan:
+            continue
+        border = [at.get((key, c, 0)) for c in conds]
+        border = [None if r is None else _border_noise(out / "points" / r["samples"]) for r in border]
+        gt0 = at.get((key, "ground-truth", 0))
+        rows.append([key, about, f"{plan[key]['steps']} × {plan[key]['batch_size']}", _flops(plan[key]["row_flops"]),
+                     _dur(tasks.get(f"train {key}")),
+                     *(_fid(at.get((key, c, s))) for c in conds for s in levels),
+                     " / ".join("—" if b is None else f"{100 * b:.1f}%" for b in border),
+                     None if gt0 is None else _consistency(out / "points" / gt0["samples"], summary)])
+    return ["## Diagnostics: variants of the SR stages\n",
+            _table(["stage", "what differs", "steps × batch", "training FLOPs (row)", "training wall time",
+                    *(f"{'generated' if c == 'non-truncated' else 'ground truth'} s = {s}" for c in conds
+                      for s in levels), "background noise at s = 0 (generated / ground truth)",
+                    "consistency PSNR at s = 0 (ground truth)"], rows),
+            "Classifier FID ± SE, scored as the main rows (same base samples, same ground-truth inputs); "
+            "generated inputs are non-truncated. Each variant is a shipped SR stage with one change (the "
+            "*what differs* column), trained from scratch. Background noise: the fraction of pixels in the "
+            "2-pixel border that padding 28×28 to 32×32 adds which are brighter than 16/255 (black, 0%, in "
+            "every real image). Consistency PSNR: the samples downsampled to 8×8 against the real 8×8 inputs they "
+            "were conditioned on, in dB (higher: the stage follows its input more faithfully). Made with "
+            "`--diagnostics`.\n"]
+
+
+@functools.lru_cache(maxsize=2)
+def _ground_truth(data_json: str, n: int, resolution: int, seed: int):
+    """The experiment's ground-truth inputs (:func:`cdm.evaluate.ground_truth_lowres`), loaded once."""
+    return ground_truth_lowres(DataConfig(**json.loads(data_json)), "train", n, resolution, seed)
+
+
+def _consistency(path: Path, summary: dict) -> str | None:
+    """Consistency PSNR (dB) of a ground-truth-conditioned point's samples with their 8×8 inputs."""
+    z = load_samples(path)
+    if z is None:
+        return None
+    p, sr = summary["profile"], summary["plan"]["sr-gaussian"]
+    lowres, labels = _ground_truth(json.dumps(summary["data"], sort_keys=True), p["n"], sr["lowres_resolution"],
+                                   p["seed"])
+    if not torch.equal(torch.as_tensor(z["labels"]), labels):
+        return None  # not the inputs this point was conditioned on
+    x = to_float(torch.as_tensor(z["images"]))
+    return f"{psnr(downsample(x, sr['lowres_resolution']), lowres):.1f} dB"
+
+
+def _border_noise(path: Path) -> float | None:
+    """The fraction of border pixels (outside the central 28×28) above 16/255 in a point's samples."""
+    z = load_samples(path)
+    if z is None:
+        return None
+    x = z["images"]
+    inner = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    inner[2:-2, 2:-2] = True
+    return (x[..., ~inner] > 16).float().mean().item()
+
+
+def _variant_points(summary: dict) -> list[dict]:
+    """The best point with generated inputs (or the samples of a single stage) of each diagnostic variant."""
+    from .run import best
+
+    picks = [best(summary["points"], v["key"], "single-stage" if v["row"] == "single" else "non-truncated")
+             for v in summary.get("diagnostics") or []]
+    return [r for r in picks if r is not None]
+
+
+def _samples_section(summary: dict, prefix: str) -> list[str]:
     out = ["## Samples\n"]
-    for r in main_points(pts):
-        out.append(f"**{ROW_NAMES[r['row']]}, {condition(r)}, s = {r['level']}** (first 40 samples; column = "
+    for r in main_points(summary["points"]) + _variant_points(summary):
+        name = ROW_NAMES.get(r["row"], f"diagnostic variant {r['row']}")
+        out.append(f"**{name}, {condition(r)}, s = {r['level']}** (first 40 samples; column = "
                    f"class)\n\n![samples]({prefix}samples-{r['row']}-{condition(r)}-s{r['level']}.png)\n")
     return out + [f"**Real test images** (4 per class)\n\n![real images]({prefix}samples-real.png)\n"]
 
@@ -215,10 +302,15 @@ def _training_section(summary: dict) -> list[str]:
 
 
 def _time_section(summary: dict) -> list[str]:
-    tasks = summary["timings"]["tasks"]
+    tasks, pts = summary["timings"]["tasks"], summary["points"]
+    sample_s, score_s = (sum(r.get(k) or 0.0 for r in pts) for k in ("sample_s", "score_s"))
     out = ["## Wall time, machine and commands\n",
            _table(["task", "wall time"], [[k, _dur(v)] for k, v in tasks.items()]
-                  + [["**total**", _dur(summary["total_seconds"])]])]
+                  + [["**total**", _dur(summary["total_seconds"])]]),
+           f"A task is timed when it ends: one killed midway (an interrupted invocation) is missing from the "
+           f"table and from its invocation's time. The per-point times kept with every scored point do not "
+           f"have that gap: {len(pts)} points, {_dur(sample_s)} of sampling (SR stages and single stages; the "
+           f"shared base samples are drawn once per mode and level) and {_dur(score_s)} of scoring.\n"]
     for i in summary["timings"]["invocations"]:
         m = i["machine"]
         out.append(f"- `{i['command']}` — {i['started']}, {_dur(i['seconds'])}"
@@ -260,6 +352,6 @@ def write_report(summary: dict, out: Path, target: Path, asset_dir: Path, prefix
     """Write ``target`` (Markdown) and its assets into ``asset_dir``, keeping ``target``'s reading."""
     for name, data in assets(summary, out).items():
         atomic_write(asset_dir / name, lambda tmp, d=data: Path(tmp).write_bytes(d))
-    text = render(summary, prefix, _reading(target))
+    text = render(summary, prefix, _reading(target), out)
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
     return target

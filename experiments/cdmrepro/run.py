@@ -39,7 +39,7 @@ from cdm.train import train_stage
 from cdm.unet import UNet
 
 from .ledger import Ledger, machine_info
-from .plan import BASE, SINGLE, SR_ROWS, StagePlan, cascade_flops, plan_stages
+from .plan import BASE, SINGLE, SR_ROWS, StagePlan, cascade_flops, plan_all
 from .profiles import Profile
 from .scoring import PRIMARY, PointScorer
 
@@ -54,6 +54,7 @@ class RunConfig:
     data_path: str = ""  # Fashion-MNIST folder ("" = Debian's)
     command: str = ""  # recorded as given
     progress: bool = False  # training progress bars (stderr)
+    diagnostics: bool = False  # also train and score the profile's variants of the SR stages
 
 
 def run_experiment(rc: RunConfig, log: Log) -> dict:
@@ -66,7 +67,8 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
     data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=rc.data_path)
     with ledger.task("load data"):
         train_set = load_dataset(data_cfg)
-    plans = plan_stages(p, str(dev), rc.data_path, train_set.images.shape[1], train_set.num_classes)
+    variants = {v.key: v for v in (p.diagnostics if rc.diagnostics else ())}
+    plans = plan_all(p, str(dev), rc.data_path, train_set.images.shape[1], train_set.num_classes, rc.diagnostics)
     _write_json(out / "plan.json", {k: {"config": to_dict(v.config), "flops_per_image": v.flops_per_image,
                                         "train_flops": v.train_flops} for k, v in plans.items()})
     ckpts = {key: train(plan, out / "stages" / key, train_set, ledger, log, rc.progress)
@@ -84,8 +86,17 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
         points += sr_points(key, cascade, sampling, p, scorer.for_row(key, p.inception_rows), points_dir, metric,
                             scoring, gt, ledger, log)
     cas = cas_points(main_points(points), points_dir, out / "cas.jsonl", data_cfg, p, ledger, log)
+    for key, v in variants.items():
+        if v.row == SINGLE:
+            points.append(single_point(ckpts[key], sampling, p, scorer.for_row(key, ()), points_dir, metric, scoring,
+                                       dev, ledger, log, key=key))
+            continue
+        cascade = Cascade([load_stage(ckpts[BASE], dev), load_stage(ckpts[key], dev)])
+        points += sr_points(key, cascade, sampling, p, scorer.for_row(key, ()), points_dir, metric, scoring, gt,
+                            ledger, log, levels=v.levels, modes=["non-truncated"])
     ledger.finish()
-    summary = {"profile": asdict(p), "plan": {k: _plan_summary(k, v, plans) for k, v in plans.items()},
+    summary = {"profile": asdict(p), "diagnostics": [asdict(v) for v in variants.values()],
+               "plan": {k: _plan_summary(k, v, plans) for k, v in plans.items()},
                "sampling": to_dict(sampling), "metric": metric, "points": points, "cas": cas,
                "timings": ledger.data, "total_seconds": ledger.total_seconds, "data": to_dict(data_cfg),
                "classifier": {"top1": json.loads((out / "classifier" / "summary.json").read_text())["test"]["top1"],
@@ -94,14 +105,15 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
     return summary
 
 
-def describe_plan(p: Profile, device: str = "", data_path: str = "") -> str:
+def describe_plan(p: Profile, device: str = "", data_path: str = "", diagnostics: bool = False) -> str:
     """The profile and every stage's training plan (steps, batch, FLOPs), as text."""
     data = load_dataset(DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path))
-    plans = plan_stages(p, str(pick_device(device or p.device)), data_path, data.images.shape[1], data.num_classes)
+    plans = plan_all(p, str(pick_device(device or p.device)), data_path, data.images.shape[1], data.num_classes,
+                     diagnostics)
     lines = [json.dumps(asdict(p), indent=1)]
     for k, v in plans.items():
         c = v.config
-        lines.append(f"{k:12s} {c.name:26s} {c.train.steps:6d} steps x {c.train.batch_size:3d}  "
+        lines.append(f"{k:15s} {c.name:30s} {c.train.steps:6d} steps x {c.train.batch_size:3d}  "
                      f"{v.flops_per_image / 1e6:8.1f} MFLOP/example  {v.train_flops / 1e12:8.2f} TFLOP"
                      + ("" if k == BASE else f"  (row: {cascade_flops(plans, k) / 1e12:.2f} TFLOP)"))
     return "\n".join(lines)
@@ -161,12 +173,12 @@ def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: L
 
 
 def single_point(ckpt: Path, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path, metric: str,
-                 scoring: dict, device: torch.device, ledger: Ledger, log: Log) -> dict:
-    """The single-stage model's point, in the same results file as the cascade's."""
+                 scoring: dict, device: torch.device, ledger: Ledger, log: Log, key: str = SINGLE) -> dict:
+    """A single-stage model's point (row ``key``), in the same results file as the cascade's."""
     stage = load_stage(ckpt, device)
     one = CascadeSampling(mode="non-truncated", sampler=sampling.sampler, spacing=sampling.spacing,
                           stages=[StageSampling(steps=sampling.stages[-1].steps)])
-    point = {"row": SINGLE, "scoring": scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
+    point = {"row": key, "scoring": scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
              "level": 0, "metric": metric, "n": p.n, "seed": p.seed, "steps": one.stages[0].steps,
              "sampler": one.sampler, "spacing": one.spacing, "fingerprint": stage_fingerprint(stage)}
 
@@ -175,21 +187,23 @@ def single_point(ckpt: Path, sampling: CascadeSampling, p: Profile, scorer, poin
         res = sample_batched(Cascade([stage]), labels, list(range(p.seed, p.seed + p.n)), one, p.sample_batch)
         return res.images[0], labels, None
 
-    with ledger.task("points single"):
+    with ledger.task(f"points {key}"):
         return score_point(points_dir, point, sample, scorer, metric_name=metric, primary=PRIMARY,
-                           keep_samples=True, name="single", progress=log)
+                           keep_samples=True, name=key, progress=log)
 
 
 def sr_points(key: str, cascade: Cascade, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path,
-              metric: str, scoring: dict, gt: tuple, ledger: Ledger, log: Log) -> list[dict]:
-    """One SR stage's points: generated inputs (both modes over the levels for Gaussian
-    augmentation; non-truncated at s = 0 otherwise) and ground-truth inputs."""
+              metric: str, scoring: dict, gt: tuple, ledger: Ledger, log: Log, levels: tuple[int, ...] | None = None,
+              modes: list[str] | None = None) -> list[dict]:
+    """One SR stage's points: generated inputs (in ``modes``, default both, over ``levels``,
+    default the profile's, for Gaussian augmentation; non-truncated at s = 0 otherwise) and
+    ground-truth inputs."""
     gaussian = cascade.stages[1].augmentation.network_sees_level
-    levels = list(p.levels) if gaussian else [0]
+    levels = list(levels or p.levels) if gaussian else [0]
     common = dict(levels=levels, n=p.n, seed=p.seed, batch_size=p.sample_batch, keep_samples=True)
     tags = {"row": key, "scoring": scoring}
     rows = []
-    for cfg in (SweepConfig(modes=None if gaussian else ["non-truncated"], **common),
+    for cfg in (SweepConfig(modes=modes if gaussian else ["non-truncated"], **common),
                 SweepConfig(conditioning="ground-truth", **common)):
         with ledger.task(f"points {key} {cfg.conditioning}"):
             rows += run_sweep(cascade, sampling, cfg, scorer, points_dir, metric, log, primary=PRIMARY, tags=tags,
