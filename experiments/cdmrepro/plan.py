@@ -27,12 +27,23 @@ class StagePlan:
         return self.config.train.steps * self.config.train.batch_size * self.flops_per_image
 
 
-def _scaled(cfg: StageConfig, scale: float) -> StageConfig:
+def _set_steps(cfg: StageConfig, steps: float) -> StageConfig:
+    """Train for ``round(steps)`` (at least 1) steps, checkpointing and sampling no later than the end."""
     t = cfg.train
-    t.steps = max(1, round(t.steps * scale))
+    t.steps = max(1, round(steps))
     t.ckpt_every = min(t.ckpt_every, t.steps)
     t.sample_every = min(t.sample_every, t.steps)
     return cfg
+
+
+def _scaled(cfg: StageConfig, scale: float) -> StageConfig:
+    return _set_steps(cfg, cfg.train.steps * scale)
+
+
+def _match_flops(plan: StagePlan, budget: int) -> StagePlan:
+    """``plan`` trained for as many steps as make its training FLOPs ``budget``."""
+    _set_steps(plan.config, budget / (plan.config.train.batch_size * plan.flops_per_image))
+    return plan
 
 
 def _plan(key: str, cfg: StageConfig, channels: int, num_classes: int) -> StagePlan:
@@ -59,12 +70,7 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
     unet = {k: v for k, v in to_dict(sr.unet).items() if k not in DERIVED_UNET_FIELDS}
     single = load("fmnist-single32", "single", "fmnist-single32-matched",
                   {"unet": unet, "train": {"batch_size": sr.train.batch_size}})
-    plans[SINGLE] = _plan(SINGLE, single, channels, num_classes)
-    budget = plans[BASE].train_flops + plans["sr-gaussian"].train_flops
-    t = single.train
-    t.steps = max(1, round(budget / (t.batch_size * plans[SINGLE].flops_per_image)))
-    t.ckpt_every = min(t.ckpt_every, t.steps)
-    t.sample_every = min(t.sample_every, t.steps)
+    plans[SINGLE] = _match_flops(_plan(SINGLE, single, channels, num_classes), cascade_flops(plans, "sr-gaussian"))
     return plans
 
 
@@ -79,19 +85,14 @@ def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StagePlan]
                  channels: int = 1, num_classes: int = 10) -> StagePlan:
     """A diagnostic variant of a stage (``plans``: :func:`plan_stages`'): an SR row's config with
     the variant's overrides on top and ``variant.steps_factor`` times its (profile-scaled) training
-    steps; or the FLOP-matched single stage with ``steps_factor`` times its steps (no overrides)."""
+    steps; or the single stage retrained for the training FLOPs of the cascade row ``match_flops``."""
     if variant.row == SINGLE:
         if variant.overrides or variant.match_flops not in plans or variant.match_flops == SINGLE:
             raise ConfigError(f"diagnostic variant {variant.key!r}: a single-stage variant takes no overrides and "
                               f"match_flops naming a cascade row planned before it, got {variant.match_flops!r}")
         cfg = copy.deepcopy(plans[SINGLE].config)
         cfg.name = f"{cfg.name}-{variant.key.removeprefix('single-')}"
-        plan = _plan(variant.key, cfg, channels, num_classes)
-        t = cfg.train
-        t.steps = max(1, round(cascade_flops(plans, variant.match_flops) / (t.batch_size * plan.flops_per_image)))
-        t.ckpt_every = min(t.ckpt_every, t.steps)
-        t.sample_every = min(t.sample_every, t.steps)
-        return plan
+        return _match_flops(_plan(variant.key, cfg, channels, num_classes), cascade_flops(plans, variant.match_flops))
     if variant.row not in AUGMENT:
         raise ConfigError(f"diagnostic variant {variant.key!r}: row must be one of {', '.join(AUGMENT)} or "
                           f"{SINGLE}, got {variant.row!r}")

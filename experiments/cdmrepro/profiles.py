@@ -11,10 +11,11 @@ from cdm.config import ConfigError
 
 @dataclass(frozen=True)
 class Variant:
-    """A diagnostic variant of an SR stage (run with ``--diagnostics``): the config of ``row``
-    (``sr-none``, ``sr-gaussian`` or ``sr-blur``) with ``overrides`` on top and ``steps_factor``
-    times its training steps, scored with generated (non-truncated) and ground-truth inputs at
-    ``levels``, in classifier space only."""
+    """A diagnostic variant of a stage (run with ``--diagnostics``), scored in classifier space only.
+    An SR row (``sr-none``, ``sr-gaussian`` or ``sr-blur``): its config with ``overrides`` on top and
+    ``steps_factor`` times its training steps, scored with generated (non-truncated) and
+    ground-truth inputs at ``levels``. ``single``: the single stage retrained for the training
+    FLOPs of the cascade row ``match_flops``."""
     key: str  # its row name, e.g. "sr-gaussian-p50"
     about: str
     overrides: tuple[str, ...] = ()

@@ -22,7 +22,7 @@ from cdm.report import line_plot_svg
 from cdm.sweep import load_samples
 
 from .checks import claims
-from .run import condition, main_points
+from .run import best, condition, main_points
 
 READING_OPEN, READING_CLOSE = "<!-- reading -->", "<!-- /reading -->"
 READING_PLACEHOLDER = ("_Not written yet: after the full run, say here what the numbers show about the paper's "
@@ -202,12 +202,8 @@ def _diagnostics_section(summary: dict, out: Path) -> list[str]:
     pts, plan, tasks = summary["points"], summary["plan"], summary["timings"]["tasks"]
     levels = sorted({lv for v in variants for lv in v["levels"]})
     conds = ("non-truncated", "ground-truth")
-    at = {(r["row"], condition(r), r["level"]): r for r in pts}
-    for v in variants:  # a single stage's samples go in the generated column
-        if v["row"] == "single" and (v["key"], "single-stage", 0) in at:
-            at[(v["key"], "non-truncated", 0)] = at[(v["key"], "single-stage", 0)]
-    if ("single", "single-stage", 0) in at:
-        at[("single", "non-truncated", 0)] = at[("single", "single-stage", 0)]
+    # a single stage's samples go in the generated column
+    at = {(r["row"], "non-truncated" if condition(r) == "single-stage" else condition(r), r["level"]): r for r in pts}
     rows = []
     for key, about in (("single", "the FLOP-matched single stage (its samples under generated)"),
                        ("sr-none", "no augmentation"), ("sr-gaussian", "as shipped (the sweep above)"),
@@ -250,9 +246,9 @@ def _consistency(path: Path, summary: dict) -> str | None:
     p, sr = summary["profile"], summary["plan"]["sr-gaussian"]
     lowres, labels = _ground_truth(json.dumps(summary["data"], sort_keys=True), p["n"], sr["lowres_resolution"],
                                    p["seed"])
-    if not torch.equal(torch.as_tensor(z["labels"]), labels):
+    if not torch.equal(z["labels"], labels):
         return None  # not the inputs this point was conditioned on
-    x = to_float(torch.as_tensor(z["images"]))
+    x = to_float(z["images"])
     return f"{psnr(downsample(x, sr['lowres_resolution']), lowres):.1f} dB"
 
 
@@ -269,8 +265,6 @@ def _border_noise(path: Path) -> float | None:
 
 def _variant_points(summary: dict) -> list[dict]:
     """The best point with generated inputs (or the samples of a single stage) of each diagnostic variant."""
-    from .run import best
-
     picks = [best(summary["points"], v["key"], "single-stage" if v["row"] == "single" else "non-truncated")
              for v in summary.get("diagnostics") or []]
     return [r for r in picks if r is not None]
@@ -324,8 +318,6 @@ def _time_section(summary: dict) -> list[str]:
 
 
 def _main_table_points(pts: list[dict]) -> list[dict]:
-    from .run import best
-
     picks = [best(pts, "single", "single-stage"), best(pts, "sr-none", "non-truncated"),
              best(pts, "sr-gaussian", "truncated"), best(pts, "sr-gaussian", "non-truncated"),
              best(pts, "sr-blur", "non-truncated"), best(pts, "sr-none", "ground-truth"),
