@@ -12,7 +12,7 @@ from cdm.cascade import Cascade, CascadeSampling, StageSampling
 from cdm.config import ConfigError
 from cdm.classifier import ClassifierConfig, classification_accuracy_score, load_classifier, save_classifier, \
     train_classifier
-from cdm.evaluate import psnr
+from cdm.metrics import psnr
 from cdm.report import Report, line_plot_svg
 from cdm.stage import Stage
 from cdm.sweep import SweepConfig, best_level, run_sweep

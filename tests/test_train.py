@@ -50,8 +50,14 @@ def test_run_directory_and_checkpoint_round_trip(tmp_path):
     assert (run / "samples" / "step-00000002.png").exists() and (run / "samples" / "step-00000004.png").exists()
     saved = json.loads((run / "config.json").read_text())
     assert saved["unet"]["lowres_channels"] == 1 and saved["unet"]["num_classes"] == 3
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["img_per_s"] > 0 for r in log)
+    # Each sample grid of an SR stage logs how closely it follows its (real) inputs.
+    grids = [r for r in lines if "samples" in r]
+    assert [(r["step"], r["samples"]) for r in grids] == [(2, "samples/step-00000002.png"),
+                                                         (4, "samples/step-00000004.png")]
+    assert all(0 < r["consistency_psnr_db"] < 100 for r in grids)
 
     # A loaded stage reproduces the EMA network's outputs exactly.
     ckpt = load_checkpoint(last)

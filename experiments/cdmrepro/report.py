@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from cdm.checkpoint import atomic_write
-from cdm.data import DataConfig, downsample, to_float
-from cdm.evaluate import ground_truth_lowres, psnr, real_images
+from cdm.data import DataConfig, to_float
+from cdm.evaluate import ground_truth_lowres, real_images
 from cdm.images import make_grid
+from cdm.metrics import consistency_psnr
 from cdm.report import line_plot_svg
 from cdm.sweep import load_samples
 
@@ -249,7 +250,7 @@ def _consistency(path: Path, summary: dict) -> str | None:
     if not torch.equal(z["labels"], labels):
         return None  # not the inputs this point was conditioned on
     x = to_float(z["images"])
-    return f"{psnr(downsample(x, sr['lowres_resolution']), lowres):.1f} dB"
+    return f"{consistency_psnr(x, lowres):.1f} dB"
 
 
 def _border_noise(path: Path) -> float | None:

@@ -139,6 +139,10 @@ class Cascade:
                 if AugKind(aug.kind) is not AugKind.GAUSSIAN:
                     raise CascadeError(f"truncated mode needs Gaussian augmentation, but stage {i} "
                                        f"({hi.config.name!r}) uses {aug.kind!r}: use non-truncated mode")
+                if dif.logsnr_shift:
+                    raise CascadeError(f"truncated mode: stage {i - 1} ({lo.config.name!r}) has a shifted schedule "
+                                       f"(diffusion.logsnr_shift = {dif.logsnr_shift}), which no augmentation "
+                                       f"process matches: use non-truncated mode")
                 if (aug.schedule, aug.steps) != (dif.schedule, dif.steps):
                     raise CascadeError(
                         f"truncated mode: stage {i}'s augmentation process ({aug.schedule}, {aug.steps} "

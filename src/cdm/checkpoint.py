@@ -27,8 +27,8 @@ from torch import Tensor
 from .config import StageConfig, stage_config_from_json, to_dict
 
 FORMAT = "cdm-stage"
-FORMAT_VERSION = 2  # 2 added the checksum
-READABLE_VERSIONS = (1, 2)  # version 1 files are read without verification
+FORMAT_VERSION = 3  # 2 added the checksum; 3 the power-function EMA profiles (pema.*)
+READABLE_VERSIONS = (1, 2, 3)  # version 1 files are read without verification
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
@@ -45,6 +45,7 @@ class Checkpoint:
     optimizer: dict | None = None  # torch optimizer state_dict, or None (weights only)
     rng: dict[str, Tensor] | None = None  # named RNG states (uint8 tensors)
     extra: dict | None = None  # small JSON-able training state (e.g. timings)
+    ema_profiles: list[dict[str, Tensor]] | None = None  # power-function EMAs for post-hoc EMA (cdm.ema)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -117,7 +118,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` atomically, with a checksum. A failed write (e.g. a full disk)
     raises :class:`CheckpointError` and leaves any earlier file at ``path`` untouched."""
     tensors: dict[str, Tensor] = {}
-    for prefix, sd in (("model", ckpt.model), ("ema", ckpt.ema)):
+    profiles = [(f"pema.{i}", sd) for i, sd in enumerate(ckpt.ema_profiles or [])]
+    for prefix, sd in [("model", ckpt.model), ("ema", ckpt.ema), *profiles]:
         tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in sd.items()})
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "config": json.dumps(to_dict(ckpt.config)), "step": str(ckpt.step),
@@ -185,16 +187,22 @@ def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
     if version >= 2 and meta.get("checksum") != checksum(tensors, meta):
         raise CheckpointError(f"{path} is corrupt: its contents do not match its checksum; use an earlier "
                               f"checkpoint")
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}}
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}, "pema": {}}
     for k, v in tensors.items():
         head, rest = k.split(".", 1)
         groups[head][k if head == "optim" else rest] = v
+    profiles: list[dict[str, Tensor]] = []
+    for k, v in groups["pema"].items():  # "i.name"
+        i, name = k.split(".", 1)
+        profiles.extend({} for _ in range(int(i) + 1 - len(profiles)))
+        profiles[int(i)][name] = v
     cfg = stage_config_from_json(meta["config"])
     optimizer = None
     if not weights_only and "optimizer" in meta:
         optimizer = _unflatten_optimizer(groups["optim"], json.loads(meta["optimizer"]))
     return Checkpoint(config=cfg, step=int(meta["step"]), model=groups["model"], ema=groups["ema"],
-                      optimizer=optimizer, rng=groups["rng"] or None, extra=json.loads(meta.get("extra", "{}")))
+                      optimizer=optimizer, rng=groups["rng"] or None, extra=json.loads(meta.get("extra", "{}")),
+                      ema_profiles=profiles or None)
 
 
 def checkpoint_id(path: str | Path) -> str:
@@ -249,7 +257,7 @@ def load_stage(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
 
     ckpt = load_checkpoint(path, weights_only=True)
     stage = Stage(ckpt.config)
-    weights = ckpt.ema if use_ema and ckpt.ema else ckpt.model
+    weights = ckpt.ema if (use_ema and ckpt.ema) or not ckpt.model else ckpt.model  # post-hoc EMA files: EMA only
     try:
         stage.net.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -219,6 +219,22 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ema(a: argparse.Namespace) -> int:
+    from .ema import export_posthoc
+
+    for path, info in export_posthoc(a.run, a.sigma_rel, a.out, a.step):
+        print(f"{path}  (post-hoc EMA sigma_rel={info['sigma_rel']} at step {info['step']}, "
+              f"from {len(info['profiles'])} stored profiles)")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def cmd_presets(a: argparse.Namespace) -> int:
     for p in list_presets():
         print(p)
@@ -371,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=_positive, default=250)
     w.add_argument("--device", default="cpu")
     w.set_defaults(func=cmd_sweep)
+
+    em = sub.add_parser("ema", help="post-hoc EMA: rebuild a run's weight average of any length after training",
+                        description="Reconstruct the EMA of relative length SIGMA_REL (EDM2's post-hoc EMA) from "
+                                    "the snapshots a run trained with train.ema_profiles wrote, and save it as a "
+                                    "stage checkpoint per value (OUT/ema-<sigma_rel>.safetensors) for cdm sample, "
+                                    "eval and sweep.")
+    em.add_argument("run", help="the run directory (its ema/ snapshots and checkpoints)")
+    em.add_argument("--sigma-rel", type=_floats, required=True,
+                    help="relative EMA lengths, comma-separated, each in (0, 0.289), e.g. 0.02,0.05,0.1,0.2")
+    em.add_argument("--step", type=int, help="reconstruct at this snapshot's step (default: the last)")
+    em.add_argument("--out", required=True, help="output directory")
+    em.set_defaults(func=cmd_ema)
 
     pr = sub.add_parser("presets", help="list the shipped stage presets")
     pr.set_defaults(func=cmd_presets)

@@ -22,6 +22,7 @@ from typing import Any
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
 from .diffusion import DiffusionConfig
+from .recipe import LossWeight, LRSchedule
 from .unet import UNetConfig
 
 
@@ -35,9 +36,18 @@ class TrainConfig:
     batch_size: int = 64  # global batch
     lr: float = 2e-4
     warmup_steps: int = 100  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # recipe.LRSchedule after warm-up: constant, cosine or linear (to 0 at `steps`)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    loss_weight: str = "uniform"  # recipe.LossWeight: uniform (the target's MSE) or min-snr
+    min_snr_gamma: float = 5.0  # gamma of min-snr: the weight of ||x0 - x0_hat||^2 is min(SNR, gamma)
     ema_decay: float = 0.999  # EMA of the weights; warmed up as min(decay, (1+n)/(10+n))
+    # > 0: the checkpoint's EMA is instead EDM2's power-function EMA of this relative length
+    # (a fixed fraction of the run, so one value suits any number of steps); ema_decay is unused.
+    ema_sigma_rel: float = 0.0
+    ema_profiles: list[float] = field(default_factory=list)  # sigma_rel of EMAs kept for post-hoc EMA (cdm ema)
+    ema_snapshot_every: int = 0  # steps between post-hoc EMA snapshots (0: at every checkpoint)
     p_uncond: float = 0.0  # label dropout to the "no class" label (for classifier-free guidance)
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     channels_last: bool = False  # measured slower on a 2-core CPU; try it on a GPU
@@ -56,6 +66,23 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, enum_ in (("lr_schedule", LRSchedule), ("loss_weight", LossWeight)):
+            if getattr(self, name) not in {e.value for e in enum_}:
+                raise ConfigError(f"train.{name} must be one of {', '.join(e.value for e in enum_)}, "
+                                  f"got {getattr(self, name)!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.min_snr_gamma <= 0:
+            raise ConfigError(f"train.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        flat = 12 ** -0.5  # sigma_rel of a flat average over the whole run: the longest EMA there is
+        for r in [self.ema_sigma_rel, *self.ema_profiles]:
+            if not 0 <= r < flat:
+                raise ConfigError(f"EMA lengths (train.ema_sigma_rel, train.ema_profiles) must lie in "
+                                  f"(0, {flat:.3f}); EDM2 keeps 0.05 and 0.1; got {r}")
+        if 0 in self.ema_profiles:
+            raise ConfigError("train.ema_profiles must be > 0 (e.g. 0.05,0.1)")
+        if self.ema_snapshot_every < 0:
+            raise ConfigError(f"train.ema_snapshot_every must be >= 0, got {self.ema_snapshot_every}")
 
 
 # Network fields that the stage sets; a config that sets them is refused.

@@ -39,6 +39,9 @@ class DiffusionConfig:
     prediction: str = "eps"  # Prediction
     learn_sigma: bool = False  # Improved DDPM: the network also outputs the variance interpolation v
     hybrid_lambda: float = 0.001  # weight of L_vlb in the hybrid loss (used when learn_sigma)
+    # Added to log SNR(t) at every t > 0 (Hoogeboom et al. 2023, "simple diffusion", eq. 4):
+    # > 0 keeps more signal at each t, < 0 adds noise (their resolution shift is 2 ln(64 / d)).
+    logsnr_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -47,8 +50,11 @@ class DiffusionConfig:
         Prediction(self.prediction)
 
 
-def alpha_bar_schedule(schedule: str | Schedule, steps: int) -> Tensor:
-    """``alpha_bar[t]`` for ``t = 0..T`` (float64, shape ``[T + 1]``), with ``alpha_bar[0] = 1``."""
+def alpha_bar_schedule(schedule: str | Schedule, steps: int, logsnr_shift: float = 0.0) -> Tensor:
+    """``alpha_bar[t]`` for ``t = 0..T`` (float64, shape ``[T + 1]``), with ``alpha_bar[0] = 1``.
+
+    ``logsnr_shift`` moves every ``t > 0`` along the log-SNR axis: ``log SNR'(t) = log SNR(t) +
+    shift``, i.e. ``alpha_bar' = sigmoid(logit(alpha_bar) + shift)``."""
     schedule = Schedule(schedule)
     if schedule is Schedule.COSINE:
         # abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2), betas clipped at 0.999
@@ -60,7 +66,10 @@ def alpha_bar_schedule(schedule: str | Schedule, steps: int) -> Tensor:
     else:
         scale = 1000.0 / steps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64).clamp(max=0.999)
-    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+    abar = torch.cumprod(1 - betas, 0)
+    if logsnr_shift:
+        abar = torch.sigmoid(torch.logit(abar) + logsnr_shift)
+    return torch.cat([torch.ones(1, dtype=torch.float64), abar])
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -110,7 +119,7 @@ class GaussianDiffusion:
         self.T = config.steps
         self.prediction = Prediction(config.prediction)
         self.learn_sigma = config.learn_sigma
-        self.alpha_bar = alpha_bar_schedule(config.schedule, config.steps)
+        self.alpha_bar = alpha_bar_schedule(config.schedule, config.steps, config.logsnr_shift)
 
     # ----------------------------------------------------------------- forward process
     def abar(self, t: Tensor) -> Tensor:
@@ -119,6 +128,11 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps must lie in [0, {self.T}], got range "
                              f"[{int(t.min())}, {int(t.max())}]")
         return self.alpha_bar.to(t.device)[t.long()]
+
+    def snr(self, t: Tensor) -> Tensor:
+        """``SNR_t = alpha_bar_t / (1 - alpha_bar_t)`` for integer ``t`` ``[N]`` (float64 ``[N]``; inf at 0)."""
+        ab = self.abar(t)
+        return ab / (1 - ab)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Draw ``x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)``; ``x0, noise: [N, C, H, W]``."""
@@ -217,12 +231,16 @@ class GaussianDiffusion:
         mean, logvar = ab.sqrt() * x0, torch.log(1 - ab).expand_as(x0)
         return mean_flat(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0))) / math.log(2.0)
 
-    def training_loss(self, out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Per-example loss ``[N]``: the simple loss ``||target - pred||^2`` (DDPM), plus
-        ``hybrid_lambda * L_vlb`` when the variance is learned (Improved DDPM's hybrid loss, with the
-        mean's gradient stopped in the L_vlb term so it only trains the variance)."""
+    def training_loss(self, out: Tensor, x0: Tensor, xt: Tensor, t: Tensor, noise: Tensor,
+                      weight: Tensor | None = None) -> Tensor:
+        """Per-example loss ``[N]``: the simple loss ``||target - pred||^2`` (DDPM), times ``weight``
+        ``[N]`` if given (:func:`cdm.recipe.loss_weight`), plus ``hybrid_lambda * L_vlb`` when the
+        variance is learned (Improved DDPM's hybrid loss, with the mean's gradient stopped in the
+        L_vlb term so it only trains the variance)."""
         pred, var_logits = self.split_output(out, x0.shape[1])
         loss = mean_flat((pred.float() - self.target(x0, noise, t).float()) ** 2)
+        if weight is not None:
+            loss = loss * weight.to(loss)
         if var_logits is not None:
             frozen = torch.cat([pred.detach(), var_logits], dim=1).float()
             # L_vlb scaled by T: the bound sums T terms and t is sampled uniformly.

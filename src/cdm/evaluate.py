@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .cascade import Cascade, CascadeSampling
 from .data import DataConfig, DataError, ImageSet, downsample, load_dataset, to_float, to_uint8
-from .metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
+from .metrics import consistency_psnr, feature_stats, frechet_distance, inception_score, kid, precision_recall
 
 def real_images(data: DataConfig, split: str, resolution: int, n: int) -> ImageSet:
     """The first ``n`` images of ``split`` (0 = all) at ``resolution``, made with the same
@@ -38,12 +38,6 @@ def ground_truth_lowres(data: DataConfig, split: str, n: int, resolution: int, s
         raise DataError(f"ground-truth conditioning needs 1..{len(ds)} images of the {split!r} split, asked for {n}")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return downsample(to_float(ds.images[idx]), resolution), ds.labels[idx]
-
-
-def psnr(a: Tensor, b: Tensor) -> float:
-    """Mean PSNR in dB between image batches in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp(min=1e-12)
-    return float((10 * torch.log10(4.0 / mse)).mean())
 
 
 @dataclass
@@ -107,11 +101,11 @@ def stage_checks(cascade: Cascade, i: int, settings: CascadeSampling, real: Imag
                                    spacing=settings.spacing)
     x_gt = x_gt.clamp(-1, 1).cpu()
     out["ground_truth"] = score(x_gt, extractor, ref, metrics=metrics)
-    out["ground_truth"]["consistency_psnr"] = psnr(downsample(x_gt, stage.lowres_resolution), z_gt)
+    out["ground_truth"]["consistency_psnr"] = consistency_psnr(x_gt, z_gt)
     if lower is not None:
         x_gen, _ = cascade.sample_stage(i, lower_labels[:n], seeds, steps, lowres=lower[:n], level=s,
                                         sampler=settings.sampler, spacing=settings.spacing)
         x_gen = x_gen.clamp(-1, 1).cpu()
         out["generated"] = score(x_gen, extractor, ref, metrics=metrics)
-        out["generated"]["consistency_psnr"] = psnr(downsample(x_gen, stage.lowres_resolution), lower[:n].cpu())
+        out["generated"]["consistency_psnr"] = consistency_psnr(x_gen, lower[:n].cpu())
     return out

@@ -11,6 +11,8 @@ caller's business (see :mod:`cdm.features`); these functions only do the statist
   polynomial kernel, averaged over random subsets.
 - :func:`inception_score`: IS (Salimans et al. 2016) from predicted class probabilities.
 - :func:`precision_recall`: improved precision and recall (Kynkaanniemi et al. 2019).
+- :func:`psnr` of image batches, and :func:`consistency_psnr`: how closely an SR stage's outputs,
+  downsampled, match the low-resolution inputs they were conditioned on.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
+from .data import downsample
+
 __all__ = ["feature_stats", "frechet_distance", "fid_bootstrap_se", "polynomial_mmd2", "kid",
-           "inception_score", "precision_recall"]
+           "inception_score", "precision_recall", "psnr", "consistency_psnr"]
 
 
 def _f64(x: ArrayLike, name: str, ndim: int) -> np.ndarray:
@@ -227,3 +231,16 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, chunk: int = 
         fake_in_real[i:i + chunk] = (d <= rad_r[None, :]).any(1)
         real_in_fake |= (d <= rad_f[i:i + chunk, None]).any(0)
     return float(fake_in_real.mean()), float(real_in_fake.mean())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR in dB between image batches ``[N, C, H, W]`` in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp(min=1e-12)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def consistency_psnr(x: torch.Tensor, z0: torch.Tensor) -> float:
+    """PSNR of ``downsample(x)`` (an SR stage's outputs ``[N, C, R, R]``, clipped to [-1, 1]) against the
+    clean low-resolution inputs ``z0`` ``[N, C, r, r]`` they were conditioned on: a stage that follows
+    its input scores high; one that ignores it scores like a random image of its class."""
+    return psnr(downsample(x.detach().float().cpu().clamp(-1, 1), z0.shape[-1]), z0.detach().cpu())

@@ -38,7 +38,10 @@ from .cascade import sample_stage
 from .config import StageConfig, to_dict
 from .data import ImageSet, downsample, load_dataset, random_flip, to_float
 from .distributed import DistributedError, World, world
+from .ema import classic_decay, ema_update, power_decay, save_snapshot, sigma_rel_to_gamma
 from .images import save_grid
+from .metrics import consistency_psnr
+from .recipe import loss_weight, lr_factor
 from .samplers import derive_seed
 from .stage import Stage
 
@@ -56,16 +59,6 @@ def _check_same_model(saved: dict, new: dict, run_dir: Path) -> None:
     if diffs:
         raise CheckpointError(f"{run_dir} holds a run of a different stage (its {', '.join(diffs)} "
                               f"differ); pass another --out, or --fresh to start over there")
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * net`` for parameters; buffers are copied."""
-    e_params = [p for p in ema.parameters()]
-    n_params = [p.detach() for p in net.parameters()]
-    torch._foreach_lerp_(e_params, n_params, 1.0 - decay)
-    for eb, nb in zip(ema.buffers(), net.buffers()):
-        eb.copy_(nb)
 
 
 class Batcher:
@@ -111,21 +104,26 @@ def training_step_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tens
     eps = torch.randn((big, *x0.shape[1:]), generator=g)[part]
     x0, t, eps = x0.to(dev), t.to(dev), eps.to(dev)
     xt = stage.diffusion.q_sample(x0, t, eps)
-    if stage.config.train.channels_last:
+    tc = stage.config.train
+    if tc.channels_last:
         xt = xt.contiguous(memory_format=torch.channels_last)
     out = stage(xt, t, cond)
-    return stage.diffusion.training_loss(out, x0, xt, t, eps).mean()
+    weight = loss_weight(stage.diffusion.snr(t), stage.diffusion.prediction, tc.loss_weight, tc.min_snr_gamma)
+    return stage.diffusion.training_loss(out, x0, xt, t, eps, weight).mean()
 
 
 def lr_at(step: int, cfg: StageConfig) -> float:
-    w = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / w) if w > 0 else cfg.train.lr
+    """The learning rate of optimiser step ``step`` (0-based)."""
+    tc = cfg.train
+    return tc.lr * lr_factor(step, tc.steps, tc.warmup_steps, tc.lr_schedule)
 
 
 @torch.no_grad()
-def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int = 4, max_n: int = 40) -> Path:
+def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int = 4,
+                      max_n: int = 40) -> float | None:
     """Samples of one stage (EMA weights): a row per class; SR stages get real low-res inputs
-    (ground-truth conditioning at ``train.sample_level``) shown left of each output."""
+    (ground-truth conditioning at ``train.sample_level``) shown left of each output. Returns the
+    SR stage's :func:`consistency_psnr` on them (None for a base stage)."""
     cfg = stage.config
     nc = max(stage.num_classes, 1)
     labels = torch.arange(nc).repeat_interleave(per_class)[:max_n]
@@ -137,7 +135,8 @@ def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int =
         z0 = downsample(to_float(data.images[pick]), cfg.lowres_resolution)
     seeds = [derive_seed(cfg.train.seed, 7919, j) for j in range(len(labels))]
     x, _ = sample_stage(stage, 0, labels, seeds, cfg.train.sample_steps, lowres=z0, level=cfg.train.sample_level)
-    return save_grid(x, path, nrow=2 * per_class if z0 is not None else per_class, inputs=z0)
+    save_grid(x, path, nrow=2 * per_class if z0 is not None else per_class, inputs=z0)
+    return None if z0 is None else consistency_psnr(x.cpu(), z0)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -182,7 +181,11 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     if tc.channels_last:
         net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # Power-function EMAs kept for post-hoc EMA (cdm.ema): one copy of the network per sigma_rel.
+    profiles = [copy.deepcopy(net).requires_grad_(False) for _ in tc.ema_profiles]
+    gammas = [sigma_rel_to_gamma(r) for r in tc.ema_profiles]
+    ema_gamma = sigma_rel_to_gamma(tc.ema_sigma_rel) if tc.ema_sigma_rel > 0 else None
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     step = 0
 
     found = [] if fresh else list_checkpoints(out)
@@ -191,6 +194,12 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         _check_same_model(to_dict(ckpt.config), to_dict(cfg), out)
         net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
+        for prof, sd in zip(profiles, ckpt.ema_profiles or []):
+            prof.load_state_dict(sd)
+        if len(ckpt.ema_profiles or []) != len(profiles):
+            raise CheckpointError(f"{out} was trained with {len(ckpt.ema_profiles or [])} post-hoc EMA profiles, "
+                                  f"this config asks for {len(profiles)}: keep train.ema_profiles as it was, or "
+                                  f"pass --fresh to start over")
         opt.load_state_dict(ckpt.optimizer)
         torch.set_rng_state(ckpt.rng["torch"])
         g.set_state(ckpt.rng["data"])
@@ -223,7 +232,8 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             try:
                 save_checkpoint(p, Checkpoint(
                     config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    rng={"torch": torch.get_rng_state(), "data": g.get_state()}))
+                    rng={"torch": torch.get_rng_state(), "data": g.get_state()},
+                    ema_profiles=[prof.state_dict() for prof in profiles] or None))
                 prune_checkpoints(out, tc.keep_checkpoints)
             except CheckpointError as e:
                 err = e
@@ -237,6 +247,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                              f"train.warmup_steps or set train.grad_clip, then re-run to resume")
 
     last = found[-1][1] if found else None
+    snapshot_every = tc.ema_snapshot_every or tc.ckpt_every
     if step >= tc.steps:
         return last
     net.train()
@@ -260,7 +271,9 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 raise stop("the gradient norm", gn.item())
             opt.step()
             step += 1
-            ema_update(ema, net, min(tc.ema_decay, (1 + step) / (10 + step)))
+            ema_update(ema, net, classic_decay(step, tc.ema_decay) if ema_gamma is None else power_decay(step, ema_gamma))
+            for prof, gamma in zip(profiles, gammas):
+                ema_update(prof, net, power_decay(step, gamma))
             n_win += tc.batch_size
             loss_win += loss_all.item()
             gn_win += float(gn)
@@ -275,11 +288,20 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             if step % tc.log_every == 0 or step == tc.steps:
                 t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
+            if profiles and w.is_main and (step % snapshot_every == 0 or step == tc.steps):
+                save_snapshot(out, step, [(r, prof.state_dict()) for r, prof in zip(tc.ema_profiles, profiles)])
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 last = save(step)
             if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
                 ema.eval()
-                write_sample_grid(ema_stage, data, out / "samples" / f"step-{step:08d}.png")
+                grid = out / "samples" / f"step-{step:08d}.png"
+                follow = write_sample_grid(ema_stage, data, grid)
+                if follow is not None:  # does the SR stage follow its input? (logged beside the loss)
+                    log.write(json.dumps({"step": step, "samples": str(grid.relative_to(out)),
+                                          "consistency_psnr_db": round(follow, 2)}) + "\n")
+                    log.flush()
+                    if not bar.disable:
+                        bar.write(f"{cfg.name} step {step}: {grid}, consistency PSNR {follow:.1f} dB")
                 t_win = time.perf_counter()  # sampling time is not training time
                 n_win = 0
     finally:
