@@ -79,3 +79,4 @@ def test_consistency_psnr_is_the_psnr_of_the_downsampled_output():
 def test_bad_recipe_keys_are_refused_with_the_valid_choices(override, words):
     with pytest.raises(ConfigError, match=words):
         load_stage_config("fmnist-sr8to32", [override])
+

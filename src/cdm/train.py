@@ -120,10 +120,12 @@ def lr_at(step: int, cfg: StageConfig) -> float:
 
 @torch.no_grad()
 def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int = 4,
-                      max_n: int = 40) -> float | None:
+                      max_n: int = 40) -> dict | None:
     """Samples of one stage (EMA weights): a row per class; SR stages get real low-res inputs
-    (ground-truth conditioning at ``train.sample_level``) shown left of each output. Returns the
-    SR stage's :func:`consistency_psnr` on them (None for a base stage)."""
+    (ground-truth conditioning at ``train.sample_level``) shown left of each output. For an SR
+    stage, returns how closely the outputs follow their inputs: ``consistency_psnr_db``, and as a
+    yardstick ``copy_psnr_db``, what the input itself upsampled (the network's own upsampling)
+    scores; None for a base stage."""
     cfg = stage.config
     nc = max(stage.num_classes, 1)
     labels = torch.arange(nc).repeat_interleave(per_class)[:max_n]
@@ -136,7 +138,11 @@ def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int =
     seeds = [derive_seed(cfg.train.seed, 7919, j) for j in range(len(labels))]
     x, _ = sample_stage(stage, 0, labels, seeds, cfg.train.sample_steps, lowres=z0, level=cfg.train.sample_level)
     save_grid(x, path, nrow=2 * per_class if z0 is not None else per_class, inputs=z0)
-    return None if z0 is None else consistency_psnr(x.cpu(), z0)
+    if z0 is None:
+        return None
+    copy = stage.module.upsample_lowres(z0.to(stage.device))
+    return {"consistency_psnr_db": round(consistency_psnr(x, z0), 2),
+            "copy_psnr_db": round(consistency_psnr(copy, z0), 2)}
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -297,11 +303,12 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 grid = out / "samples" / f"step-{step:08d}.png"
                 follow = write_sample_grid(ema_stage, data, grid)
                 if follow is not None:  # does the SR stage follow its input? (logged beside the loss)
-                    log.write(json.dumps({"step": step, "samples": str(grid.relative_to(out)),
-                                          "consistency_psnr_db": round(follow, 2)}) + "\n")
+                    log.write(json.dumps({"step": step, "samples": str(grid.relative_to(out)), **follow}) + "\n")
                     log.flush()
                     if not bar.disable:
-                        bar.write(f"{cfg.name} step {step}: {grid}, consistency PSNR {follow:.1f} dB")
+                        bar.write(f"{cfg.name} step {step}: {grid}; its outputs follow their inputs to "
+                                  f"{follow['consistency_psnr_db']:.1f} dB (copying the input: "
+                                  f"{follow['copy_psnr_db']:.1f} dB)")
                 t_win = time.perf_counter()  # sampling time is not training time
                 n_win = 0
     finally:

@@ -1,0 +1,414 @@
+"""How fast do the stages learn? Sample quality against training FLOPs, recipe against recipe.
+
+For each (stage, recipe, seed) this trains the stage's preset with the recipe's overrides,
+keeping a checkpoint every ``--eval-every`` steps, and scores every checkpoint's EMA weights in
+the domain classifier's feature space (FID against the 10,000 Fashion-MNIST test images, ± its
+bootstrap standard error, and KID):
+
+- ``base`` (``fmnist-base8``): ``--n`` 8×8 samples against the test images at 8 px;
+- ``sr`` (``fmnist-sr8to32``): ``--n`` 32×32 samples conditioned on *real* 8×8 inputs (a seeded
+  subset of the train split, level s = 0), with their consistency PSNR (the output downsampled
+  against the input, dB); and on *generated* inputs — ``--n`` samples of one fixed base checkpoint
+  (``--lower``), the same for every recipe — non-truncated at level ``--level`` (fixed beforehand).
+
+Every sample is drawn with SDE-DPM-Solver++(2M), 25 uniform steps; sample ``j`` uses seed ``j``.
+Every run also keeps two power-function EMAs (sigma_rel 0.05 and 0.10, snapshots every 100 steps),
+which do not change its training: ``--posthoc`` then scores post-hoc EMAs of the last step on
+*selection* seeds (100000 + j), picks the best length per run, and scores that one on the report
+seeds. Rows go to ``OUT/results.jsonl`` as they are scored; a re-run skips what is done.
+``--publish DIR`` writes the curves (PNG, every seed drawn), a Markdown table of the training
+FLOPs each run needs to reach the old recipe's final FID, and all rows as JSON.
+
+    .venv/bin/python benchmarks/convergence.py --stage base --recipes old,new --seeds 0,1 --out runs/convergence
+    .venv/bin/python benchmarks/convergence.py --stage sr --recipes old,new --seeds 0,1 --out runs/convergence \\
+        --lower runs/convergence/base/new/seed0 --posthoc 0.03,0.05,0.1,0.15,0.2
+    .venv/bin/python benchmarks/convergence.py --out runs/convergence --publish docs/bench/convergence
+
+Run it alone on the machine: it records the CPU and load average with every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdm.cascade import sample_stage
+from cdm.checkpoint import list_checkpoints, load_stage
+from cdm.classifier import ClassifierConfig
+from cdm.config import StageConfig, load_stage_config
+from cdm.data import DataConfig, to_uint8
+from cdm.ema import export_posthoc
+from cdm.evaljobs import make_extractor, reference, train_domain_classifier
+from cdm.evaluate import ground_truth_lowres, quality_scores, real_images
+from cdm.flops import train_flops_per_image
+from cdm.metrics import consistency_psnr, fid_bootstrap_se
+from cdm.sample import balanced_labels
+from cdm.sweep import append_row, read_rows, stage_fingerprint
+from cdm.train import train_stage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import facts_line, load_average, machine_facts  # noqa: E402
+
+PRESETS = {"base": "fmnist-base8", "sr": "fmnist-sr8to32"}
+SAMPLER, SAMPLE_STEPS, SPACING = "dpmpp-2m-sde", 25, "uniform"
+SELECTION_SEED = 100_000  # post-hoc EMA lengths are chosen on samples with these seeds, not the reported ones
+
+# The recipe every stage shipped with before issue #12, pinned key by key (the presets have moved on).
+_OLD = ["diffusion.prediction=eps", "diffusion.logsnr_shift=0", "train.loss_weight=uniform", "train.lr=5e-4",
+        "train.lr_schedule=constant", "train.warmup_steps=100", "train.adam_betas=0.9,0.999",
+        "train.ema_decay=0.999", "train.ema_sigma_rel=0"]
+OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=0.1", "unet.base_channels=64",
+                       "unet.channel_mult=1,2", "unet.num_res_blocks=2"],
+       "sr": _OLD + ["train.steps=1400", "train.batch_size=32", "augment.s_max=500", "augment.p_zero=0.1",
+                     "unet.base_channels=32", "unet.channel_mult=1,2,2", "unet.num_res_blocks=1"]}
+
+# Named recipes: overrides on the stage's preset. "new" is the preset as shipped. The single-change
+# variants of the old recipe are the ones tried while choosing the new one (docs/BENCHMARKS.md).
+RECIPES: dict[str, dict[str, list[str]]] = {
+    stage: {
+        "old": OLD[stage],
+        "new": [],
+        "v": OLD[stage] + ["diffusion.prediction=v"],
+        "v-minsnr": OLD[stage] + ["diffusion.prediction=v", "train.loss_weight=min-snr"],
+        "eps-minsnr": OLD[stage] + ["train.loss_weight=min-snr"],
+        "v-cosine": OLD[stage] + ["diffusion.prediction=v", "train.lr_schedule=cosine"],
+        "v-lr1e-3": OLD[stage] + ["diffusion.prediction=v", "train.lr=1e-3"],
+        "v-lr2e-3": OLD[stage] + ["diffusion.prediction=v", "train.lr=2e-3"],
+        "v-beta2": OLD[stage] + ["diffusion.prediction=v", "train.adam_betas=0.9,0.99"],
+        "v-shift+1": OLD[stage] + ["diffusion.prediction=v", "diffusion.logsnr_shift=1"],
+        "v-shift-1": OLD[stage] + ["diffusion.prediction=v", "diffusion.logsnr_shift=-1"],
+        "v-nodrop": OLD[stage] + ["diffusion.prediction=v", "unet.dropout=0"],
+        "v-smax200": OLD[stage] + ["diffusion.prediction=v", "augment.s_max=200"],
+        "eps-lr1e-3": OLD[stage] + ["train.lr=1e-3"],
+        "eps-nodrop": OLD[stage] + ["unet.dropout=0"],
+        "eps-w32": OLD[stage] + ["unet.base_channels=32"],
+        "eps-w32-lr1e-3-nodrop": OLD[stage] + ["unet.base_channels=32", "train.lr=1e-3", "unet.dropout=0"],
+        "eps-w32-lr2e-3-nodrop": OLD[stage] + ["unet.base_channels=32", "train.lr=2e-3", "unet.dropout=0"],
+        "v-lr1e-3-smax200": OLD[stage] + ["diffusion.prediction=v", "train.lr=1e-3", "augment.s_max=200"],
+    } for stage in PRESETS
+}
+TRACK_EMA = ["train.ema_profiles=0.05,0.1", "train.ema_snapshot_every=100"]
+
+
+# ----------------------------------------------------------------------------- training
+def stage_config(stage: str, recipe: str, seed: int, steps: int, eval_every: int) -> StageConfig:
+    over = RECIPES[stage][recipe] + TRACK_EMA + [f"train.seed={seed}", "train.device=cpu"]
+    cfg = load_stage_config(PRESETS[stage], over)
+    if steps:
+        cfg.train.steps = steps
+    cfg.train.ckpt_every = eval_every
+    cfg.train.keep_checkpoints = cfg.train.steps // eval_every + 1
+    cfg.train.sample_every = 0  # one grid, at the end
+    return cfg.resolve(channels=1, num_classes=10)  # Fashion-MNIST
+
+
+def run_dir(out: Path, stage: str, recipe: str, seed: int, steps: int) -> Path:
+    return out / stage / (recipe if not steps else f"{recipe}-{steps}") / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------- scoring
+class Scorer:
+    """Classifier-space FID/KID against the test split at 8 and 32 px, and the real-data floor."""
+
+    def __init__(self, out: Path, n: int, log):
+        self.data = DataConfig(source="fashion-mnist", resolution=32, fit="pad")
+        clf = out / "classifier"
+        if not (clf / "summary.json").exists():
+            log("train the domain classifier")
+            train_domain_classifier(self.data, clf, ClassifierConfig(), progress=False)
+        self.ex = make_extractor("classifier", clf)
+        self.refs = {r: reference(self.ex, self.data, "test", r, 10000, cache_dir=out / "cache") for r in (8, 32)}
+        self.n = n
+        self.floor = {}
+        for r in (8, 32):  # n real train images against the same reference: what a perfect model scores
+            real = real_images(self.data, "train", r, n)
+            self.floor[r] = quality_scores(self.ex(real.images), self.refs[r], metrics=("fid",))["fid"]
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        feats = self.ex(to_uint8(x))
+        ref = self.refs[x.shape[-1]]
+        q = quality_scores(feats, ref, metrics=("fid", "kid"))
+        return {"fid": q["fid"], "fid_se": fid_bootstrap_se(feats["features"], ref.mu, ref.sigma, 50, 0),
+                "kid": q["kid"], "n_ref": q["n_real"]}
+
+
+@torch.no_grad()
+def draw(stage, index: int, labels: torch.Tensor, seeds: list[int], lowres: torch.Tensor | None = None,
+         level: int = 0, batch: int = 250) -> torch.Tensor:
+    """Samples of one stage in batches (each depends only on its seed), clipped to [-1, 1]."""
+    out = []
+    for i in range(0, len(labels), batch):
+        lo = None if lowres is None else lowres[i:i + batch]
+        x, _ = sample_stage(stage, index, labels[i:i + batch], seeds[i:i + batch], SAMPLE_STEPS, lowres=lo,
+                            level=level, sampler=SAMPLER, spacing=SPACING)
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def lower_inputs(out: Path, lower: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``n`` samples of the base checkpoint ``lower`` (seed j, balanced labels), cached in OUT."""
+    stage = load_stage(lower)
+    fp = stage_fingerprint(stage)
+    path = out / f"lower-{fp}-n{n}.npy"
+    labels = balanced_labels(n, stage.num_classes)
+    if path.exists():
+        return torch.from_numpy(np.load(path)), labels, fp
+    z0 = draw(stage, 0, labels, list(range(n)))
+    np.save(path, z0.numpy())
+    return z0, labels, fp
+
+
+def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: int) -> list[dict]:
+    """The rows of one network: base samples, or SR samples on real and on generated inputs."""
+    n = scorer.n
+    seeds = list(range(seed0, seed0 + n))
+    if kind == "base":
+        return [{"condition": "base", **scorer(draw(stage, 0, balanced_labels(n, stage.num_classes), seeds))}]
+    rows = []
+    z_gt, lab_gt = gt
+    x = draw(stage, 1, lab_gt, seeds, z_gt, 0)
+    rows.append({"condition": "real", "level": 0, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
+    if gen is not None:
+        z_gen, lab_gen, fp = gen
+        x = draw(stage, 1, lab_gen, seeds, z_gen, level)
+        rows.append({"condition": "generated", "level": level, "lower": fp, **scorer(x),
+                     "consistency_psnr": consistency_psnr(x, z_gen)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the job
+def run(a: argparse.Namespace, log) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    facts = machine_facts()
+    log(facts_line(facts))
+    scorer = Scorer(out, a.n, log)
+    data = DataConfig(source="fashion-mnist", resolution=32, fit="pad")
+    gt = ground_truth_lowres(data, "train", a.n, 8, seed=0) if a.stage == "sr" else None
+    gen = lower_inputs(out, a.lower, a.n) if a.stage == "sr" and a.lower else None
+    done = {_key(r) for r in read_rows(results)}
+    for recipe in a.recipes:
+        for seed in a.seeds:
+            cfg = stage_config(a.stage, recipe, seed, a.steps, a.eval_every)
+            rd = run_dir(out, a.stage, recipe, seed, a.steps)
+            t0 = time.time()
+            found = list_checkpoints(rd)
+            if not found or found[-1][0] < cfg.train.steps:
+                log(f"train {a.stage}/{recipe} seed {seed}: {cfg.train.steps} steps")
+                train_stage(cfg, rd, progress=False)
+            train_s = round(time.time() - t0, 1)
+            per_image = train_flops_per_image(cfg)
+            base = {"stage": a.stage, "recipe": recipe, "overrides": RECIPES[a.stage][recipe], "seed": seed,
+                    "total_steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n": a.n,
+                    "sampler": SAMPLER, "sample_steps": SAMPLE_STEPS, "floor": scorer.floor[cfg.resolution]}
+            for step, path in list_checkpoints(rd):
+                key = {**base, "step": step, "ema": "checkpoint", "sample_seed": 0}
+                if _key(key) in done:
+                    continue
+                t = time.time()
+                stage = load_stage(path)
+                for r in score_stage(stage, a.stage, scorer, 0, gt, gen, a.level):
+                    row = {**key, **r, "train_flops": per_image * cfg.train.batch_size * step,
+                           "fingerprint": stage_fingerprint(stage), "score_s": round(time.time() - t, 1),
+                           "train_s": train_s, "cpu": facts["cpu"], "load": load_average()}
+                    append_row(results, row)
+                    log(_describe(row))
+                done.add(_key(key))
+            if a.posthoc:
+                posthoc(a, rd, cfg, base, per_image, scorer, gt, gen, results, done, facts, log)
+
+
+def posthoc(a, rd: Path, cfg: StageConfig, base: dict, per_image: int, scorer: Scorer, gt, gen, results: Path,
+            done: set, facts: dict, log) -> None:
+    """Choose the post-hoc EMA length of the last step on selection seeds; score the choice on the
+    report seeds."""
+    step = cfg.train.steps
+    sel = []
+    for r in a.posthoc:
+        key = {**base, "step": step, "ema": f"posthoc-{r:.3f}", "sample_seed": SELECTION_SEED}
+        if _key(key) not in done:
+            (path, _), = export_posthoc(rd, [r], rd / "posthoc", step)
+            rows = score_stage(load_stage(path), a.stage, scorer, SELECTION_SEED, gt, None, a.level)
+            row = {**key, **rows[0], "sigma_rel": r, "train_flops": per_image * cfg.train.batch_size * step,
+                   "cpu": facts["cpu"], "load": load_average()}
+            append_row(results, row)
+            done.add(_key(key))
+            log(_describe(row))
+        sel += [x for x in read_rows(results) if _key(x) == _key(key)][:1]
+    best = min(sel, key=lambda x: x["fid"])
+    key = {**base, "step": step, "ema": f"posthoc-{best['sigma_rel']:.3f}", "sample_seed": 0}
+    if _key(key) in done:
+        return
+    (path, _), = export_posthoc(rd, [best["sigma_rel"]], rd / "posthoc", step)
+    for r in score_stage(load_stage(path), a.stage, scorer, 0, gt, gen, a.level):
+        row = {**key, **r, "sigma_rel": best["sigma_rel"], "chosen_from": [x["sigma_rel"] for x in sel],
+               "train_flops": per_image * cfg.train.batch_size * step, "cpu": facts["cpu"], "load": load_average()}
+        append_row(results, row)
+        log(_describe(row))
+    done.add(_key(key))
+
+
+_ID = ("stage", "recipe", "seed", "total_steps", "step", "ema", "sample_seed", "n")
+
+
+def _key(row: dict) -> str:
+    return json.dumps([row.get(k) for k in _ID])
+
+
+def _describe(r: dict) -> str:
+    extra = f" psnr {r['consistency_psnr']:.1f} dB" if "consistency_psnr" in r else ""
+    return (f"{r['stage']}/{r['recipe']} seed {r['seed']} step {r['step']} [{r['ema']}, seeds from "
+            f"{r['sample_seed']}] {r['condition']}: FID {r['fid']:.2f} ± {r['fid_se']:.2f}{extra}")
+
+
+# ----------------------------------------------------------------------------- publishing
+def publish(out: Path, dest: Path, log) -> None:
+    """Curves (PNG), the FLOPs-to-target table (Markdown) and every row (JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(out / "results.jsonl")
+    dest.mkdir(parents=True, exist_ok=True)
+    curves = [r for r in rows if r["ema"] == "checkpoint"]
+    panels = sorted({(r["stage"], r["condition"]) for r in curves}, key=lambda p: ("base", "sr").index(p[0]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    colours = {}
+    for ax, (stage, cond) in zip(axes[0], panels):
+        sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
+        for recipe in sorted({r["recipe"] for r in sel}, key=_recipe_order):
+            colour = colours.setdefault(recipe, f"C{len(colours)}")
+            for seed in sorted({r["seed"] for r in sel if r["recipe"] == recipe}):
+                pts = sorted((r["train_flops"], r["fid"]) for r in sel if (r["recipe"], r["seed"]) == (recipe, seed))
+                ax.plot([p[0] / 1e12 for p in pts], [p[1] for p in pts], "o-", color=colour, ms=3, lw=1.2,
+                        alpha=0.9, label=f"{recipe}" if seed == min(r["seed"] for r in sel if r["recipe"] == recipe)
+                        else None)
+        ax.axhline(sel[0]["floor"], color="k", ls="--", lw=0.8, label=f"real data (n={sel[0]['n']})")
+        ax.set_yscale("log")
+        ax.set_xlabel("training TFLOP")
+        ax.set_ylabel("classifier FID")
+        ax.set_title({"base": "base 8×8", "real": "SR 8→32, real 8×8 inputs (s=0)",
+                      "generated": f"SR 8→32, generated inputs (s={sel[0].get('level')})"}[cond])
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest / "convergence.png", dpi=110)
+    log(f"wrote {dest / 'convergence.png'}")
+    (dest / "convergence.md").write_text(flops_table(rows) + "\n" + posthoc_table(rows))
+    (dest / "convergence.json").write_text(json.dumps(rows, indent=1))
+    log(f"wrote {dest / 'convergence.md'}, {dest / 'convergence.json'}")
+
+
+def _recipe_order(name: str) -> tuple:
+    return ({"old": 0, "new": 1}.get(name, 2), name)
+
+
+def flops_needed(points: list[tuple[float, float]], target: float) -> float | None:
+    """Training FLOPs at which a curve ``[(flops, fid), ...]`` first reaches ``target``, linearly
+    interpolated (in log FID) between the two checkpoints around the crossing; None if it never does."""
+    points = sorted(points)
+    for i, (f, v) in enumerate(points):
+        if v <= target:
+            if i == 0:
+                return f
+            f0, v0 = points[i - 1]
+            w = (math.log(v0) - math.log(target)) / (math.log(v0) - math.log(v))
+            return f0 + w * (f - f0)
+    return None
+
+
+def flops_table(rows: list[dict]) -> str:
+    """Per stage and condition: the old recipe's final FID (mean over seeds) as the target, and the
+    training FLOPs each run of every recipe needs to reach it."""
+    lines = []
+    curves = [r for r in rows if r["ema"] == "checkpoint"]
+    for stage, cond in sorted({(r["stage"], r["condition"]) for r in curves}):
+        sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
+        old = [r for r in sel if r["recipe"] == "old"]
+        if not old:
+            continue
+        last = max(r["step"] for r in old)
+        finals = [r["fid"] for r in old if r["step"] == last]
+        target = statistics.mean(finals)
+        old_flops = max(r["train_flops"] for r in old)
+        lines += [f"**{stage}, {cond} inputs**" if stage == "sr" else "**base**",
+                  f"Target: the old recipe's final FID, {target:.2f} (mean of {len(finals)} seeds, step {last}, "
+                  f"{old_flops / 1e12:.1f} TFLOP). Real-data floor at n = {sel[0]['n']}: {sel[0]['floor']:.2f}.", "",
+                  "| recipe | seed | final FID ± SE | TFLOP to reach the target | fraction of the old recipe's |"
+                  + (" final consistency PSNR |" if stage == "sr" else ""),
+                  "|---|---|---|---|---|" + ("---|" if stage == "sr" else "")]
+        for recipe in sorted({r["recipe"] for r in sel}, key=_recipe_order):
+            for seed in sorted({r["seed"] for r in sel if r["recipe"] == recipe}):
+                run = [r for r in sel if (r["recipe"], r["seed"]) == (recipe, seed)]
+                fin = max(run, key=lambda r: r["step"])
+                need = flops_needed([(r["train_flops"], r["fid"]) for r in run], target)
+                cells = [recipe, str(seed), f"{fin['fid']:.2f} ± {fin['fid_se']:.2f}",
+                         "not reached" if need is None else f"{need / 1e12:.1f}",
+                         "—" if need is None else f"{need / old_flops:.2f}"]
+                if stage == "sr":
+                    cells.append(f"{fin['consistency_psnr']:.1f} dB")
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def posthoc_table(rows: list[dict]) -> str:
+    sel = [r for r in rows if r["ema"].startswith("posthoc") and r["sample_seed"] == 0]
+    if not sel:
+        return ""
+    lines = ["**Post-hoc EMA** (length chosen on selection seeds, scored on the report seeds)", "",
+             "| stage | recipe | seed | condition | chosen sigma_rel (of) | FID ± SE | checkpoint EMA's FID |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(sel, key=lambda r: (r["stage"], _recipe_order(r["recipe"]), r["seed"], r["condition"])):
+        ck = [x for x in rows if x["ema"] == "checkpoint" and x["sample_seed"] == 0 and all(
+            x[k] == r[k] for k in ("stage", "recipe", "seed", "step", "condition", "total_steps"))]
+        lines.append(f"| {r['stage']} | {r['recipe']} | {r['seed']} | {r['condition']} | {r['sigma_rel']} "
+                     f"({', '.join(map(str, r['chosen_from']))}) | {r['fid']:.2f} ± {r['fid_se']:.2f} | "
+                     + (f"{ck[0]['fid']:.2f} ± {ck[0]['fid_se']:.2f}" if ck else "—") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage", choices=list(PRESETS))
+    p.add_argument("--recipes", type=lambda t: t.split(","), default=["old", "new"])
+    p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1])
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between scored checkpoints")
+    p.add_argument("--n", type=int, default=1000, help="samples per scored point")
+    p.add_argument("--lower", help="base checkpoint or run whose samples are the SR stage's generated inputs")
+    p.add_argument("--level", type=int, default=100, help="augmentation level s for generated inputs")
+    p.add_argument("--posthoc", type=lambda t: [float(v) for v in t.split(",")], default=[],
+                   help="post-hoc EMA lengths (sigma_rel) to choose from at the last step")
+    p.add_argument("--publish", help="write convergence.png/.md/.json here from OUT/results.jsonl and stop")
+    a = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def log(msg: str) -> None:
+        print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+    if a.publish:
+        publish(Path(a.out), Path(a.publish), log)
+        return
+    if not a.stage:
+        p.error("--stage is required unless --publish is given")
+    unknown = [r for r in a.recipes if r not in RECIPES[a.stage]]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES[a.stage])}")
+    run(a, log)
+
+
+if __name__ == "__main__":
+    main()
