@@ -58,7 +58,7 @@ from cdm.train import train_stage
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import facts_line, load_average, machine_facts  # noqa: E402
 
-PRESETS = {"base": "fmnist-base8", "sr": "fmnist-sr8to32"}
+PRESETS = {"base": "fmnist-base8", "sr": "fmnist-sr8to32", "single": "fmnist-single32"}
 SAMPLER, SAMPLE_STEPS, SPACING = "dpmpp-2m-sde", 25, "uniform"
 SELECTION_SEED = 100_000  # post-hoc EMA lengths are chosen on samples with these seeds, not the reported ones
 
@@ -69,7 +69,9 @@ _OLD = ["diffusion.prediction=eps", "diffusion.logsnr_shift=0", "train.loss_weig
 OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=0.1", "unet.base_channels=64",
                        "unet.channel_mult=1,2", "unet.num_res_blocks=2"],
        "sr": _OLD + ["train.steps=1400", "train.batch_size=32", "augment.s_max=500", "augment.p_zero=0.1",
-                     "unet.base_channels=32", "unet.channel_mult=1,2,2", "unet.num_res_blocks=1"]}
+                     "unet.base_channels=32", "unet.channel_mult=1,2,2", "unet.num_res_blocks=1"],
+       "single": _OLD + ["train.steps=5000", "train.batch_size=32", "unet.dropout=0.1", "unet.base_channels=48",
+                         "unet.channel_mult=1,2,2", "unet.num_res_blocks=2"]}
 
 # Named recipes: overrides on the stage's preset. "new" is the preset as shipped. The single-change
 # variants of the old recipe are the ones tried while choosing the new one (docs/BENCHMARKS.md).
@@ -171,8 +173,8 @@ def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: in
     """The rows of one network: base samples, or SR samples on real and on generated inputs."""
     n = scorer.n
     seeds = list(range(seed0, seed0 + n))
-    if kind == "base":
-        return [{"condition": "base", **scorer(draw(stage, 0, balanced_labels(n, stage.num_classes), seeds))}]
+    if kind in ("base", "single"):
+        return [{"condition": kind, **scorer(draw(stage, 0, balanced_labels(n, stage.num_classes), seeds))}]
     rows = []
     z_gt, lab_gt = gt
     x = draw(stage, 1, lab_gt, seeds, z_gt, 0)
@@ -272,8 +274,23 @@ def _describe(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- publishing
+def full_runs(rows: list[dict]) -> list[dict]:
+    """The rows of the old and new recipes at their full budgets (not the shorter probe runs), with the
+    checkpoint EMA on the report seeds, each stage at its largest n."""
+    out = []
+    for stage in {r["stage"] for r in rows}:
+        sel = [r for r in rows if r["stage"] == stage and r["recipe"] in ("old", "new") and r["ema"] == "checkpoint"
+               and r["sample_seed"] == 0]
+        if not sel:
+            continue
+        n = max(r["n"] for r in sel)
+        full = {rc: max(r["total_steps"] for r in sel if r["recipe"] == rc) for rc in {r["recipe"] for r in sel}}
+        out += [r for r in sel if r["n"] == n and r["total_steps"] == full[r["recipe"]]]
+    return out
+
+
 def publish(out: Path, dest: Path, log) -> None:
-    """Curves (PNG), the FLOPs-to-target table (Markdown) and every row (JSON)."""
+    """Curves (PNG), the FLOPs-to-target and probe tables (Markdown) and every row (JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,37 +298,33 @@ def publish(out: Path, dest: Path, log) -> None:
 
     rows = read_rows(out / "results.jsonl")
     dest.mkdir(parents=True, exist_ok=True)
-    curves = [r for r in rows if r["ema"] == "checkpoint"]
-    panels = sorted({(r["stage"], r["condition"]) for r in curves}, key=lambda p: ("base", "sr").index(p[0]))
+    curves = full_runs(rows)
+    order = {"base": 0, "real": 1, "generated": 2, "single": 3}
+    panels = sorted({(r["stage"], r["condition"]) for r in curves}, key=lambda p: order[p[1]])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    colours = {}
     for ax, (stage, cond) in zip(axes[0], panels):
         sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
-        for recipe in sorted({r["recipe"] for r in sel}, key=_recipe_order):
-            colour = colours.setdefault(recipe, f"C{len(colours)}")
-            for seed in sorted({r["seed"] for r in sel if r["recipe"] == recipe}):
+        for colour, recipe in zip(("C3", "C0"), ("old", "new")):
+            seeds = sorted({r["seed"] for r in sel if r["recipe"] == recipe})
+            for seed in seeds:
                 pts = sorted((r["train_flops"], r["fid"]) for r in sel if (r["recipe"], r["seed"]) == (recipe, seed))
                 ax.plot([p[0] / 1e12 for p in pts], [p[1] for p in pts], "o-", color=colour, ms=3, lw=1.2,
-                        alpha=0.9, label=f"{recipe}" if seed == min(r["seed"] for r in sel if r["recipe"] == recipe)
-                        else None)
-        ax.axhline(sel[0]["floor"], color="k", ls="--", lw=0.8, label=f"real data (n={sel[0]['n']})")
+                        alpha=0.85, label=f"{recipe} recipe ({len(seeds)} seeds)" if seed == seeds[0] else None)
+        ax.axhline(sel[0]["floor"], color="k", ls="--", lw=0.8, label=f"real data, n = {sel[0]['n']}")
         ax.set_yscale("log")
         ax.set_xlabel("training TFLOP")
-        ax.set_ylabel("classifier FID")
-        ax.set_title({"base": "base 8×8", "real": "SR 8→32, real 8×8 inputs (s=0)",
-                      "generated": f"SR 8→32, generated inputs (s={sel[0].get('level')})"}[cond])
+        ax.set_ylabel(f"classifier FID (n = {sel[0]['n']})")
+        ax.set_title({"base": "base stage 8×8", "single": "single stage 32×32",
+                      "real": "SR 8→32 on real 8×8 inputs (s = 0)",
+                      "generated": f"SR 8→32 on generated inputs (s = {sel[0].get('level')})"}[cond], fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dest / "convergence.png", dpi=110)
     log(f"wrote {dest / 'convergence.png'}")
-    (dest / "convergence.md").write_text(flops_table(rows) + "\n" + posthoc_table(rows))
+    (dest / "convergence.md").write_text("\n".join([flops_table(curves), posthoc_table(rows), probe_table(rows)]))
     (dest / "convergence.json").write_text(json.dumps(rows, indent=1))
     log(f"wrote {dest / 'convergence.md'}, {dest / 'convergence.json'}")
-
-
-def _recipe_order(name: str) -> tuple:
-    return ({"old": 0, "new": 1}.get(name, 2), name)
 
 
 def flops_needed(points: list[tuple[float, float]], target: float) -> float | None:
@@ -328,11 +341,10 @@ def flops_needed(points: list[tuple[float, float]], target: float) -> float | No
     return None
 
 
-def flops_table(rows: list[dict]) -> str:
+def flops_table(curves: list[dict]) -> str:
     """Per stage and condition: the old recipe's final FID (mean over seeds) as the target, and the
-    training FLOPs each run of every recipe needs to reach it."""
+    training FLOPs each run needs to reach it."""
     lines = []
-    curves = [r for r in rows if r["ema"] == "checkpoint"]
     for stage, cond in sorted({(r["stage"], r["condition"]) for r in curves}):
         sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
         old = [r for r in sel if r["recipe"] == "old"]
@@ -342,21 +354,22 @@ def flops_table(rows: list[dict]) -> str:
         finals = [r["fid"] for r in old if r["step"] == last]
         target = statistics.mean(finals)
         old_flops = max(r["train_flops"] for r in old)
-        lines += [f"**{stage}, {cond} inputs**" if stage == "sr" else "**base**",
+        sr = stage == "sr"
+        lines += [f"**SR stage, {cond} inputs**" if sr else f"**{stage.capitalize()} stage**", "",
                   f"Target: the old recipe's final FID, {target:.2f} (mean of {len(finals)} seeds, step {last}, "
                   f"{old_flops / 1e12:.1f} TFLOP). Real-data floor at n = {sel[0]['n']}: {sel[0]['floor']:.2f}.", "",
-                  "| recipe | seed | final FID ± SE | TFLOP to reach the target | fraction of the old recipe's |"
-                  + (" final consistency PSNR |" if stage == "sr" else ""),
-                  "|---|---|---|---|---|" + ("---|" if stage == "sr" else "")]
-        for recipe in sorted({r["recipe"] for r in sel}, key=_recipe_order):
+                  "| recipe | seed | steps | final FID ± SE | TFLOP to reach the target | fraction of the old recipe's "
+                  "TFLOP |" + (" final consistency PSNR |" if sr else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if sr else "")]
+        for recipe in ("old", "new"):
             for seed in sorted({r["seed"] for r in sel if r["recipe"] == recipe}):
                 run = [r for r in sel if (r["recipe"], r["seed"]) == (recipe, seed)]
                 fin = max(run, key=lambda r: r["step"])
                 need = flops_needed([(r["train_flops"], r["fid"]) for r in run], target)
-                cells = [recipe, str(seed), f"{fin['fid']:.2f} ± {fin['fid_se']:.2f}",
+                cells = [recipe, str(seed), str(fin["step"]), f"{fin['fid']:.2f} ± {fin['fid_se']:.2f}",
                          "not reached" if need is None else f"{need / 1e12:.1f}",
                          "—" if need is None else f"{need / old_flops:.2f}"]
-                if stage == "sr":
+                if sr:
                     cells.append(f"{fin['consistency_psnr']:.1f} dB")
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -364,19 +377,51 @@ def flops_table(rows: list[dict]) -> str:
 
 
 def posthoc_table(rows: list[dict]) -> str:
-    sel = [r for r in rows if r["ema"].startswith("posthoc") and r["sample_seed"] == 0]
+    sel = [r for r in rows if r["ema"].startswith("posthoc") and r["sample_seed"] == 0
+           and r["recipe"] in ("old", "new")]
     if not sel:
         return ""
-    lines = ["**Post-hoc EMA** (length chosen on selection seeds, scored on the report seeds)", "",
-             "| stage | recipe | seed | condition | chosen sigma_rel (of) | FID ± SE | checkpoint EMA's FID |",
+    lines = ["**Post-hoc EMA at the last step** (the length chosen on selection seeds 100000+, then scored "
+             "on the report seeds)", "",
+             "| stage | recipe | seed | inputs | sigma_rel chosen (from) | FID ± SE | the checkpoint's own EMA |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(sel, key=lambda r: (r["stage"], _recipe_order(r["recipe"]), r["seed"], r["condition"])):
         ck = [x for x in rows if x["ema"] == "checkpoint" and x["sample_seed"] == 0 and all(
-            x[k] == r[k] for k in ("stage", "recipe", "seed", "step", "condition", "total_steps"))]
+            x[k] == r[k] for k in ("stage", "recipe", "seed", "step", "condition", "total_steps", "n"))]
         lines.append(f"| {r['stage']} | {r['recipe']} | {r['seed']} | {r['condition']} | {r['sigma_rel']} "
                      f"({', '.join(map(str, r['chosen_from']))}) | {r['fid']:.2f} ± {r['fid_se']:.2f} | "
                      + (f"{ck[0]['fid']:.2f} ± {ck[0]['fid_se']:.2f}" if ck else "—") + " |")
     return "\n".join(lines) + "\n"
+
+
+def probe_table(rows: list[dict]) -> str:
+    """The single-seed probes at a shorter budget: each variant's last checkpoint beside the old
+    recipe's at the same step."""
+    lines = []
+    probes = [r for r in rows if r["ema"] == "checkpoint" and r["sample_seed"] == 0 and r["seed"] == 0
+              and r["recipe"] not in ("new",) and r["step"] == r["total_steps"] and r["n"] == 1000]
+    for stage, steps in sorted({(r["stage"], r["total_steps"]) for r in probes if r["recipe"] != "old"}):
+        sel = [r for r in probes if (r["stage"], r["total_steps"]) == (stage, steps)]
+        conds = sorted({r["condition"] for r in sel}, key=lambda c: ("base", "single", "real", "generated").index(c))
+        lines += [f"**Probes: {stage} stage, {steps} steps, seed 0, n = 1000** (each a change to the old recipe)", "",
+                  "| recipe | changes | TFLOP | " + " | ".join(f"FID, {c} inputs" if c in ("real", "generated") else "FID"
+                                                               for c in conds)
+                  + (" | consistency PSNR, real inputs |" if stage == "sr" else " |"),
+                  "|---|---|---|" + "---|" * len(conds) + ("---|" if stage == "sr" else "")]
+        for recipe in sorted({r["recipe"] for r in sel}, key=_recipe_order):
+            got = {r["condition"]: r for r in sel if r["recipe"] == recipe}
+            changes = [o for o in RECIPES[stage].get(recipe, got[conds[0]]["overrides"]) if o not in OLD[stage]]
+            cells = [recipe, ", ".join(f"`{c}`" for c in changes) or "—", f"{got[conds[0]]['train_flops'] / 1e12:.1f}"]
+            cells += [f"{got[c]['fid']:.2f} ± {got[c]['fid_se']:.2f}" if c in got else "—" for c in conds]
+            if stage == "sr":
+                cells.append(f"{got['real']['consistency_psnr']:.1f} dB" if "real" in got else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _recipe_order(name: str) -> tuple:
+    return ({"old": 0, "new": 1}.get(name, 2), name)
 
 
 def main() -> None:
