@@ -148,14 +148,15 @@ def check_not_pickle(path: Path) -> None:
         size = path.stat().st_size
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    n = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and 8 + n <= size:
+        return  # a safetensors file: an 8-byte header length (whose first byte may well be 0x80), then JSON
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
         raise CheckpointError(f"{path} is a pickle (a PyTorch .pt/.pth/.ckpt file), not a cdm checkpoint; cdm "
                               f"never unpickles files, because unpickling can run arbitrary code. cdm "
                               f"checkpoints are .safetensors files written by 'cdm train'")
-    n = int.from_bytes(head[:8], "little")
-    if len(head) < 9 or head[8:9] != b"{" or 8 + n > size:
-        raise CheckpointError(f"{path} is not a readable cdm checkpoint (not a safetensors file); it may be "
-                              f"truncated or corrupt: use an earlier checkpoint")
+    raise CheckpointError(f"{path} is not a readable cdm checkpoint (not a safetensors file); it may be "
+                          f"truncated or corrupt: use an earlier checkpoint")
 
 
 def read_metadata(path: Path) -> dict[str, str]:
