@@ -200,12 +200,12 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         _check_same_model(to_dict(ckpt.config), to_dict(cfg), out)
         net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
-        for prof, sd in zip(profiles, ckpt.ema_profiles or []):
-            prof.load_state_dict(sd)
         if len(ckpt.ema_profiles or []) != len(profiles):
             raise CheckpointError(f"{out} was trained with {len(ckpt.ema_profiles or [])} post-hoc EMA profiles, "
                                   f"this config asks for {len(profiles)}: keep train.ema_profiles as it was, or "
                                   f"pass --fresh to start over")
+        for prof, sd in zip(profiles, ckpt.ema_profiles or []):
+            prof.load_state_dict(sd)
         opt.load_state_dict(ckpt.optimizer)
         torch.set_rng_state(ckpt.rng["torch"])
         g.set_state(ckpt.rng["data"])
@@ -232,20 +232,34 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     batcher = Batcher(data, cfg, g)
     ema_stage = Stage(cfg, net=ema)
 
-    def save(step: int) -> Path:
-        p, err = checkpoint_path(out, step), None
+    def on_main(write, p: Path) -> None:
+        """Rank 0 writes; every process learns whether it could (also the barrier: no process runs
+        ahead of a checkpoint)."""
+        err = None
         if w.is_main:
             try:
-                save_checkpoint(p, Checkpoint(
-                    config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    rng={"torch": torch.get_rng_state(), "data": g.get_state()},
-                    ema_profiles=[prof.state_dict() for prof in profiles] or None))
-                prune_checkpoints(out, tc.keep_checkpoints)
+                write()
             except CheckpointError as e:
                 err = e
-        if not w.all_true(err is None):  # also the barrier: no process runs ahead of a checkpoint
+        if not w.all_true(err is None):
             raise err or TrainingError(f"rank 0 could not write {p}; see its message")
+
+    def save(step: int) -> Path:
+        p = checkpoint_path(out, step)
+
+        def write() -> None:
+            save_checkpoint(p, Checkpoint(
+                config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                rng={"torch": torch.get_rng_state(), "data": g.get_state()},
+                ema_profiles=[prof.state_dict() for prof in profiles] or None))
+            prune_checkpoints(out, tc.keep_checkpoints)
+
+        on_main(write, p)
         return p
+
+    def snapshot(step: int) -> None:
+        on_main(lambda: save_snapshot(out, step, [(r, prof.state_dict()) for r, prof in zip(tc.ema_profiles, profiles)]),
+                out / "ema")
 
     def stop(what: str, value: float) -> TrainingError:
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
@@ -294,8 +308,8 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             if step % tc.log_every == 0 or step == tc.steps:
                 t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
-            if profiles and w.is_main and (step % snapshot_every == 0 or step == tc.steps):
-                save_snapshot(out, step, [(r, prof.state_dict()) for r, prof in zip(tc.ema_profiles, profiles)])
+            if profiles and (step % snapshot_every == 0 or step == tc.steps):
+                snapshot(step)
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 last = save(step)
             if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
