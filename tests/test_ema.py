@@ -94,6 +94,9 @@ def test_training_writes_snapshots_and_cdm_ema_exports_sampleable_checkpoints(tm
     assert stage.step == 6
     assert main(["ema", str(run), "--sigma-rel", "0.1", "--step", "5", "--out", str(tmp_path / "e")]) == 2
     assert "no EMA snapshot at step 5" in capsys.readouterr().err
+    # Starting over leaves none of the old run's snapshots to mix into a reconstruction.
+    train_stage(_cfg(2, ema_profiles=[0.05, 0.1], ema_snapshot_every=2), run, fresh=True, progress=False, data=data)
+    assert [s for s, _ in list_snapshots(run)] == [2]
 
 
 def test_resume_keeps_the_ema_profiles_exact(tmp_path):

@@ -126,7 +126,16 @@ def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
 
 
-def _read_snapshot(path: Path) -> tuple[list[float], dict[str, Tensor]]:
+def remove_snapshots_after(run_dir: str | Path, step: int) -> None:
+    """Delete the snapshots of steps after ``step``: a run resumed (or restarted, ``step = 0``) from
+    there writes its own, and none of an abandoned trajectory may enter a reconstruction."""
+    for s, p in list_snapshots(run_dir):
+        if s > step:
+            p.unlink(missing_ok=True)
+
+
+def _snapshot_file(path: Path, tensors: bool) -> tuple[list[float], dict[str, Tensor]]:
+    """A snapshot's ``sigma_rel`` list, and (with ``tensors``) its weights."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -134,12 +143,12 @@ def _read_snapshot(path: Path) -> tuple[list[float], dict[str, Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        weights = load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"EMA snapshot {path} is unreadable ({e}); delete it to reconstruct from the others") from e
     if meta.get("format") != "cdm-ema-snapshot":
         raise CheckpointError(f"{path} is not a cdm EMA snapshot")
-    return json.loads(meta["sigma_rels"]), tensors
+    return json.loads(meta["sigma_rels"]), weights
 
 
 def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
@@ -156,14 +165,14 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     if step not in {s for s, _ in snaps}:
         raise CheckpointError(f"no EMA snapshot at step {step} in {run_dir} (snapshots at steps "
                               f"{', '.join(str(s) for s, _ in snaps)})")
-    used = [(s, _read_snapshot(p)[0], p) for s, p in snaps if s <= step]
+    used = [(s, _snapshot_file(p, tensors=False)[0], p) for s, p in snaps if s <= step]
     profiles = [(s, r) for s, rels, _ in used for r in rels]  # one entry per stored EMA
     coef = posthoc_coefficients([s for s, _ in profiles], [sigma_rel_to_gamma(r) for _, r in profiles], step,
                                 sigma_rel_to_gamma(sigma_rel))
     acc: dict[str, Tensor] = {}
     k = 0
     for _, rels, path in used:
-        tensors = _read_snapshot(path)[1]
+        tensors = _snapshot_file(path, tensors=True)[1]
         for i in range(len(rels)):
             for name, v in tensors.items():
                 if name.startswith(f"{i}."):

@@ -38,7 +38,7 @@ from .cascade import sample_stage
 from .config import StageConfig, to_dict
 from .data import ImageSet, downsample, load_dataset, random_flip, to_float
 from .distributed import DistributedError, World, world
-from .ema import classic_decay, ema_update, power_decay, save_snapshot, sigma_rel_to_gamma
+from .ema import classic_decay, ema_update, power_decay, remove_snapshots_after, save_snapshot, sigma_rel_to_gamma
 from .images import save_grid
 from .metrics import consistency_psnr
 from .recipe import loss_weight, lr_factor
@@ -220,6 +220,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             (out / "log.jsonl").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
+        remove_snapshots_after(out, step)
         trim_log(out / "log.jsonl", step)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
     w.barrier()
