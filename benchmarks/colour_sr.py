@@ -7,7 +7,8 @@ plus 50 more crops per class (other random crops) held out for measuring.
 
 Both recipes train the ``fmnist-sr8to32`` preset's Gaussian SR stage 8 -> 32 on that folder
 (``data.source=folder``, ``data.channels=3``, ``data.fit=resize``) for the same wall-clock budget:
-each recipe's steps are its measured training speed (a short calibration run) times ``--seconds``.
+each recipe's steps are its measured training speed (a short calibration run) times ``--seconds``;
+recipes with the same network and batch (old and new here) get the same steps, from their pooled speed.
 Then, conditioned on the held-out crops' real 8x8 inputs at level s = 0 (SDE-DPM-Solver++(2M),
 25 steps), it reports per channel the correlation between the input and the output downsampled
 to 8x8, the colour saturation ratio (mean chroma, max(RGB) - min(RGB), of the downsampled output over
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from cdm.cascade import sample_stage
 from cdm.checkpoint import list_checkpoints, load_stage
 from cdm.config import load_stage_config
 from cdm.data import DataConfig, downsample, load_dataset, to_float
+from cdm.flops import train_flops_per_image
 from cdm.metrics import consistency_psnr
 from cdm.train import train_stage
 
@@ -111,19 +114,30 @@ def main() -> None:
     z0 = downsample(to_float(test.images), 8)
     results = {"machine": facts, "seconds": a.seconds, "photos": PHOTOS, "train_images": len(data),
                "heldout_images": len(test), "recipes": {}}
-    for recipe in a.recipes:
+    rates = {}
+    for recipe in a.recipes:  # a short calibration run of each recipe: its training speed
         calib = out / recipe / "calibration"
         if not list_checkpoints(calib):
             train_stage(config(recipe, train_dir, 60), calib, progress=False, data=data)
-        rate = images_per_second(calib)
-        steps = int(a.seconds * rate / config(recipe, train_dir, 1).train.batch_size)
+        rates[recipe] = images_per_second(calib)
+    # Recipes that train the same network on the same batch cost the same per step: the same wall time
+    # is then the same step count, from their pooled speed (a 60-step calibration is too noisy to tell
+    # them apart, and the first one run also pays the process's warm-up).
+    cost = {r: (train_flops_per_image(config(r, train_dir, 1).resolve(channels=3, num_classes=len(PHOTOS))),
+                config(r, train_dir, 1).train.batch_size) for r in a.recipes}
+    if len(set(cost.values())) == 1:
+        rates = dict.fromkeys(rates, statistics.median(rates.values()))
+    for recipe in a.recipes:
+        rate = rates[recipe]
+        steps = int(a.seconds * rate / cost[recipe][1])
         run = out / recipe / f"steps{steps}"
         t0 = time.time()
         train_stage(config(recipe, train_dir, steps), run, progress=False, data=data)
+        train_s = round(time.time() - t0, 1)
         stage = load_stage(run)
         x, _ = sample_stage(stage, 1, test.labels, list(range(len(test))), 25, lowres=z0, level=0,
                             sampler="dpmpp-2m-sde")
-        r = {"steps": steps, "calibrated_img_per_s": rate, "train_s": round(time.time() - t0, 1),
+        r = {"steps": steps, "calibrated_img_per_s": rate, "train_s": train_s,
              **colour_follow(x.cpu(), z0)}
         results["recipes"][recipe] = r
         print(f"{recipe}: {steps} steps ({rate:.0f} img/s); correlation R/G/B "

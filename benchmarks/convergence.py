@@ -7,8 +7,9 @@ bootstrap standard error, and KID):
 
 - ``base`` (``fmnist-base8``): ``--n`` 8×8 samples against the test images at 8 px;
 - ``sr`` (``fmnist-sr8to32``): ``--n`` 32×32 samples conditioned on *real* 8×8 inputs (a seeded
-  subset of the train split, level s = 0), with their consistency PSNR (the output downsampled
-  against the input, dB); and on *generated* inputs — ``--n`` samples of one fixed base checkpoint
+  subset of the train split, level s = 0; at the last checkpoint, or every one with
+  ``--real-every``), with their consistency PSNR (the output downsampled against the input, dB);
+  and at every checkpoint on *generated* inputs — ``--n`` samples of one fixed base checkpoint
   (``--lower``), the same for every recipe — non-truncated at level ``--level`` (fixed beforehand).
 
 Every sample is drawn with SDE-DPM-Solver++(2M), 25 uniform steps; sample ``j`` uses seed ``j``.
@@ -98,6 +99,10 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "v-lr1e-3-smax200": OLD[stage] + ["diffusion.prediction=v", "train.lr=1e-3", "augment.s_max=200"],
     } for stage in PRESETS
 }
+# The reference an augmented SR stage's consistency is held to: the shipped recipe without augmentation;
+# and the shipped recipe with more of its training on clean inputs (s = 0 half of the time, not 10%).
+RECIPES["sr"]["new-noaug"] = ["augment.kind=none"]
+RECIPES["sr"]["new-pzero0.5"] = ["augment.p_zero=0.5"]
 TRACK_EMA = ["train.ema_profiles=0.05,0.1", "train.ema_snapshot_every=100"]
 
 
@@ -170,15 +175,17 @@ def lower_inputs(out: Path, lower: str, n: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: int) -> list[dict]:
-    """The rows of one network: base samples, or SR samples on real and on generated inputs."""
+    """The rows of one network: base samples, or SR samples on real (``gt``) and on generated
+    (``gen``) inputs; either may be None to skip it."""
     n = scorer.n
     seeds = list(range(seed0, seed0 + n))
     if kind in ("base", "single"):
         return [{"condition": kind, **scorer(draw(stage, 0, balanced_labels(n, stage.num_classes), seeds))}]
     rows = []
-    z_gt, lab_gt = gt
-    x = draw(stage, 1, lab_gt, seeds, z_gt, 0)
-    rows.append({"condition": "real", "level": 0, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
+    if gt is not None:
+        z_gt, lab_gt = gt
+        x = draw(stage, 1, lab_gt, seeds, z_gt, 0)
+        rows.append({"condition": "real", "level": 0, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
     if gen is not None:
         z_gen, lab_gen, fp = gen
         x = draw(stage, 1, lab_gen, seeds, z_gen, level)
@@ -219,7 +226,8 @@ def run(a: argparse.Namespace, log) -> None:
                     continue
                 t = time.time()
                 stage = load_stage(path)
-                for r in score_stage(stage, a.stage, scorer, 0, gt, gen, a.level):
+                last = step == cfg.train.steps  # real inputs: every checkpoint with --real-every, else the last
+                for r in score_stage(stage, a.stage, scorer, 0, gt if (last or a.real_every) else None, gen, a.level):
                     row = {**key, **r, "train_flops": per_image * cfg.train.batch_size * step,
                            "fingerprint": stage_fingerprint(stage), "score_s": round(time.time() - t, 1),
                            "train_s": train_s, "cpu": facts["cpu"], "load": load_average()}
@@ -300,7 +308,10 @@ def publish(out: Path, dest: Path, log) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     curves = full_runs(rows)
     order = {"base": 0, "real": 1, "generated": 2, "single": 3}
-    panels = sorted({(r["stage"], r["condition"]) for r in curves}, key=lambda p: order[p[1]])
+    scored = {(r["stage"], r["condition"]): set() for r in curves}
+    for r in curves:
+        scored[(r["stage"], r["condition"])].add(r["step"])
+    panels = sorted((p for p, steps in scored.items() if len(steps) >= 3), key=lambda p: order[p[1]])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (stage, cond) in zip(axes[0], panels):
         sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
@@ -322,7 +333,8 @@ def publish(out: Path, dest: Path, log) -> None:
     fig.tight_layout()
     fig.savefig(dest / "convergence.png", dpi=110)
     log(f"wrote {dest / 'convergence.png'}")
-    (dest / "convergence.md").write_text("\n".join([flops_table(curves), posthoc_table(rows), probe_table(rows)]))
+    (dest / "convergence.md").write_text("\n".join([flops_table(curves), reference_table(rows), posthoc_table(rows),
+                                                  probe_table(rows)]))
     (dest / "convergence.json").write_text(json.dumps(rows, indent=1))
     log(f"wrote {dest / 'convergence.md'}, {dest / 'convergence.json'}")
 
@@ -355,6 +367,14 @@ def flops_table(curves: list[dict]) -> str:
         target = statistics.mean(finals)
         old_flops = max(r["train_flops"] for r in old)
         sr = stage == "sr"
+        if len({r["step"] for r in sel}) < 3:  # scored at the last checkpoint only: no curve to read
+            lines += [f"**SR stage, {cond} inputs, at the last checkpoint**", "",
+                      "| recipe | seed | steps | TFLOP | FID ± SE | consistency PSNR |", "|---|---|---|---|---|---|"]
+            for r in sorted(sel, key=lambda r: (_recipe_order(r["recipe"]), r["seed"], r["step"])):
+                lines.append(f"| {r['recipe']} | {r['seed']} | {r['step']} | {r['train_flops'] / 1e12:.1f} | "
+                             f"{r['fid']:.2f} ± {r['fid_se']:.2f} | {r['consistency_psnr']:.1f} dB |")
+            lines.append("")
+            continue
         lines += [f"**SR stage, {cond} inputs**" if sr else f"**{stage.capitalize()} stage**", "",
                   f"Target: the old recipe's final FID, {target:.2f} (mean of {len(finals)} seeds, step {last}, "
                   f"{old_flops / 1e12:.1f} TFLOP). Real-data floor at n = {sel[0]['n']}: {sel[0]['floor']:.2f}.", "",
@@ -374,6 +394,33 @@ def flops_table(curves: list[dict]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def reference_table(rows: list[dict]) -> str:
+    """The shipped SR recipe beside its variants (``new-*``: without augmentation, ...) at the same
+    step: does it follow a clean input as closely (consistency PSNR), and what does each do on
+    generated inputs."""
+    ref = [r for r in rows if r["stage"] == "sr" and r["recipe"].startswith("new-") and r["ema"] == "checkpoint"
+           and r["sample_seed"] == 0]
+    if not ref:
+        return ""
+    steps = {r["step"] for r in ref}
+    sel = ref + [r for r in rows if r["recipe"] == "new" and r["stage"] == "sr" and r["ema"] == "checkpoint"
+                 and r["sample_seed"] == 0 and r["step"] in steps and r["n"] == ref[0]["n"]
+                 and r["total_steps"] == ref[0]["total_steps"]]
+    lines = ["**SR stage: the shipped recipe and its variants at the same step** (`new-noaug`: no augmentation; "
+             "`new-pzero0.5`: clean inputs half of the time)", "",
+             "| recipe | seed | step | real inputs: FID ± SE | consistency PSNR | generated inputs (s): FID ± SE |",
+             "|---|---|---|---|---|---|"]
+    for recipe, seed, step in sorted({(r["recipe"], r["seed"], r["step"]) for r in sel},
+                                     key=lambda k: (_recipe_order(k[0]), k[1], k[2])):
+        got = {r["condition"]: r for r in sel if (r["recipe"], r["seed"], r["step"]) == (recipe, seed, step)}
+        real, gen = got.get("real"), got.get("generated")
+        lines.append(f"| {recipe} | {seed} | {step} | "
+                     + (f"{real['fid']:.2f} ± {real['fid_se']:.2f} | {real['consistency_psnr']:.1f} dB" if real
+                        else "— | —")
+                     + (f" | {gen['fid']:.2f} ± {gen['fid_se']:.2f} (s = {gen['level']}) |" if gen else " | — |"))
+    return "\n".join(lines) + "\n"
 
 
 def posthoc_table(rows: list[dict]) -> str:
@@ -399,7 +446,7 @@ def probe_table(rows: list[dict]) -> str:
     recipe's at the same step."""
     lines = []
     probes = [r for r in rows if r["ema"] == "checkpoint" and r["sample_seed"] == 0 and r["seed"] == 0
-              and r["recipe"] not in ("new",) and r["step"] == r["total_steps"] and r["n"] == 1000]
+              and not r["recipe"].startswith("new") and r["step"] == r["total_steps"] and r["n"] == 1000]
     for stage, steps in sorted({(r["stage"], r["total_steps"]) for r in probes if r["recipe"] != "old"}):
         sel = [r for r in probes if (r["stage"], r["total_steps"]) == (stage, steps)]
         conds = sorted({r["condition"] for r in sel}, key=lambda c: ("base", "single", "real", "generated").index(c))
@@ -434,6 +481,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=200, help="steps between scored checkpoints")
     p.add_argument("--n", type=int, default=1000, help="samples per scored point")
     p.add_argument("--lower", help="base checkpoint or run whose samples are the SR stage's generated inputs")
+    p.add_argument("--real-every", action="store_true",
+                   help="SR: score real inputs at every checkpoint (default: only the last; generated at every one)")
     p.add_argument("--level", type=int, default=100, help="augmentation level s for generated inputs")
     p.add_argument("--posthoc", type=lambda t: [float(v) for v in t.split(",")], default=[],
                    help="post-hoc EMA lengths (sigma_rel) to choose from at the last step")
