@@ -18,7 +18,8 @@ which do not change its training: ``--posthoc`` then scores post-hoc EMAs of the
 *selection* seeds (100000 + j), picks the best length per run, and scores that one on the report
 seeds. Rows go to ``OUT/results.jsonl`` as they are scored; a re-run skips what is done.
 ``--publish DIR`` writes the curves (PNG, every seed drawn), a Markdown table of the training
-FLOPs each run needs to reach the old recipe's final FID, and all rows as JSON.
+FLOPs each run needs to reach the old recipe's final FID (and, for the SR stage, the shipped recipe
+beside its ``new-*`` variants, e.g. without augmentation), and copies every row there.
 
     .venv/bin/python benchmarks/convergence.py --stage base --recipes old,new --seeds 0,1 --out runs/convergence
     .venv/bin/python benchmarks/convergence.py --stage sr --recipes old,new --seeds 0,1 --out runs/convergence \\
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -298,7 +300,7 @@ def full_runs(rows: list[dict]) -> list[dict]:
 
 
 def publish(out: Path, dest: Path, log) -> None:
-    """Curves (PNG), the FLOPs-to-target and probe tables (Markdown) and every row (JSON)."""
+    """Curves (PNG), the FLOPs-to-target and probe tables (Markdown) and every row (JSONL)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,8 +337,9 @@ def publish(out: Path, dest: Path, log) -> None:
     log(f"wrote {dest / 'convergence.png'}")
     (dest / "convergence.md").write_text("\n".join([flops_table(curves), reference_table(rows), posthoc_table(rows),
                                                   probe_table(rows)]))
-    (dest / "convergence.json").write_text(json.dumps(rows, indent=1))
-    log(f"wrote {dest / 'convergence.md'}, {dest / 'convergence.json'}")
+    if (dest / "results.jsonl").resolve() != (out / "results.jsonl").resolve():
+        shutil.copyfile(out / "results.jsonl", dest / "results.jsonl")  # every row, as measured
+    log(f"wrote {dest / 'convergence.md'}, {dest / 'results.jsonl'}")
 
 
 def flops_needed(points: list[tuple[float, float]], target: float) -> float | None:
