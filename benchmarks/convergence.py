@@ -324,6 +324,9 @@ def publish(out: Path, dest: Path, log) -> None:
                 ax.plot([p[0] / 1e12 for p in pts], [p[1] for p in pts], "o-", color=colour, ms=3, lw=1.2,
                         alpha=0.85, label=f"{recipe} recipe ({len(seeds)} seeds)" if seed == seeds[0] else None)
         ax.axhline(sel[0]["floor"], color="k", ls="--", lw=0.8, label=f"real data, n = {sel[0]['n']}")
+        old = [r["train_flops"] for r in sel if r["recipe"] == "old"]
+        if old:  # the issue's bar: the old recipe's final FID with a third of its FLOPs
+            ax.axvline(max(old) / 3e12, color="grey", ls=":", lw=1, label="⅓ of the old recipe's FLOPs")
         ax.set_yscale("log")
         ax.set_xlabel("training TFLOP")
         ax.set_ylabel(f"classifier FID (n = {sel[0]['n']})")
@@ -335,8 +338,8 @@ def publish(out: Path, dest: Path, log) -> None:
     fig.tight_layout()
     fig.savefig(dest / "convergence.png", dpi=110)
     log(f"wrote {dest / 'convergence.png'}")
-    (dest / "convergence.md").write_text("\n".join([flops_table(curves), reference_table(rows), posthoc_table(rows),
-                                                  probe_table(rows)]))
+    tables = [flops_table(curves), ladder_table(curves), reference_table(rows), posthoc_table(rows), probe_table(rows)]
+    (dest / "convergence.md").write_text("\n".join(tables))
     if (dest / "results.jsonl").resolve() != (out / "results.jsonl").resolve():
         shutil.copyfile(out / "results.jsonl", dest / "results.jsonl")  # every row, as measured
     log(f"wrote {dest / 'convergence.md'}, {dest / 'results.jsonl'}")
@@ -389,9 +392,10 @@ def flops_table(curves: list[dict]) -> str:
                 run = [r for r in sel if (r["recipe"], r["seed"]) == (recipe, seed)]
                 fin = max(run, key=lambda r: r["step"])
                 need = flops_needed([(r["train_flops"], r["fid"]) for r in run], target)
+                le = "≤" if min(run, key=lambda r: r["step"])["fid"] <= target else ""  # at the first checkpoint
                 cells = [recipe, str(seed), str(fin["step"]), f"{fin['fid']:.2f} ± {fin['fid_se']:.2f}",
-                         "not reached" if need is None else f"{need / 1e12:.1f}",
-                         "—" if need is None else f"{need / old_flops:.2f}"]
+                         "not reached" if need is None else f"{le}{need / 1e12:.1f}",
+                         "—" if need is None else f"{le}{need / old_flops:.2f}"]
                 if sr:
                     cells.append(f"{fin['consistency_psnr']:.1f} dB")
                 lines.append("| " + " | ".join(cells) + " |")
@@ -424,6 +428,45 @@ def reference_table(rows: list[dict]) -> str:
                         else "— | —")
                      + (f" | {gen['fid']:.2f} ± {gen['fid_se']:.2f} (s = {gen['level']}) |" if gen else " | — |"))
     return "\n".join(lines) + "\n"
+
+
+# FID levels for the "training FLOPs to reach FID X" table, per condition (a ladder through the range
+# both recipes cover).
+TARGETS = {"base": (0.4, 0.2, 0.1), "single": (20.0, 10.0, 5.0), "generated": (20.0, 10.0, 5.0, 3.0)}
+
+
+def ladder_table(curves: list[dict]) -> str:
+    """Training TFLOP each recipe needs to reach each FID in TARGETS (per seed), and new / old."""
+    lines = []
+    for stage, cond in sorted({(r["stage"], r["condition"]) for r in curves}):
+        sel = [r for r in curves if (r["stage"], r["condition"]) == (stage, cond)]
+        if cond not in TARGETS or len({r["step"] for r in sel}) < 3:
+            continue
+        lines += [f"**Training TFLOP to reach a classifier FID: {stage} stage"
+                  + (f", {cond} inputs**" if stage == "sr" else "**") + " (per seed; ≤ already at the first scored checkpoint; — never reached)", "",
+                  "| recipe | " + " | ".join(f"FID {t:g}" for t in TARGETS[cond]) + " |",
+                  "|---|" + "---|" * len(TARGETS[cond])]
+        # "≤": reached at the first scored checkpoint, so the FLOPs are an upper bound
+        need, first = {}, {}
+        for recipe in ("old", "new"):
+            seeds = sorted({r["seed"] for r in sel if r["recipe"] == recipe})
+            curves_ = [sorted((r["train_flops"], r["fid"]) for r in sel if (r["recipe"], r["seed"]) == (recipe, s))
+                       for s in seeds]
+            for t in TARGETS[cond]:
+                need[recipe, t] = [flops_needed(c, t) for c in curves_]
+                # reached at the first scored checkpoint: only an upper bound
+                first[recipe, t] = any(c[0][1] <= t for c in curves_)
+            lines.append(f"| {recipe} | " + " | ".join(
+                " / ".join("—" if v is None else f"{'≤' if c[0][1] <= t else ''}{v / 1e12:.1f}"
+                           for v, c in zip(need[recipe, t], curves_)) for t in TARGETS[cond]) + " |")
+        ratio = []
+        for t in TARGETS[cond]:
+            old, new = need["old", t], need["new", t]
+            ok = old and new and None not in old + new
+            ratio.append("—" if not ok else ("≤" if first["new", t] and not first["old", t] else "")
+                         + f"{statistics.mean(new) / statistics.mean(old):.2f}")
+        lines += ["| new / old (means) | " + " | ".join(ratio) + " |", ""]
+    return "\n".join(lines)
 
 
 def posthoc_table(rows: list[dict]) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from convergence import flops_needed, flops_table, reference_table  # noqa: E402
+from convergence import flops_needed, flops_table, ladder_table, reference_table  # noqa: E402
 
 
 def test_flops_needed_interpolates_in_log_fid_between_the_checkpoints_around_the_crossing():
@@ -50,3 +50,14 @@ def test_reference_table_sets_the_augmented_stage_beside_the_unaugmented_one_at_
     assert table[-2] == "| new | 0 | 1600 | 1.20 ± 0.10 | 33.0 dB | 2.20 ± 0.10 (s = 100) |"
     assert table[-1] == "| new-noaug | 0 | 1600 | 1.00 ± 0.10 | 36.0 dB | 9.00 ± 0.10 (s = 0) |"
     assert reference_table(rows[2:]) == ""
+
+
+def test_ladder_table_gives_each_seeds_flops_to_each_target_and_the_ratio_of_the_means():
+    rows = [_row("old", s, st, f) for s in (0, 1) for st, f in ((10, 0.8), (20, 0.4), (30, 0.2))]
+    rows += [_row("new", s, st, f) for s in (0, 1) for st, f in ((2, 0.8), (4, 0.4), (6, 0.3))]
+    table = ladder_table(rows)
+    assert "| old | 20.0 / 20.0 | 30.0 / 30.0 | — / — |" in table
+    assert "| new | 4.0 / 4.0 | — / — | — / — |" in table
+    assert "| new / old (means) | 0.20 | — | — |" in table
+    rows = [r for r in rows if not (r["recipe"] == "new" and r["step"] == 2)]  # new first scored at 0.4
+    assert "| new | ≤4.0 / ≤4.0 | — / — | — / — |" in ladder_table(rows)
