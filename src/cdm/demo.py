@@ -18,9 +18,9 @@ from .sample import default_sampling, load_cascade, sample_batched, write_cascad
 from .distributed import pick_device
 from .train import train_stage
 
-# Non-truncated Gaussian augmentation level for the demo's SR stage. A mild level hides the base
-# stage's small artefacts without throwing away its shape; `cdm sweep` (evaluation issue) picks it
-# by sample quality.
+# Non-truncated Gaussian augmentation level for the demo's SR stage: a mild level hides the base
+# stage's small artefacts without throwing away its shape. Chosen by classifier FID on selection
+# seeds among s = 0..200, both modes (benchmarks/demo_level.py; docs/BENCHMARKS.md, "Convergence").
 DEMO_LEVEL = 100
 
 
