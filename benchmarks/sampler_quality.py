@@ -20,16 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from _common import cpu_model
+from cdm.cascade_file import load_cascade, read_cascade_file
 from cdm.data import to_uint8
-from cdm.evaljobs import make_extractor, reference
-from cdm.evaluate import quality_scores
-from cdm.sample import balanced_labels, load_cascade, read_cascade_file, sample_batched
+from cdm.eval.features import make_extractor, reference_features
+from cdm.eval.quality import quality_scores
+from cdm.eval.reference import ReferenceSpec, load_reference
+from cdm.generate import balanced_labels, sample_batched
 
 DEFAULT_CONFIGS = "ancestral:25,50,100,250;ddim:10,25,50;ddim-eta1:25;dpmpp-2m:10,15,25;dpmpp-2m-sde:10,15,25,50"
 
@@ -60,7 +61,8 @@ def main() -> None:
     k = len(cascade.stages)
     ex = make_extractor("classifier", a.classifier)
     last = cascade.stages[-1]
-    ref = reference(ex, last.config.data, "test", last.resolution, a.n_ref)
+    ref = reference_features(ex, load_reference(last.config.data, ReferenceSpec(split="test", n=a.n_ref)),
+                             last.resolution)
     labels = balanced_labels(a.n, cascade.num_classes)
     seeds = list(range(a.n))
 
@@ -72,8 +74,7 @@ def main() -> None:
     for sampler, steps in parse_configs(a.configs):
         if (sampler, steps) in done:
             continue
-        sampling = replace(saved, sampler=sampler, spacing=a.spacing,
-                           stages=[replace(st, steps=steps) for st in saved.stages])
+        sampling = saved.override(steps=[steps], sampler=sampler, spacing=a.spacing)  # every stage alike
         t0 = time.perf_counter()
         result = sample_batched(cascade, labels, seeds, sampling, batch_size=a.batch_size)
         seconds = time.perf_counter() - t0

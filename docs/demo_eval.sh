@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluation of the demo cascade shown in README.md, after `make demo` (run from the repo root).
-# Writes runs/classifier, runs/eval, runs/sweep and runs/nll; each holds a report.
+# Writes runs/classifier, runs/eval, runs/sweep (each with a report.html) and runs/nll (nll.md).
 set -euo pipefail
 B=.venv/bin
 time $B/cdm train-classifier --out runs/classifier --no-progress

@@ -34,7 +34,7 @@ def image_folder(root, bad: bool = True):
 def test_an_image_folder_with_bad_files_skips_them_with_a_count_or_fails(tmp_path, toy_npz, capsys):
     root = image_folder(tmp_path / "imgs")
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)"):
-        data = load_dataset(DataConfig(source="folder", path=str(root), resolution=16))
+        data = load_dataset(DataConfig(source="folder", path=str(root), resolution=16, split="all"))
     assert data.images.shape == (4, 1, 16, 16) and data.labels.tolist() == [0, 0, 1, 1]
     with pytest.raises(DataError, match="cannot read image .*cut.jpg"):
         load_dataset(DataConfig(source="folder", path=str(root), resolution=16, on_bad="fail"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdm.cascade import Cascade, CascadeError, CascadeSampling, StageSampling
+from cdm.cascade import Cascade, CascadeError, SamplingPlan, StagePlan
 from cdm.stage import Stage
 
 from conftest import tiny_config
 
 
 def settings(levels, mode="non-truncated", steps=3):
-    return CascadeSampling(mode=mode, stages=[StageSampling(steps=steps, level=s) for s in levels])
+    return SamplingPlan(mode=mode, stages=[StagePlan(steps=steps, level=s) for s in levels])
 
 
 def chain(n_stages: int, classes: int, aug: str = "gaussian"):

@@ -68,12 +68,26 @@ def test_train_then_sample(tmp_path, toy_npz, capsys):
     z = np.load(out / "samples.npz")
     assert z["stage1"].shape == (6, 1, 16, 16) and z["stage1"].dtype == np.uint8
     assert z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    # the cascade file of what was sampled: the same command from it gives the same samples
+    from cdm.cascade_file import read_cascade_file
+    paths, plan = read_cascade_file(out / "cascade.json")
+    assert plan.mode == "truncated" and plan.levels == [0, 10] and [st.steps for st in plan.stages] == [3, 3]
+    assert main(["sample", "--cascade", str(out / "cascade.json"), "--out", str(out / "again"), "--n", "6"]) == 0
+    assert np.array_equal(np.load(out / "again" / "samples.npz")["stage1"], z["stage1"])
+    # grids show at most 100 samples; samples.npz holds them all
+    assert main(["sample", "--stage", str(tmp_path / "base"), "--out", str(out / "many"), "--n", "130",
+                 "--steps", "1", "--batch-size", "130"]) == 0
+    from PIL import Image
+    assert np.load(out / "many" / "samples.npz")["stage0"].shape[0] == 130
+    w, h = Image.open(out / "many" / "stage0-8px.png").size
+    rows = -(-100 // 3)  # 100 samples, a column per class, 8px tiles with 2px gaps, enlarged 8x
+    assert (w, h) == ((3 * 10 + 2) * 8, (rows * 10 + 2) * 8)
     # The float32 switch: the same samples up to bf16 rounding.
     assert main(["sample", "--stage", str(tmp_path / "base"), "--stage", str(tmp_path / "sr"), "--out", str(out / "bf16"),
                  "--n", "6", "--steps", "3", "--levels", "0,10", "--mode", "truncated", "--precision", "bf16"]) == 0
     z16 = np.load(out / "bf16" / "samples.npz")
     assert np.abs(z16["stage1"].astype(int) - z["stage1"].astype(int)).mean() < 8
-    from cdm.sample import load_cascade
+    from cdm.cascade_file import load_cascade
     assert {s.precision for s in load_cascade([tmp_path / "base", tmp_path / "sr"], precision="bf16").stages} == {"bf16"}
     with pytest.raises(ConfigError, match="precision"):
         load_cascade([tmp_path / "base"], precision="fp16")

@@ -73,12 +73,13 @@ def test_image_folder(tmp_path):
     (tmp_path / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "dogs" / "notes.txt").write_text("not an image, ignored")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        data = load_dataset(DataConfig(source="folder", path=str(tmp_path), resolution=16, fit="resize"))
+        data = load_dataset(DataConfig(source="folder", path=str(tmp_path), resolution=16, fit="resize",
+                                                split="all"))
     assert data.images.shape == (7, 3, 16, 16)
     assert data.class_names == ["cats", "dogs"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
     assert data.images[0, 0].float().mean() == pytest.approx(200, abs=2)
     gray = load_dataset(DataConfig(source="folder", path=str(tmp_path / "cats"), resolution=8, fit="resize",
-                                   channels=1))
+                                   channels=1, split="all"))
     assert gray.images.shape == (3, 1, 8, 8) and gray.num_classes == 1
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(DataConfig(source="folder", path=str(tmp_path / "missing")))
@@ -91,7 +92,7 @@ def test_image_folder(tmp_path):
 def test_npz(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, images=np.zeros((4, 16, 16, 3), np.uint8), labels=np.array([0, 1, 1, 2]))
-    data = load_dataset(DataConfig(source="npz", path=str(p), resolution=16))
+    data = load_dataset(DataConfig(source="npz", path=str(p), resolution=16, split="all"))
     assert data.images.shape == (4, 3, 16, 16) and data.num_classes == 3
     np.savez(p, images=np.zeros((4, 16, 16), np.float32))
     with pytest.raises(DataError, match="uint8"):

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.cascade import Cascade, SamplingPlan, StagePlan
 from cdm.config import ConfigError
-from cdm.classifier import ClassifierConfig, classification_accuracy_score, load_classifier, save_classifier, \
+from cdm.eval.classifier import ClassifierConfig, classification_accuracy_score, load_classifier, save_classifier, \
     train_classifier
 from cdm.metrics import psnr
-from cdm.report import Report, line_plot_svg
+from cdm.eval.ledger import Judge
+from cdm.eval.report import Report, line_plot_svg
 from cdm.stage import Stage
-from cdm.sweep import SweepConfig, best_level, run_sweep
+from cdm.eval.sweep import SweepConfig, best_level, run_sweep
 
 from conftest import tiny_config, toy_images
 
@@ -61,7 +62,7 @@ def two_stage() -> Cascade:
 
 def test_sweep_scores_every_level_in_both_modes_and_resumes(tmp_path):
     cascade = two_stage()
-    sampling = CascadeSampling(stages=[StageSampling(steps=3), StageSampling(steps=3)])
+    sampling = SamplingPlan.uniform(2, steps=3)
     calls = []
 
     class Interrupted(Exception):
@@ -76,11 +77,11 @@ def test_sweep_scores_every_level_in_both_modes_and_resumes(tmp_path):
     cfg = SweepConfig(levels=[0, 10, 40], n=6, batch_size=4)
     interrupt = True
     with pytest.raises(Interrupted):
-        run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+        run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     calls.clear()
     interrupt = False
-    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    rows = run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     assert len(calls) == 3  # only the three missing candidates were scored
     assert sorted((r["mode"], r["level"]) for r in rows) == sorted(
         (m, s) for m in ("non-truncated", "truncated") for s in (0, 10, 40))
@@ -95,7 +96,7 @@ def test_sweep_scores_every_level_in_both_modes_and_resumes(tmp_path):
 
 def test_ground_truth_sweep_conditions_on_the_real_inputs_and_keeps_its_own_rows(tmp_path):
     cascade = two_stage()
-    sampling = CascadeSampling(stages=[StageSampling(steps=3), StageSampling(steps=3)])
+    sampling = SamplingPlan.uniform(2, steps=3)
     n = 6
     z_gt = torch.rand(n, 1, 4, 4) * 2 - 1
     gt_labels = torch.tensor([2, 0, 1, 1, 0, 2])
@@ -105,63 +106,65 @@ def test_ground_truth_sweep_conditions_on_the_real_inputs_and_keeps_its_own_rows
         seen.append(labels.clone())
         return float(x.mean())
 
-    gen = run_sweep(cascade, sampling, SweepConfig(levels=[0, 10], n=n), scorer, tmp_path, "m", progress=lambda s: None)
+    gen = run_sweep(cascade, sampling, SweepConfig(levels=[0, 10], n=n), Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     cfg = SweepConfig(levels=[0, 10], n=n, conditioning="ground-truth")
-    gt = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None,
+    gt = run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None,
                    ground_truth=(z_gt, gt_labels))
     assert [(r["conditioning"], r["mode"]) for r in gt] == [("ground-truth", "non-truncated")] * 2
     assert len(gen) == 4 and {r["conditioning"] for r in gen} == {"generated"}  # one file, rows kept apart
     assert torch.equal(seen[-1], gt_labels)  # scored with the real images' labels
     # the SR stage saw the real inputs: the same call by hand gives the same images
-    x, _ = cascade.sample_stage(1, gt_labels, list(range(n)), 3, lowres=z_gt, level=10)
+    x, _ = cascade.sample_stage(1, gt_labels, list(range(n)), StagePlan(steps=3, level=10), lowres=z_gt)
     assert gt[1]["value"] == pytest.approx(float(x.clamp(-1, 1).mean()), rel=1e-5)
     # a re-run is a no-op; other real inputs are other points
     calls = len(seen)
-    run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, ground_truth=(z_gt, gt_labels))
+    run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None, ground_truth=(z_gt, gt_labels))
     assert len(seen) == calls
-    run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, ground_truth=(-z_gt, gt_labels))
+    run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None, ground_truth=(-z_gt, gt_labels))
     assert len(seen) == calls + 2
     with pytest.raises(ConfigError, match="non-truncated"):
-        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="ground-truth", modes=["truncated"]), scorer,
-                  tmp_path, "m", ground_truth=(z_gt, gt_labels))
+        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="ground-truth", modes=["truncated"]),
+                  Judge(scorer, "m"), tmp_path, ground_truth=(z_gt, gt_labels))
     with pytest.raises(ConfigError, match="unknown conditioning"):
-        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="real"), scorer, tmp_path, "m")
+        run_sweep(cascade, sampling, SweepConfig(n=n, conditioning="real"), Judge(scorer, "m"), tmp_path)
 
 
 def test_ground_truth_inputs_are_a_seeded_subset_downsampled_as_in_training(toy_npz):
     from cdm.data import DataConfig, downsample, load_dataset, to_float
-    from cdm.evaluate import ground_truth_lowres
+    from cdm.eval.sweep import ground_truth_inputs
 
     data = DataConfig(source="npz", path=str(toy_npz), resolution=16)
-    z, labels = ground_truth_lowres(data, "train", 10, 4, seed=3)
-    ds = load_dataset(data)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3))[:10]
-    assert torch.equal(z, downsample(to_float(ds.images[idx]), 4)) and torch.equal(labels, ds.labels[idx])
-    assert z.shape == (10, 1, 4, 4) and len(set(idx.tolist())) == 10
-    z2, _ = ground_truth_lowres(data, "train", 10, 4, seed=4)
+    z, labels = ground_truth_inputs(data, "train", 10, 4, seed=3)
+    ds = load_dataset(data)  # the train split the stage trains on
+    # every input is one of the training images, made exactly as training makes it (float, not re-quantised)
+    made = downsample(to_float(ds.images), 4)
+    hits = [int(((made - zi).abs().flatten(1).amax(1) == 0).nonzero()[0]) for zi in z]
+    assert len(set(hits)) == 10 and torch.equal(labels, ds.labels[hits])
+    assert z.shape == (10, 1, 4, 4)
+    z2, _ = ground_truth_inputs(data, "train", 10, 4, seed=4)
     assert not torch.equal(z, z2)
 
 
 def test_multi_metric_scorer_ranks_by_its_primary_metric(tmp_path):
     cascade = two_stage()
-    sampling = CascadeSampling(stages=[StageSampling(steps=2), StageSampling(steps=2)])
+    sampling = SamplingPlan.uniform(2, steps=2)
 
     def scorer(x, labels):
         m = float(x.abs().mean())
         return {"a": m, "b": -m, "note": "text"}
 
     cfg = SweepConfig(levels=[0, 20, 40], n=4, modes=["non-truncated"])
-    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None, primary="b")
+    rows = run_sweep(cascade, sampling, cfg, Judge(scorer, "m", "b"), tmp_path, progress=lambda s: None)
     assert all(r["value"] == r["metrics"]["b"] and r["metrics"]["note"] == "text" for r in rows)
     assert best_level(rows) is best_level(rows, "b")
     assert best_level(rows, "a")["metrics"]["a"] == min(r["metrics"]["a"] for r in rows)
     with pytest.raises(ValueError, match="primary"):
-        run_sweep(cascade, sampling, cfg, scorer, tmp_path / "x", "m", progress=lambda s: None)
+        run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path / "x", progress=lambda s: None)
 
 
 def test_kept_samples_are_scored_again_without_sampling_and_changes_are_rescored(tmp_path, monkeypatch):
     cascade = two_stage()
-    sampling = CascadeSampling(stages=[StageSampling(steps=2), StageSampling(steps=2)])
+    sampling = SamplingPlan.uniform(2, steps=2)
     cfg = SweepConfig(levels=[0, 10], n=4, keep_samples=True)
     got = []
 
@@ -173,14 +176,14 @@ def test_kept_samples_are_scored_again_without_sampling_and_changes_are_rescored
 
     fail = True
     with pytest.raises(RuntimeError):
-        run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+        run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     kept = list((tmp_path / "samples").glob("*.npz"))
     assert len(kept) == 1
     fail = False
     sampled = []
     real = Cascade.sample_stage
     monkeypatch.setattr(Cascade, "sample_stage", lambda self, *a, **k: sampled.append(a[0]) or real(self, *a, **k))
-    rows = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    rows = run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     assert len(rows) == 4 and all((tmp_path / r["samples"]).exists() for r in rows)
     assert sampled.count(1) == 3  # the SR stage sampled the three points that were not kept yet
     z = np.load(kept[0])
@@ -189,11 +192,11 @@ def test_kept_samples_are_scored_again_without_sampling_and_changes_are_rescored
     sampled.clear()
     with torch.no_grad():
         next(cascade.stages[0].net.parameters()).add_(0.1)
-    rows2 = run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)
+    rows2 = run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)
     assert len(rows2) == 4 and {r["lower_fingerprints"][0] for r in rows2} != {r["lower_fingerprints"][0] for r in rows}
     assert sampled.count(0) == 3  # z0 once, z_s for s = 0 and 10
     sampling.stages[1].steps = 3
-    assert len(run_sweep(cascade, sampling, cfg, scorer, tmp_path, "m", progress=lambda s: None)) == 4
+    assert len(run_sweep(cascade, sampling, cfg, Judge(scorer, "m"), tmp_path, progress=lambda s: None)) == 4
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12
 
 
@@ -226,7 +229,8 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
     assert main(["train", str(base), "--out", str(tmp_path / "base"), "--no-progress"]) == 0
     assert main(["train", str(sr), "--out", str(tmp_path / "sr"), "--no-progress"]) == 0
     assert main(["train-classifier", "--out", str(tmp_path / "clf"), "--data-from", str(sr), "--no-progress",
-                 "--set", "epochs=1", "--set", "width=8", "--set", "batch_size=8", "--set", "min_steps=0"]) == 0
+                 "--set", "epochs=1", "--set", "width=8", "--set", "batch_size=8", "--set", "min_steps=0",
+                 "--data", "held_out=0.3"]) == 0  # 24 toy images: hold out enough to test on
     casc = tmp_path / "cascade.json"
     casc.write_text(json.dumps({"stages": ["base", "sr"], "sampling": {
         "mode": "non-truncated", "stages": [{"steps": 2, "level": 0}, {"steps": 2, "level": 0}]}}))
@@ -243,17 +247,29 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         assert "consistency_psnr" in res["per_stage"][0]["ground_truth"]
         assert 0 <= res["cas"]["generated"]["top1"] <= 100
         assert (tmp_path / "ev" / "report.html").exists()
+        # scoring against the training split is reported, not silent
+        assert res["reference_overlap"]["sr"] == 24 and "trained on" in capsys.readouterr().out
+        before = casc.read_text()
         assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",
                      "--n-ref", "24", "--classifier", str(tmp_path / "clf"), "--split", "train",
                      "--sampler", "ddim", "--steps", "3"]) == 0
         summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
         best = summary["best"]
         assert {r["sampler"] for r in summary["rows"]} == {"ddim"} and {r["steps"] for r in summary["rows"]} == {3}
+        assert all(r["metrics"]["fid_se"] > 0 for r in summary["rows"])  # every point has an error bar
         saved = json.loads(casc.read_text())["sampling"]
-        assert saved["stages"][1]["level"] == best["level"] and saved["mode"] == best["mode"]
-        # the sweep's sampler override is not written back; only the chosen level and mode are
-        assert saved["sampler"] == "ancestral" and saved["stages"][1]["steps"] == 2
+        assert summary["written"] == (casc.read_text() != before) and summary["decision"] in capsys.readouterr().out
+        if summary["written"]:
+            assert saved["stages"][1]["level"] == best["level"] and saved["mode"] == best["mode"]
+        # the sweep's sampler override is never written back
+        assert saved["stages"][1].get("sampler", "ancestral") == "ancestral" and saved["stages"][1]["steps"] == 2
         assert (tmp_path / "sw" / "sweep.svg").exists()
+        # --stage works as in cdm sample; a level found is written into OUT/cascade.json
+        assert main(["sweep", "--stage", str(tmp_path / "base"), "--stage", str(tmp_path / "sr"), "--out",
+                     str(tmp_path / "sw2"), "--levels", "0,5", "--n", "6", "--n-ref", "24", "--modes", "non-truncated",
+                     "--classifier", str(tmp_path / "clf"), "--split", "train", "--steps", "2"]) == 0
+        s2 = json.loads((tmp_path / "sw2" / "summary.json").read_text())
+        assert s2["written"] == (tmp_path / "sw2" / "cascade.json").exists()
         # ground-truth inputs: the same sweep on real low-res images; the cascade file is left alone
         before = casc.read_text()
         assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",
@@ -263,4 +279,20 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         assert [(r["conditioning"], r["mode"], r["level"]) for r in summary["rows"]] == [
             ("ground-truth", "non-truncated", 0), ("ground-truth", "non-truncated", 5)]
         assert casc.read_text() == before and len(list((tmp_path / "sw" / "samples").glob("*.npz"))) == 2
-        assert "best: ground-truth s=" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "lowest: ground-truth s=" in out and "ablation" in out
+
+
+def test_the_sweep_writes_a_level_only_when_it_wins_beyond_the_noise():
+    from cdm.eval.sweep import _decide
+
+    def row(mode, level, value, se):
+        return {"mode": mode, "level": level, "value": value, "metrics": {"fid": value, "fid_se": se}}
+
+    rows = [row("non-truncated", 0, 5.0, 0.2), row("non-truncated", 100, 3.0, 0.2), row("truncated", 100, 4.0, 0.2)]
+    best, cur, write, why = _decide(rows, "fid", "non-truncated", 0)
+    assert best is rows[1] and cur is rows[0] and write and "beats" in why  # 2.0 > 2 * hypot(0.2, 0.2)
+    best, cur, write, why = _decide([row("non-truncated", 0, 3.3, 0.2), rows[1]], "fid", "non-truncated", 0)
+    assert not write and "within the noise" in why  # 0.3 < 0.57
+    assert not _decide(rows, "fid", "non-truncated", 100)[2]  # already the best
+    assert not _decide(rows, "fid", "non-truncated", 50)[2]  # the current setting was not swept

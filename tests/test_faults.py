@@ -180,10 +180,11 @@ def test_a_checkpoint_is_verified_on_load(tmp_path, capsys):
         load_checkpoint(tmp_path / "d.safetensors")
     save_file(tensors, tmp_path / "e.safetensors", metadata={**meta, "format_version": "99"})
     err = cli_error(capsys, ["sample", "--stage", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "s")])
-    assert "format version 99" in err and "reads versions 1, 2" in err
-    v1 = {k: v for k, v in meta.items() if k != "checksum"}
-    save_file(tensors, tmp_path / "v1.safetensors", metadata={**v1, "format_version": "1"})
-    assert load_checkpoint(tmp_path / "v1.safetensors").step == 0  # version 1 (no checksum) still reads
+    assert "format version 99" in err and "retrain it or use the cdm version that wrote it" in err
+    old = {k: v for k, v in meta.items() if k != "checksum"}
+    save_file(tensors, tmp_path / "v1.safetensors", metadata={**old, "format_version": "1"})
+    with pytest.raises(CheckpointError, match="format version 1, not"):  # an older format is refused, not read
+        load_checkpoint(tmp_path / "v1.safetensors")
 
 
 # ----------------------------------------------------------------------------- security

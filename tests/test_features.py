@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import cdm.features as features
+import cdm.eval.features as features
 from cdm.data import DataConfig, to_float
-from cdm.features import (FeatureError, InceptionFID, reference_stats, stats_key, tf_bilinear_resize,
+from cdm.eval.features import (FeatureError, InceptionFID, reference_stats, stats_key, tf_bilinear_resize,
                           to_rgb255)
 from cdm.metrics import feature_stats
 

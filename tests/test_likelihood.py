@@ -13,8 +13,9 @@ from cdm.cascade import Cascade, CascadeError
 from cdm.checkpoint import Checkpoint, checkpoint_path, save_checkpoint
 from cdm.cli import main
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion
-from cdm.likelihood import cascade_bound, diffusion_bound, stage_images
-from cdm.sample import default_sampling, write_cascade_file
+from cdm.eval.likelihood import cascade_bound, diffusion_bound, stage_images
+from cdm.cascade import SamplingPlan
+from cdm.cascade_file import write_cascade_file
 from cdm.samplers import SeededNoise, derive_seed
 from cdm.stage import Stage
 
@@ -57,8 +58,8 @@ def test_monte_carlo_estimate_is_unbiased_for_the_exact_sum(stop):
 def test_bound_does_not_depend_on_the_batch():
     c = two_stages()
     data = toy_images(5, 16)
-    a = cascade_bound(c, data.images, data.labels, [0, 4], seeds=[3, 1, 4, 1, 5], batch_size=2, t_samples=2)
-    b = cascade_bound(c, data.images[2:], data.labels[2:], [0, 4], seeds=[4, 1, 5], batch_size=64, t_samples=2)
+    a = cascade_bound(c, data.images, data.labels, [0, 4], seed=3, batch_size=2, t_samples=2)
+    b = cascade_bound(c, data.images[2:], data.labels[2:], [0, 4], seed=5, batch_size=64, t_samples=2)
     torch.testing.assert_close(a.total_bits[2:], b.total_bits)
 
 
@@ -151,7 +152,7 @@ def test_cascade_bound_is_the_sum_of_its_parts():
     base, sr = c.stages
     data = toy_images(4, 16)
     seeds = [11, 12, 13, 14]
-    got = cascade_bound(c, data.images, data.labels, [0, s], "truncated", seeds=seeds)
+    got = cascade_bound(c, data.images, data.labels, [0, s], "truncated", seed=11)
     z0, x0 = stage_images(data.images, 8), stage_images(data.images, 16)
     eps_z = SeededNoise([derive_seed(j, 1, 1) for j in seeds]).randn(1, 8, 8)
     z_s = base.diffusion.q_sample(z0, torch.full((4,), s), eps_z)
@@ -235,7 +236,7 @@ def test_cli_nll(tmp_path, toy_npz, capsys):
     c = two_stages(classes=3)
     runs = [save_run(st, tmp_path / name) for st, name in zip(c.stages, ["base", "sr"])]
     out = tmp_path / "nll"
-    argv = ["nll", "--stage", runs[0], "--stage", runs[1], "--level", "5", "--n", "6", "--data", str(toy_npz),
+    argv = ["nll", "--stage", runs[0], "--stage", runs[1], "--level", "5", "--n", "6", "--reference", str(toy_npz),
             "--t-samples", "2", "--out", str(out), "--no-progress", "--batch-size", "4"]
     assert main(argv) == 0
     summary = json.loads((out / "nll.json").read_text())
@@ -244,15 +245,15 @@ def test_cli_nll(tmp_path, toy_npz, capsys):
     assert summary["total"]["bpd"] == pytest.approx(sum(s["bits"] for s in summary["stages"]) / 256)
     assert summary["total"]["bpd_se"] > 0
     assert "| **total** |" in (out / "nll.md").read_text() and "**total**" in capsys.readouterr().out
-    cfile = write_cascade_file(tmp_path / "cascade.json", runs, default_sampling(len(c.stages), levels=[0, 3]))
-    assert main(["nll", "--cascade", str(cfile), "--n", "2", "--data", str(toy_npz), "--t-samples", "1",
+    cfile = write_cascade_file(tmp_path / "cascade.json", runs, SamplingPlan.uniform(len(c.stages), levels=[0, 3]))
+    assert main(["nll", "--cascade", str(cfile), "--n", "2", "--reference", str(toy_npz), "--t-samples", "1",
                  "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "nll.json").read_text())
     assert summary["levels"] == [0, 3] and summary["mode"] == "non-truncated" and summary["n_images"] == 2
 
-    for extra, message in [([], "has no test split"), (["--n", "99"], "holds 24"),
-                           (["--level", "0,5,5"], "--level needs one value"), (["--level", "21"], "[0, 20]")]:
-        bad = [a for a in argv if a not in ("--data", str(toy_npz))] if not extra else argv + extra
+    for extra, message in [(["--n", "99"], "holds 24"), (["--level", "0,5,5"], "--level needs one value"),
+                           (["--level", "21"], "[0, 20]")]:
+        bad = argv + extra
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("cdm: error:") and message in err, err

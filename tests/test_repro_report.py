@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdm.sweep import save_samples
+from cdm.eval.ledger import save_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 

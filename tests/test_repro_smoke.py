@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm.sweep import read_rows
+from cdm.eval.ledger import read_rows
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))

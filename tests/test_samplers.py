@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdm.cascade import Cascade, CascadeError, CascadeSampling, StageSampling
+from cdm.cascade import Cascade, CascadeError, SamplingPlan, StagePlan
 from cdm.cli import build_parser
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion, time_grid
 from cdm.samplers import SAMPLERS, SeededNoise, ancestral, ddim, dpmpp_2m, dpmpp_2m_sde
@@ -219,12 +219,11 @@ def test_cascade_and_cli_expose_samplers_and_spacing():
     sr = Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", steps=50, name="sr"))
     cascade = Cascade([base, sr])
     for name in SAMPLERS:
-        settings = CascadeSampling(mode="truncated", sampler=name, spacing="quadratic",
-                                   stages=[StageSampling(steps=4, level=0), StageSampling(steps=4, level=10)])
+        settings = SamplingPlan.uniform(2, steps=4, levels=[0, 10], mode="truncated", sampler=name, spacing="quadratic")
         out = cascade.sample(torch.tensor([0, 1]), [3, 4], settings)
         assert out.images[1].shape == (2, 1, 8, 8) and torch.isfinite(out.inputs[1]).all()
     with pytest.raises(CascadeError, match="spacing"):
-        cascade.sample(torch.tensor([0]), [0], CascadeSampling(spacing="cubic", stages=[StageSampling()] * 2))
+        cascade.sample(torch.tensor([0]), [0], SamplingPlan(stages=[StagePlan(spacing="cubic")] * 2))
     a = build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "dpmpp-2m",
                                    "--spacing", "quadratic"])
     assert (a.sampler, a.spacing) == ("dpmpp-2m", "quadratic")

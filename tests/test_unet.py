@@ -71,13 +71,13 @@ def test_condition_embedding_once_equals_inside():
 def test_sampling_embeds_class_and_level_once_per_sample():
     """The class and level embeddings do not depend on t: a 6-step SR sampling run computes them
     once, the time embedding six times."""
-    from cdm.cascade import sample_stage
+    from cdm.cascade import StagePlan, sample_stage
     from conftest import tiny_stage
 
     stage = tiny_stage(resolution=8, lowres=4, aug="gaussian")
     calls = {"label": 0, "level": 0, "time": 0}
     for name, mod in (("label", stage.net.label_embed), ("level", stage.net.level_embed), ("time", stage.net.time_embed)):
         mod.register_forward_hook(lambda *_, k=name: calls.__setitem__(k, calls[k] + 1))
-    sample_stage(stage, 1, torch.tensor([0, 1]), [0, 1], steps=6, lowres=torch.zeros(2, 1, 4, 4), level=10,
-                 sampler="ddim")
+    sample_stage(stage, 1, torch.tensor([0, 1]), [0, 1], StagePlan(steps=6, level=10, sampler="ddim"),
+                 lowres=torch.zeros(2, 1, 4, 4))
     assert calls == {"label": 1, "level": 1, "time": 6}

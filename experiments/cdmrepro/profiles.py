@@ -65,9 +65,9 @@ class Profile:
     # key=value overrides per stage kind ("base", "sr", "single"), on top of the presets
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     classifier: dict[str, Any] = field(default_factory=dict)  # ClassifierConfig of the feature space
-    classifier_limit: int = 0  # train the domain classifier on the first N train images (0: all)
+    classifier_limit: int = 0  # train the domain classifier on N train images, class-stratified (0: all)
     cas: dict[str, Any] = field(default_factory=lambda: {"epochs": 4})  # ClassifierConfig of CAS
-    cas_test_limit: int = 0  # CAS is tested on the first N real test images (0: all 10,000)
+    cas_test_limit: int = 0  # CAS is tested on N real test images, class-stratified (0: all 10,000)
     seed: int = 0
     diagnostics: tuple[Variant, ...] = DIAGNOSTICS  # variants of the SR stages (--diagnostics)
 

@@ -16,11 +16,12 @@ import torch
 
 from cdm.checkpoint import atomic_write
 from cdm.data import DataConfig, to_float
-from cdm.evaluate import ground_truth_lowres, real_images
+from cdm.eval.ledger import load_samples
+from cdm.eval.reference import ReferenceSpec, load_reference
+from cdm.eval.report import line_plot_svg
+from cdm.eval.sweep import ground_truth_inputs
 from cdm.images import make_grid
 from cdm.metrics import consistency_psnr
-from cdm.report import line_plot_svg
-from cdm.sweep import load_samples
 
 from .checks import claims
 from .run import best, condition, main_points
@@ -88,7 +89,7 @@ def _grid(images: torch.Tensor) -> bytes:
 
 
 def _real_grid(data: DataConfig) -> bytes:
-    real = real_images(data, "test", 32, 2000)
+    real = load_reference(data, ReferenceSpec(split="test", n=0))  # in the data set's order
     pick = torch.cat([torch.nonzero(real.labels == c).flatten()[:4] for c in range(10)])
     order = pick.view(10, 4).T.flatten()  # row r: the r-th image of every class
     return _grid(real.images[order])
@@ -132,8 +133,7 @@ def render(summary: dict, prefix: str, reading: str, out: Path) -> str:
     head = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n",
             f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; total wall time "
             f"{_dur(summary['total_seconds'])} over {len(inv)} invocation(s). Every cascade row shares one base "
-            f"stage; sampling: {summary['sampling']['sampler']}, {p['sample_steps']} steps per stage, "
-            f"{summary['sampling']['spacing']} time grid.\n"]
+            f"stage; sampling: {p['sampler']}, {p['sample_steps']} steps per stage, {p['spacing']} time grid.\n"]
     sections = (_main_section(summary), _claims_section(summary["points"]), _sweep_section(summary["points"], prefix),
                 _diagnostics_section(summary, out), _samples_section(summary, prefix), _training_section(summary),
                 _time_section(summary))
@@ -154,7 +154,7 @@ def _main_section(summary: dict) -> list[str]:
     real = cas.get(("real", "real train images", None))
     if real:
         rows.append(["real data (train split)", *["—"] * 5, f"{real['top1']:.1f}%", "—", "—"])
-    test = f"the first {p['cas_test_limit']}" if p["cas_test_limit"] else "the 10,000"
+    test = f"{p['cas_test_limit']} (class-stratified)" if p["cas_test_limit"] else "the 10,000"
     only = "" if p["inception_rows"] is None else f" (only for rows {', '.join(p['inception_rows'])})"
     return ["## Main results\n",
             _table(["row", "condition", "s", "classifier FID ± SE", "KID", "Inception FID", "CAS top-1",
@@ -235,8 +235,8 @@ def _diagnostics_section(summary: dict, out: Path) -> list[str]:
 
 @functools.lru_cache(maxsize=2)
 def _ground_truth(data_json: str, n: int, resolution: int, seed: int):
-    """The experiment's ground-truth inputs (:func:`cdm.evaluate.ground_truth_lowres`), loaded once."""
-    return ground_truth_lowres(DataConfig(**json.loads(data_json)), "train", n, resolution, seed)
+    """The experiment's ground-truth inputs (:func:`cdm.eval.sweep.ground_truth_inputs`), loaded once."""
+    return ground_truth_inputs(DataConfig(**json.loads(data_json)), "train", n, resolution, seed)
 
 
 def _consistency(path: Path, summary: dict) -> str | None:

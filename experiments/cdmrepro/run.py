@@ -1,6 +1,6 @@
 """The experiment, resumable at every level: train every stage (``train_stage`` resumes from its
 checkpoints), train the domain classifier, score every (row, condition, s) point into
-``points/results.jsonl`` (``cdm.sweep``: samples kept as uint8 ``.npz``), compute CAS for the main
+``points/results.jsonl`` (``cdm.eval.sweep``: samples kept as uint8 ``.npz``), compute CAS for the main
 rows into ``cas.jsonl``, and write ``summary.json``. A re-run skips everything that is done.
 
 Layout of the output directory::
@@ -25,16 +25,17 @@ from typing import Callable
 
 import torch
 
-from cdm.cascade import Cascade, CascadeSampling, StageSampling
+from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, list_checkpoints, load_stage
-from cdm.classifier import ClassifierConfig, train_and_test
 from cdm.config import to_dict
 from cdm.data import DataConfig, ImageSet, load_dataset, to_float
 from cdm.distributed import pick_device
-from cdm.evaljobs import make_extractor, reference, train_domain_classifier
-from cdm.evaluate import ground_truth_lowres, real_images
-from cdm.sample import balanced_labels, sample_batched
-from cdm.sweep import SweepConfig, append_row, load_samples, read_rows, run_sweep, score_point, stage_fingerprint
+from cdm.eval.classifier import ClassifierConfig, train_and_test, train_domain_classifier
+from cdm.eval.features import make_extractor, reference_features
+from cdm.eval.ledger import Judge, append_row, load_samples, read_rows, score_point, stage_fingerprint
+from cdm.eval.reference import ReferenceSpec, load_reference
+from cdm.eval.sweep import SweepConfig, ground_truth_inputs, run_sweep
+from cdm.generate import balanced_labels, sample_batched
 from cdm.train import train_stage
 from cdm.unet import UNet
 
@@ -73,14 +74,16 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
                                         "train_flops": v.train_flops} for k, v in plans.items()})
     ckpts = {key: train(plan, out / "stages" / key, train_set, ledger, log, rc.progress)
              for key, plan in plans.items()}
-    scorer, metric = build_scorer(p, out, data_cfg, str(dev), ledger, log)
-    scoring = {"n_ref": p.n_ref, "n_incep": p.n_incep, "n_incep_ref": p.n_incep_ref, "bootstrap": p.bootstrap}
-    sampling = CascadeSampling(mode="non-truncated", sampler=p.sampler, spacing=p.spacing,
-                               stages=[StageSampling(steps=p.sample_steps), StageSampling(steps=p.sample_steps)])
+    scorer, metric, references = build_scorer(p, out, data_cfg, str(dev), ledger, log)
+    # part of every point's identity: a point scored against other real images is scored again
+    scoring = {"n_ref": p.n_ref, "n_incep": p.n_incep, "n_incep_ref": p.n_incep_ref, "bootstrap": p.bootstrap,
+               **references}
+    sampling = SamplingPlan.uniform(2, steps=p.sample_steps, mode="non-truncated", sampler=p.sampler,
+                                    spacing=p.spacing)
     points_dir = out / "points"
     points = [single_point(ckpts[SINGLE], sampling, p, scorer.for_row(SINGLE, p.inception_rows), points_dir,
                            metric, scoring, dev, ledger, log)]
-    gt = ground_truth_lowres(data_cfg, "train", p.n, plans["sr-gaussian"].config.lowres_resolution, p.seed)
+    gt = ground_truth_inputs(data_cfg, "train", p.n, plans["sr-gaussian"].config.lowres_resolution, p.seed)
     for key in SR_ROWS:
         cascade = Cascade([load_stage(ckpts[BASE], dev), load_stage(ckpts[key], dev)])
         points += sr_points(key, cascade, sampling, p, scorer.for_row(key, p.inception_rows), points_dir, metric,
@@ -151,9 +154,10 @@ def train(plan: StagePlan, run_dir: Path, data: ImageSet, ledger: Ledger, log: L
 
 # ----------------------------------------------------------------------------- scoring
 def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: Ledger, log: Log
-                 ) -> tuple[PointScorer, str]:
+                 ) -> tuple[PointScorer, str, dict]:
     """Train the domain classifier (once), load the reference statistics (cached in ``out/cache``)
-    and return the scorer and the name of its primary metric."""
+    and return the scorer, the name of its primary metric and the fingerprints of the real images
+    it compares with."""
     clf_dir = out / "classifier"
     if not (clf_dir / "summary.json").exists():
         log("train the domain classifier")
@@ -163,24 +167,28 @@ def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: L
         log(f"domain classifier: test top-1 {s['test']['top1']:.2f}%")
     with ledger.task("reference statistics"):
         ex = make_extractor("classifier", clf_dir)
-        ref = reference(ex, data, "test", 32, p.n_ref, cache_dir=out / "cache")
+        test = load_reference(data, ReferenceSpec(split="test", n=p.n_ref))
+        ref = reference_features(ex, test, 32, cache_dir=out / "cache")
+        references = {"reference": test.fingerprint}
         incep = incep_ref = None
         if p.n_incep > 0:
             incep = make_extractor("inception", None, device)
-            incep_ref = reference(incep, data, "test", 32, p.n_incep_ref, cache_dir=out / "cache")
+            incep_test = load_reference(data, ReferenceSpec(split="test", n=p.n_incep_ref))
+            incep_ref = reference_features(incep, incep_test, 32, cache_dir=out / "cache")
+            references["incep_reference"] = incep_test.fingerprint
     scorer = PointScorer(ex, ref, p.bootstrap, incep, incep_ref, p.n_incep, p.seed)
-    return scorer, f"{PRIMARY}[{ex.name}]"
+    return scorer, f"{PRIMARY}[{ex.name}]", references
 
 
-def single_point(ckpt: Path, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path, metric: str,
+def single_point(ckpt: Path, sampling: SamplingPlan, p: Profile, scorer, points_dir: Path, metric: str,
                  scoring: dict, device: torch.device, ledger: Ledger, log: Log, key: str = SINGLE) -> dict:
     """A single-stage model's point (row ``key``), in the same results file as the cascade's."""
     stage = load_stage(ckpt, device)
-    one = CascadeSampling(mode="non-truncated", sampler=sampling.sampler, spacing=sampling.spacing,
-                          stages=[StageSampling(steps=sampling.stages[-1].steps)])
+    st = replace(sampling.stages[-1], level=0)  # sampled as the cascade's last stage is
+    one = SamplingPlan(mode="non-truncated", stages=[st])
     point = {"row": key, "scoring": scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
-             "level": 0, "metric": metric, "n": p.n, "seed": p.seed, "steps": one.stages[0].steps,
-             "sampler": one.sampler, "spacing": one.spacing, "fingerprint": stage_fingerprint(stage)}
+             "level": 0, "metric": metric, "n": p.n, "seed": p.seed, "steps": st.steps,
+             "sampler": st.sampler, "spacing": st.spacing, "fingerprint": stage_fingerprint(stage)}
 
     def sample():
         labels = balanced_labels(p.n, stage.num_classes)
@@ -188,11 +196,11 @@ def single_point(ckpt: Path, sampling: CascadeSampling, p: Profile, scorer, poin
         return res.images[0], labels, None
 
     with ledger.task(f"points {key}"):
-        return score_point(points_dir, point, sample, scorer, metric_name=metric, primary=PRIMARY,
-                           keep_samples=True, name=key, progress=log)
+        return score_point(points_dir, point, sample, Judge(scorer, metric, PRIMARY), keep_samples=True, name=key,
+                           progress=log)
 
 
-def sr_points(key: str, cascade: Cascade, sampling: CascadeSampling, p: Profile, scorer, points_dir: Path,
+def sr_points(key: str, cascade: Cascade, sampling: SamplingPlan, p: Profile, scorer, points_dir: Path,
               metric: str, scoring: dict, gt: tuple, ledger: Ledger, log: Log, levels: tuple[int, ...] | None = None,
               modes: list[str] | None = None) -> list[dict]:
     """One SR stage's points: generated inputs (in ``modes``, default both, over ``levels``,
@@ -206,7 +214,7 @@ def sr_points(key: str, cascade: Cascade, sampling: CascadeSampling, p: Profile,
     for cfg in (SweepConfig(modes=modes if gaussian else ["non-truncated"], **common),
                 SweepConfig(conditioning="ground-truth", **common)):
         with ledger.task(f"points {key} {cfg.conditioning}"):
-            rows += run_sweep(cascade, sampling, cfg, scorer, points_dir, metric, log, primary=PRIMARY, tags=tags,
+            rows += run_sweep(cascade, sampling, cfg, Judge(scorer, metric, PRIMARY), points_dir, log, tags=tags,
                               ground_truth=gt if cfg.conditioning == "ground-truth" else None)
     return sorted(rows, key=lambda r: (r["conditioning"], r["mode"], r["level"]))
 
@@ -235,8 +243,9 @@ def main_points(points: list[dict]) -> list[dict]:
 def cas_points(picks: list[dict], points_dir: Path, path: Path, data: DataConfig, p: Profile, ledger: Ledger,
                log: Log) -> list[dict]:
     """CAS of each main point (the classifier recipe trained on its samples and their labels,
-    tested on the real test split) and of as many real train images; rows in ``cas.jsonl``."""
-    test = real_images(data, "test", 32, p.cas_test_limit)
+    tested on the real test split, or a class-stratified subset of ``p.cas_test_limit`` of it) and of
+    as many real train images (a class-stratified subset); rows in ``cas.jsonl``."""
+    test = load_reference(data, ReferenceSpec(split="test", n=p.cas_test_limit))
     cfg = ClassifierConfig(**{**p.cas, "resolution": 32, "channels": 1, "num_classes": len(test.class_names)})
     recipe = {**to_dict(cfg), "test_limit": p.cas_test_limit}
     rows = read_rows(path)
@@ -271,7 +280,7 @@ def cas_points(picks: list[dict], points_dir: Path, path: Path, data: DataConfig
             out.append(one(ident, get))
 
         def real():
-            ims = real_images(data, "train", 32, p.n)
+            ims = load_reference(data, ReferenceSpec(split="train", n=p.n, seed=p.seed))
             return ims.images, ims.labels
 
         out.append(one({"row": "real", "condition": "real train images", "level": None, "n": p.n,

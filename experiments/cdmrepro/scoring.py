@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from cdm.data import to_uint8
-from cdm.evaluate import ReferenceFeatures, quality_scores
+from cdm.eval.features import ReferenceFeatures
+from cdm.eval.quality import quality_scores
 from cdm.metrics import fid_bootstrap_se
 
 PRIMARY = "fid"  # classifier-space FID ranks the levels
@@ -20,10 +21,10 @@ class PointScorer:
     ``kid``, ``kid_std`` (classifier space, against ``ref``) and, with an Inception extractor,
     ``inception_fid`` of the first ``n_incep`` samples against ``incep_ref``."""
 
-    classifier: object  # cdm.evaljobs.ClassifierFeatures
+    classifier: object  # cdm.eval.features.ClassifierFeatures
     ref: ReferenceFeatures
     bootstrap: int
-    inception: object | None = None  # cdm.features.InceptionFID
+    inception: object | None = None  # cdm.eval.features.InceptionFID
     incep_ref: ReferenceFeatures | None = None
     n_incep: int = 0
     seed: int = 0

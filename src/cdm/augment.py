@@ -1,4 +1,4 @@
-"""Conditioning augmentation (Ho et al. 2022, §3 and §4 of ../shared/METHOD.md).
+"""Conditioning augmentation (Ho et al. 2022; docs/METHOD.md §2 and §4).
 
 The super-resolution stage's low-resolution input ``z0`` is corrupted before the network sees
 it, so that the stage learns to correct the previous stage's errors. One object,

@@ -1,6 +1,6 @@
 """A cascade: a base stage followed by any number of super-resolution stages.
 
-Sampling follows ../shared/METHOD.md §4. For each SR stage ``i`` with level ``s_i``:
+Sampling follows docs/METHOD.md §4. For each SR stage ``i`` with level ``s_i``:
 
 - **non-truncated**: the stage below runs to ``z_0``; then ``z_s ~ q(z_s | z_0)`` through the SR
   stage's augmentation (the same call as in training);
@@ -14,7 +14,7 @@ A cascade is validated when it is built; errors say what to change.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -35,17 +35,70 @@ class CascadeError(ValueError):
 
 
 @dataclass
-class StageSampling:
-    steps: int = 100  # sampler steps for this stage
-    level: int = 0  # augmentation level s this (SR) stage is conditioned at
+class StagePlan:
+    """How one stage is sampled."""
+    steps: int = 100  # sampler steps (network evaluations for first-order samplers)
+    level: int = 0  # augmentation level s the (SR) stage's input is at; 0 for the base
+    sampler: str = "ancestral"  # a name in samplers.SAMPLERS
+    spacing: str = "uniform"  # diffusion.Spacing of the stage's time grid
+
+    def check(self, where: str = "") -> None:
+        """Raise :class:`CascadeError` unless the fields name things that exist."""
+        if self.sampler not in SAMPLERS:
+            raise CascadeError(f"{where}unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.spacing not in {sp.value for sp in Spacing}:
+            raise CascadeError(f"{where}unknown grid spacing {self.spacing!r} "
+                               f"(choose from {', '.join(sp.value for sp in Spacing)})")
+        if self.steps < 1:
+            raise CascadeError(f"{where}steps must be >= 1, got {self.steps}")
 
 
 @dataclass
-class CascadeSampling:
+class SamplingPlan:
+    """How a cascade is sampled: the cascade-wide ``mode`` and one :class:`StagePlan` per stage.
+
+    The one object every sampling caller passes (``Cascade.sample``, eval, sweep, nll, sharded
+    sampling) and the ``sampling`` entry of a cascade file. A new sampling option is a field here."""
     mode: str = "non-truncated"  # Mode
-    sampler: str = "ancestral"  # a name in samplers.SAMPLERS
-    spacing: str = "uniform"  # diffusion.Spacing of every stage's time grid
-    stages: list[StageSampling] = field(default_factory=list)
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @classmethod
+    def uniform(cls, num_stages: int, steps: int | list[int] = 100, levels: list[int] | None = None,
+                mode: str = "non-truncated", sampler: str = "ancestral", spacing: str = "uniform") -> "SamplingPlan":
+        """A plan with the same sampler and spacing for every stage; ``steps`` one value or one per
+        stage; ``levels`` one per stage (0 for the base; default all 0)."""
+        steps = [steps] * num_stages if isinstance(steps, int) else list(steps)
+        levels = list(levels) if levels is not None else [0] * num_stages
+        if len(steps) != num_stages or len(levels) != num_stages:
+            raise CascadeError(f"give one value per stage ({num_stages}) for steps and levels, "
+                               f"got {len(steps)} and {len(levels)}")
+        return cls(mode=mode, stages=[StagePlan(n, s, sampler, spacing) for n, s in zip(steps, levels)])
+
+    def override(self, steps: list[int] | None = None, levels: list[int] | None = None, mode: str | None = None,
+                 sampler: str | None = None, spacing: str | None = None) -> "SamplingPlan":
+        """A copy with the given settings replaced: ``steps`` one value or one per stage, ``levels``
+        one per stage (0 for the base), ``sampler``/``spacing`` for every stage."""
+        k = len(self.stages)
+        if steps and len(steps) not in (1, k):
+            raise CascadeError(f"steps needs 1 or {k} values (one per stage), got {len(steps)}")
+        if levels and len(levels) != k:
+            raise CascadeError(f"levels needs {k} values (0 for the base stage), got {len(levels)}")
+        steps = (steps * k if len(steps) == 1 else steps) if steps else [st.steps for st in self.stages]
+        levels = levels or [st.level for st in self.stages]
+        stages = [replace(st, steps=n, level=s, sampler=sampler or st.sampler, spacing=spacing or st.spacing)
+                  for st, n, s in zip(self.stages, steps, levels)]
+        return SamplingPlan(mode=mode or self.mode, stages=stages)
+
+    @property
+    def levels(self) -> list[int]:
+        return [st.level for st in self.stages]
+
+    def check(self) -> None:
+        """Raise :class:`CascadeError` unless the mode and every stage's settings exist."""
+        if self.mode not in {m.value for m in Mode}:
+            raise CascadeError(f"unknown sampling mode {self.mode!r} (choose from {', '.join(m.value for m in Mode)})")
+        for i, st in enumerate(self.stages):
+            st.check(f"stage {i}: ")
 
 
 @dataclass
@@ -56,23 +109,19 @@ class CascadeOutput:
 
 
 @torch.no_grad()
-def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
-                 level: int = 0, corrupt: bool = True, stop: int = 0,
-                 sampler: str = "ancestral", spacing: str = "uniform") -> tuple[Tensor, Tensor]:
-    """Run one stage, ``stage`` at index ``i`` of its cascade: ``(x_stop, x0_hat)``, the state at
-    time ``stop`` and the last estimate of ``x_0``.
+def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: StagePlan,
+                 lowres: Tensor | None = None, corrupt: bool = True, stop: int = 0) -> tuple[Tensor, Tensor]:
+    """Run one stage, ``stage`` at index ``i`` of its cascade, as ``plan`` says (steps, sampler,
+    grid, level): ``(x_stop, x0_hat)``, the state at time ``stop`` and the last estimate of ``x_0``.
 
-    For an SR stage, ``lowres`` ``[N, C, r, r]`` is its input at augmentation ``level``: a
-    clean ``z0`` to corrupt (``corrupt=True``, non-truncated) or the lower stage's ``z_s``
-    (``corrupt=False``, truncated). ``stop > 0`` truncates this stage's own reverse process
-    (to hand ``z_stop`` to a truncated stage above). The noise of sample ``j`` comes from
-    ``seeds[j]`` and ``i`` alone, so a stage's output does not depend on the batch, and the
-    sampler's noise is the same in both modes.
+    For an SR stage, ``lowres`` ``[N, C, r, r]`` is its input at augmentation level
+    ``plan.level``: a clean ``z0`` to corrupt (``corrupt=True``, non-truncated) or the lower
+    stage's ``z_s`` (``corrupt=False``, truncated). ``stop > 0`` truncates this stage's own
+    reverse process (to hand ``z_stop`` to a truncated stage above). The noise of sample ``j``
+    comes from ``seeds[j]`` and ``i`` alone, so a stage's output does not depend on the batch,
+    and the sampler's noise is the same in both modes.
     """
-    if sampler not in SAMPLERS:
-        raise CascadeError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if spacing not in {sp.value for sp in Spacing}:
-        raise CascadeError(f"unknown grid spacing {spacing!r} (choose from {', '.join(sp.value for sp in Spacing)})")
+    plan.check(f"stage {i}: ")
     dev = stage.device
     n = len(labels)
     noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)
@@ -80,16 +129,16 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], steps: 
     if stage.is_super_resolution:
         if lowres is None:
             raise CascadeError(f"stage {i} ({stage.config.name!r}) is a super-resolution stage: pass lowres")
-        lv = stage.augmentation.inference_levels(n, level).to(dev)
+        lv = stage.augmentation.inference_levels(n, plan.level).to(dev)
         aug_noise = None
         if corrupt:  # its own stream: the sampler's noise is then the same in both modes
             aug_noise = SeededNoise([derive_seed(s, i, 1) for s in seeds], dev).randn(*lowres.shape[1:])
         cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
     else:
         cond = stage.conditioning(lab)
-    grid = time_grid(stage.diffusion.T, steps, stop=stop, spacing=spacing)
+    grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing)
     x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-    return SAMPLERS[sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+    return SAMPLERS[plan.sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
 
 
 class Cascade:
@@ -158,25 +207,25 @@ class Cascade:
             raise CascadeError(f"class labels must lie in [0, {nc - 1}] (or {nc} for 'no class'), "
                                f"got {int(labels.min())}..{int(labels.max())}")
 
-    def sample_stage(self, i: int, labels: Tensor, seeds: list[int], steps: int, lowres: Tensor | None = None,
-                     level: int = 0, corrupt: bool = True, stop: int = 0,
-                     sampler: str = "ancestral", spacing: str = "uniform") -> tuple[Tensor, Tensor]:
+    def sample_stage(self, i: int, labels: Tensor, seeds: list[int], plan: StagePlan,
+                     lowres: Tensor | None = None, corrupt: bool = True, stop: int = 0) -> tuple[Tensor, Tensor]:
         """Run stage ``i`` alone (see :func:`sample_stage`)."""
-        return sample_stage(self.stages[i], i, labels, seeds, steps, lowres, level, corrupt, stop, sampler, spacing)
+        return sample_stage(self.stages[i], i, labels, seeds, plan, lowres, corrupt, stop)
 
     @torch.no_grad()
-    def sample(self, labels: Tensor, seeds: list[int], settings: CascadeSampling,
+    def sample(self, labels: Tensor, seeds: list[int], plan: SamplingPlan,
                last_stage: int | None = None) -> CascadeOutput:
         """Sample ``len(labels)`` images; image ``j`` depends only on ``seeds[j]`` and ``labels[j]``.
 
-        ``settings.stages[i]`` gives stage i's step count and the level its SR input is at.
+        ``plan.stages[i]`` says how stage i is sampled and the level its SR input is at.
         ``last_stage`` stops the cascade early (inclusive)."""
-        mode = Mode(settings.mode)
+        plan.check()
+        mode = Mode(plan.mode)
         n_st = len(self.stages) if last_stage is None else last_stage + 1
-        if len(settings.stages) != len(self.stages):
-            raise CascadeError(f"give sampling settings for each of the {len(self.stages)} stages, "
-                               f"got {len(settings.stages)}")
-        levels = [s.level for s in settings.stages]
+        if len(plan.stages) != len(self.stages):
+            raise CascadeError(f"give a sampling plan for each of the {len(self.stages)} stages, "
+                               f"got {len(plan.stages)}")
+        levels = plan.levels
         self.validate(mode, levels)
         if len(seeds) != len(labels):
             raise CascadeError(f"got {len(labels)} labels but {len(seeds)} seeds")
@@ -187,9 +236,8 @@ class Cascade:
         for i in range(n_st):
             # Truncated mode: this stage stops at the next stage's level and hands over z_s.
             stop = levels[i + 1] if (mode is Mode.TRUNCATED and i + 1 < n_st) else 0
-            x, x0 = self.sample_stage(i, labels, seeds, settings.stages[i].steps, lowres=handover,
-                                      level=levels[i], corrupt=mode is Mode.NON_TRUNCATED, stop=stop,
-                                      sampler=settings.sampler, spacing=settings.spacing)
+            x, x0 = self.sample_stage(i, labels, seeds, plan.stages[i], lowres=handover,
+                                      corrupt=mode is Mode.NON_TRUNCATED, stop=stop)
             inputs.append(handover)
             handover = x.clamp(-1, 1) if stop == 0 else x
             images.append(x0.clamp(-1, 1) if stop else x.clamp(-1, 1))

@@ -27,8 +27,7 @@ from torch import Tensor
 from .config import StageConfig, stage_config_from_json, to_dict
 
 FORMAT = "cdm-stage"
-FORMAT_VERSION = 3  # 2 added the checksum; 3 the power-function EMA profiles (pema.*)
-READABLE_VERSIONS = (1, 2, 3)  # version 1 files are read without verification
+FORMAT_VERSION = 3  # the only version read: files of any other are refused
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
@@ -171,21 +170,27 @@ def read_metadata(path: Path) -> dict[str, str]:
                               f"or corrupt: use an earlier checkpoint") from e
 
 
+def _check_format(path: Path, meta: dict[str, str]) -> None:
+    """Refuse a file that is not a cdm stage checkpoint of this cdm's format version."""
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cdm stage checkpoint (format {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path} has checkpoint format version {version}, not {FORMAT_VERSION}: it was "
+                              f"written by another development version of cdm; retrain it or use the cdm "
+                              f"version that wrote it")
+
+
 def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
     """Read a checkpoint file, or the newest one in a run directory or its ``checkpoints/``."""
     path = resolve_checkpoint_path(path)
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a cdm stage checkpoint (format {meta.get('format')!r})")
-    version = int(meta.get("format_version", "-1"))
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} has checkpoint format version {version}; this cdm reads versions "
-                              f"{', '.join(map(str, READABLE_VERSIONS))}: use a matching cdm release")
+    _check_format(path, meta)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt ({e}): use an earlier checkpoint") from e
-    if version >= 2 and meta.get("checksum") != checksum(tensors, meta):
+    if meta.get("checksum") != checksum(tensors, meta):
         raise CheckpointError(f"{path} is corrupt: its contents do not match its checksum; use an earlier "
                               f"checkpoint")
     groups: dict[str, dict[str, Tensor]] = {"model": {}, "ema": {}, "optim": {}, "rng": {}, "pema": {}}
@@ -207,10 +212,13 @@ def load_checkpoint(path: str | Path, weights_only: bool = False) -> Checkpoint:
 
 
 def checkpoint_id(path: str | Path) -> str:
-    """What identifies a checkpoint's contents without reading its tensors: its checksum
-    (``step N`` for a version-1 file)."""
-    meta = read_metadata(resolve_checkpoint_path(path))
-    return meta.get("checksum") or f"step {meta.get('step')}"
+    """What identifies a checkpoint's contents without reading its tensors: its checksum."""
+    path = resolve_checkpoint_path(path)
+    meta = read_metadata(path)
+    _check_format(path, meta)
+    if not meta.get("checksum"):
+        raise CheckpointError(f"{path} is corrupt: it has no checksum; use an earlier checkpoint")
+    return meta["checksum"]
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

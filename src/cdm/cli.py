@@ -20,7 +20,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from .features import FeatureError
+    from .eval.features import FeatureError
     return USER_ERRORS + (FeatureError,)
 
 
@@ -39,54 +39,40 @@ def _positive(text: str) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .train import train_stage
+    from .train import resolve_config, train_stage
 
     cfg = load_stage_config(a.config, a.set)
     if a.dry_run:
-        data = load_dataset(cfg.data)
-        cfg.data.class_names = data.class_names
-        cfg.resolve(channels=data.images.shape[1], num_classes=data.num_classes)
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(json.dumps(to_dict(resolve_config(cfg)), indent=2))
         return 0
     last = train_stage(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
     print(f"checkpoint: {last}")
     return 0
 
 
+def _plan(a: argparse.Namespace):
+    """(checkpoint files, sampling plan) from --cascade or --stage, with the plan flags applied."""
+    from .cascade_file import resolve_cascade
+
+    paths, plan = resolve_cascade(a.cascade, a.stage)
+    return paths, plan.override(**{k: getattr(a, k) for k in a.plan_flags})
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
-    import torch
+    from .shards import SampleRequest, sample_run
 
-    from .checkpoint import resolve_checkpoint_path
-    from .distributed import env_rank, pick_device
-    from .sample import balanced_labels, load_cascade, sample_batched, write_samples
-    from .shards import sample_sharded
-
-    if a.shard is not None and a.num_shards is None:
-        raise ConfigError("--shard I needs --num-shards K")
-    paths, sampling = _cascade_args(a)
-    paths = [resolve_checkpoint_path(p) for p in paths]
-    cascade = load_cascade(paths, pick_device(a.device), a.precision)
-    if a.classes:
-        classes = torch.tensor(a.classes)
-        labels = classes.repeat((a.n + len(classes) - 1) // len(classes))[:a.n]
-    else:
-        labels = balanced_labels(a.n, cascade.num_classes)
-    rank, size, _ = env_rank()
-    if a.num_shards is not None or size > 1:  # a sharded run; under torchrun, rank r takes shards r, r+size, ...
-        k = a.num_shards or size
-        written, left, merged = sample_sharded(cascade, paths, sampling, labels, a.seed, a.out, k,
-                                               [a.shard] if a.shard is not None else range(rank, k, size),
-                                               a.batch_size)
-        for p in written:
-            print(p)
-        print(merged if merged else f"{k - len(left)} of {k} shards done; 'cdm merge {a.out}' once all are")
-        return 0
-    seeds = list(range(a.seed, a.seed + a.n))
-    result = sample_batched(cascade, labels, seeds, sampling, a.batch_size)
-    for p in write_samples(result, cascade, a.out):
+    paths, plan = _plan(a)
+    req = SampleRequest(n=a.n, classes=a.classes, seed=a.seed, batch_size=a.batch_size, device=a.device,
+                        precision=a.precision, num_shards=a.num_shards, shard=a.shard)
+    r = sample_run(paths, plan, req, a.out)
+    for p in r["written"]:
         print(p)
-    print(a.out.rstrip("/") + "/samples.npz")
+    if r["missing"]:
+        k = a.num_shards or len(r["missing"])
+        print(f"{len(r['missing'])} shards still to sample; 'cdm merge {a.out}' once all are done")
+    elif r["samples"]:
+        print(r["samples"])
+    print(f"cascade file: {r['cascade']}")
     return 0
 
 
@@ -97,35 +83,23 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nll(a: argparse.Namespace) -> int:
-    from .likelihood import bound_table, cascade_bound, evaluation_set, write_bound
-    from .distributed import pick_device
-    from .sample import load_cascade, read_cascade_file
+def _reference(a: argparse.Namespace, n_default: int | None = None):
+    from .eval.reference import ReferenceSpec
 
-    if bool(a.cascade) == bool(a.stage):
-        raise ConfigError("pass either --cascade FILE or one --stage CHECKPOINT per stage (base first)")
-    if a.cascade:
-        paths, sampling = read_cascade_file(a.cascade)
-        levels, mode = [st.level for st in sampling.stages], sampling.mode
-    else:
-        paths, levels, mode = a.stage, [0] * len(a.stage), "truncated"
-    cascade = load_cascade(paths, pick_device(a.device))
-    k = len(cascade.stages)
-    if a.level:
-        if len(a.level) not in (1, k) or (len(a.level) == 1 and k == 1 and a.level[0]):
-            raise ConfigError(f"--level needs one value for every super-resolution stage or {k} values "
-                              f"(0 for the base stage), got {len(a.level)}")
-        levels = [0] + a.level * (k - 1) if len(a.level) == 1 else a.level
-    mode = a.mode or mode
-    data = evaluation_set(cascade.stages[-1].config.data, a.split, a.n, a.data)
-    bound = cascade_bound(cascade, data.images, data.labels, levels, mode, t_samples=a.t_samples,
-                          seeds=range(a.seed, a.seed + a.n), batch_size=a.batch_size, progress=not a.no_progress)
-    summary = {**bound.summary(), "levels": levels, "split": a.split, "seed": a.seed,
-               "data": a.data or cascade.stages[-1].config.data.source,
-               "stages_from": [str(p) for p in paths]}
-    written = write_bound(summary, a.out)
-    print(bound_table(summary), end="")
-    for p in written:
+    return ReferenceSpec(split=a.split, n=a.n_ref if n_default is None else n_default, seed=a.ref_seed,
+                         path=a.reference or "")
+
+
+def cmd_nll(a: argparse.Namespace) -> int:
+    from .eval.likelihood import NllConfig, evaluate_nll
+
+    paths, plan = _plan(a)
+    mode = a.mode or ("truncated" if a.stage else None)  # the paper's bound, unless the cascade file says
+    cfg = NllConfig(reference=_reference(a, a.n), levels=a.level, mode=mode, t_samples=a.t_samples, seed=a.seed,
+                    batch_size=a.batch_size, device=a.device, progress=not a.no_progress)
+    r = evaluate_nll(paths, plan, cfg, a.out)
+    print(r["table"], end="")
+    for p in r["written"]:
         print(p)
     return 0
 
@@ -138,60 +112,31 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cascade_args(a: argparse.Namespace):
-    """(checkpoint paths, sampling settings) from --cascade or --stage, with --steps/--levels/--mode
-    overrides applied."""
-    from .sample import default_sampling, read_cascade_file
-
-    if bool(a.cascade) == bool(a.stage):
-        raise ConfigError("pass either --cascade FILE or one --stage CHECKPOINT per stage (base first)")
-    if a.cascade:
-        paths, sampling = read_cascade_file(a.cascade)
-    else:
-        paths = a.stage
-        sampling = default_sampling(len(paths))
-    k = len(sampling.stages)
-    if getattr(a, "steps", None):
-        steps = a.steps * k if len(a.steps) == 1 else a.steps
-        if len(steps) != k:
-            raise ConfigError(f"--steps needs 1 or {k} values, got {len(a.steps)}")
-        for st, n in zip(sampling.stages, steps):
-            st.steps = n
-    if getattr(a, "levels", None):
-        if len(a.levels) != k:
-            raise ConfigError(f"--levels needs {k} values (0 for the base stage), got {len(a.levels)}")
-        for st, s in zip(sampling.stages, a.levels):
-            st.level = s
-    if getattr(a, "mode", None):
-        sampling.mode = a.mode
-    if getattr(a, "sampler", None):
-        sampling.sampler = a.sampler
-    if getattr(a, "spacing", None):
-        sampling.spacing = a.spacing
-    return paths, sampling
-
-
 def cmd_train_classifier(a: argparse.Namespace) -> int:
-    from .classifier import ClassifierConfig
-    from .config import from_dict, load_stage_config, parse_overrides
-    from .evaljobs import train_domain_classifier
+    from .config import from_dict, parse_overrides
+    from .eval.classifier import ClassifierConfig, train_domain_classifier
 
     data = load_stage_config(a.data_from, [f"data.{kv}" for kv in a.data]).data
     cfg = from_dict(ClassifierConfig, parse_overrides(a.set), prefix="")
     s = train_domain_classifier(data, a.out, cfg, progress=not a.no_progress)
-    print(f"classifier: {s['path']}  test top-1 {s['test']['top1']:.2f}%")
+    print(f"classifier: {s['path']}  held-out top-1 {s['test']['top1']:.2f}% ({s['test_n']} images)")
     return 0
 
 
-def cmd_eval(a: argparse.Namespace) -> int:
-    from .classifier import ClassifierConfig
-    from .evaljobs import evaluate_cascade
+def _eval_config(a: argparse.Namespace, features: list[str]):
+    from .eval.quality import EvalConfig
 
-    paths, sampling = _cascade_args(a)
-    r = evaluate_cascade(paths, sampling, a.out, n=a.n, features=a.features, classifier=a.classifier,
-                         n_ref=a.n_ref, split=a.split, samples=a.samples, per_stage=not a.no_per_stage, cas=a.cas,
-                         cas_config=ClassifierConfig(epochs=a.cas_epochs), seed=a.seed, batch_size=a.batch_size,
-                         device=a.device, precision=a.precision)
+    return EvalConfig(features=features, classifier=a.classifier or "", reference=_reference(a), n=a.n,
+                      seed=a.seed, batch_size=a.batch_size, device=a.device, precision=a.precision)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .eval.classifier import ClassifierConfig
+    from .eval.quality import evaluate_cascade
+
+    paths, plan = _plan(a)
+    r = evaluate_cascade(paths, plan, _eval_config(a, a.features), a.out, samples=a.samples,
+                         per_stage=not a.no_per_stage, cas=ClassifierConfig(epochs=a.cas_epochs) if a.cas else None)
     for row in r["scores"]:
         keys = [k for k in ("fid", "kid", "is", "precision", "recall") if k in row]
         print(f"stage {row['stage']} ({row['resolution']}px) [{row['feature_space']}, n={row['n_fake']} vs "
@@ -199,23 +144,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if r["cas"]:
         print(f"CAS top-1 {r['cas']['generated']['top1']:.2f}%"
               + (f" (real data: {r['cas']['real']['top1']:.2f}%)" if "real" in r["cas"] else ""))
+    print(f"reference: {r['reference']}")
     print(f"report: {a.out.rstrip('/')}/report.html")
     return 0
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from .evaljobs import sweep_cascade
-    from .sweep import SweepConfig, condition_label
+    from .eval.sweep import SweepConfig, condition_label, sweep_cascade
 
+    paths, plan = _plan(a)
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
                       ground_truth_split=a.ground_truth_split, n=a.n, seed=a.seed, batch_size=a.batch_size,
-                      keep_samples=a.keep_samples)
-    s = sweep_cascade(a.cascade, a.out, cfg, feature=a.feature, metric=a.metric, classifier=a.classifier,
-                      n_ref=a.n_ref, split=a.split, write_best=not a.no_write, device=a.device,
-                      sampler=a.sampler, steps=a.steps, spacing=a.spacing)
+                      keep_samples=a.keep_samples, metric=a.metric, write_best=not a.no_write)
+    s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade)
     b = s["best"]
-    print(f"best: {condition_label(b)} s={b['level']} {s['metric']}={b['value']:.4f}; "
-          f"report: {a.out.rstrip('/')}/report.html")
+    se = b.get("metrics", {}).get(f"{a.metric}_se", float("nan"))
+    print(f"lowest: {condition_label(b)} s={b['level']} {s['metric']}={b['value']:.4f} ± {se:.2g}")
+    print(s["decision"])
+    print(f"report: {a.out.rstrip('/')}/report.html")
     return 0
 
 
@@ -241,21 +187,42 @@ def cmd_presets(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_cascade_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cascade", help="cascade file (JSON) naming the stage checkpoints and sampling settings")
+PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing")
+
+
+def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> None:
+    p.add_argument("--cascade", help="cascade file (JSON, see the README's 'Cascade files') naming the stage "
+                                     "checkpoints and the sampling plan")
     p.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
                    help="a stage checkpoint or run directory, base first (repeat per stage)")
-    p.add_argument("--steps", type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)")
-    p.add_argument("--levels", type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)")
-    p.add_argument("--mode", choices=["truncated", "non-truncated"], help="how SR stages get their input")
-    p.add_argument("--sampler", choices=list(SAMPLERS),
-                   help="reverse-process sampler (default: the cascade file's, else ancestral)")
-    p.add_argument("--spacing", choices=[sp.value for sp in Spacing],
-                   help="time-grid spacing (default: the cascade file's, else uniform); "
-                        "quadratic suits few-step ddim / dpmpp-2m")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="network precision while sampling (default: what each stage was trained in, bf16 "
                         "autocast for the presets); fp32 is the exact but slower switch")
+    p.add_argument("--device", default="auto", help="auto (default): cuda:LOCAL_RANK if CUDA is available, else cpu")
+    flags = {
+        "steps": dict(type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)"),
+        "levels": dict(type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)"),
+        "mode": dict(choices=["truncated", "non-truncated"], help="how SR stages get their input"),
+        "sampler": dict(choices=list(SAMPLERS),
+                        help="reverse-process sampler of every stage (default: the cascade file's, else ancestral)"),
+        "spacing": dict(choices=[sp.value for sp in Spacing],
+                        help="time-grid spacing of every stage (default: the cascade file's, else uniform); "
+                             "quadratic suits few-step ddim / dpmpp-2m")}
+    for name in plan_flags:
+        p.add_argument(f"--{name}", **flags[name])
+    p.set_defaults(plan_flags=plan_flags)
+
+
+def _add_reference_args(p: argparse.ArgumentParser, n_ref: bool = True) -> None:
+    p.add_argument("--split", choices=["test", "train", "all"], default="test",
+                   help="split of the stages' data set to compare with (default test: Fashion-MNIST's test set; "
+                        "for a folder or .npz the held-out part training never reads, see data.held_out)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="compare with these real images instead (a folder of class sub-folders, or an .npz)")
+    if n_ref:
+        p.add_argument("--n-ref", type=_positive, default=10000,
+                       help="reference images: a random class-stratified subset of this many (default 10000)")
+    p.add_argument("--ref-seed", type=int, default=0, help="seed of the reference subset (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
-    s.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if CUDA is available, else cpu")
     s.add_argument("--num-shards", type=_positive, metavar="K",
                    help="split the run into K shards (shard-XXXX.npz + manifest.json in --out), resumable; "
                         "merged into samples.npz when all are done. Under torchrun: default K = world size, "
@@ -295,32 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     n = sub.add_parser("nll", help="the cascade's variational bound on -log p(x) in bits per dimension",
-                       description="Evaluate the cascade's likelihood bound (METHOD.md section 3) on real images: "
-                                   "per stage and in total, in bits per dimension, with standard errors.")
-    n.add_argument("--cascade", help="cascade file (JSON); its levels and mode are the defaults")
-    n.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
-                   help="a stage checkpoint or run directory, base first (repeat per stage)")
+                       description="Evaluate the cascade's likelihood bound (docs/METHOD.md section 3) on real "
+                                   "images: per stage and in total, in bits per dimension, with standard errors.")
+    _add_cascade_args(n, plan_flags=())
     n.add_argument("--out", required=True, help="output directory (nll.json, nll.md)")
     n.add_argument("--level", type=_ints, help="augmentation level s: one value for every SR stage, or one per "
                                                 "stage with 0 for the base (e.g. 0,250); default: the cascade "
                                                 "file's levels, else 0")
     n.add_argument("--mode", choices=["truncated", "non-truncated"],
-                   help="truncated: SR stages conditioned on the lower stage's forward-process z_s (METHOD.md "
+                   help="truncated: SR stages conditioned on the lower stage's forward-process z_s (docs/METHOD.md "
                         "section 3); non-truncated: every stage's full bound, SR stages on the augmented z_0 "
                         "(default: the cascade file's mode, else truncated)")
-    n.add_argument("--n", type=_positive, default=1000, help="number of images (the first N; default 1000)")
-    n.add_argument("--split", choices=["train", "test"], default="test", help="Fashion-MNIST split (default test)")
-    n.add_argument("--data", help="evaluate these images instead (same kind as the stage's data source)")
+    n.add_argument("--n", type=_positive, default=1000,
+                   help="number of images: a random class-stratified subset (default 1000)")
+    _add_reference_args(n, n_ref=False)
     n.add_argument("--t-samples", type=_positive, metavar="K",
                    help="Monte-Carlo estimate with K uniform t per image and stage (default: the exact sum "
                         "over all T terms, T network calls per stage)")
     n.add_argument("--seed", type=int, default=0, help="image j uses seed SEED + j")
     n.add_argument("--batch-size", type=_positive, default=64)
-    n.add_argument("--device", default="auto")
     n.add_argument("--no-progress", action="store_true")
     n.set_defaults(func=cmd_nll)
 
-    d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 11 minutes on 2 CPU cores)")
+    d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 20 minutes on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")
     d.add_argument("--scale", type=float, default=1.0, help="multiply the training steps (e.g. 0.01 for a smoke run)")
     d.add_argument("--device", default="auto")
@@ -334,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data setting, e.g. --data source=folder --data path=~/pets")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="classifier setting, e.g. --set epochs=2 (see cdm.classifier.ClassifierConfig)")
+                   help="classifier setting, e.g. --set epochs=2 (see cdm.eval.classifier.ClassifierConfig)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_train_classifier)
 
@@ -346,46 +309,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", type=lambda t: [v for v in t.split(",") if v], default=["classifier"],
                    help="feature spaces, comma-separated: classifier, inception (default classifier)")
     e.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
-    e.add_argument("--n-ref", type=_positive, default=10000, help="real reference images (default 10000)")
-    e.add_argument("--split", default="test", help="real split to compare against (default test)")
+    _add_reference_args(e)
     e.add_argument("--cas", action="store_true", help="also compute the Classification Accuracy Score")
     e.add_argument("--cas-epochs", type=_positive, default=4)
     e.add_argument("--no-per-stage", action="store_true", help="skip the per-stage checks of SR stages")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     e.add_argument("--batch-size", type=_positive, default=250)
-    e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_eval)
 
-    w = sub.add_parser("sweep", help="search an SR stage's augmentation level s (truncated and non-truncated)")
-    w.add_argument("--cascade", required=True, help="cascade file; the best level is written back into it")
+    w = sub.add_parser("sweep", help="search an SR stage's augmentation level s (truncated and non-truncated)",
+                       description="Score candidate levels s of one SR stage, each with a bootstrap error bar. "
+                                   "The lowest is written into the cascade file (--cascade; with --stage, "
+                                   "OUT/cascade.json) only when it beats the current level beyond that noise.")
+    _add_cascade_args(w, plan_flags=("steps", "sampler", "spacing"))
     w.add_argument("--out", required=True, help="output directory (resumable)")
     w.add_argument("--stage-index", type=int, default=-1, help="the SR stage to sweep (default: the last)")
-    w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500], help="candidate levels s")
+    w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500],
+                   help="candidate levels s (default 0,50,100,200,300,500; the current level is always added)")
     w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v],
                    help="comma-separated: non-truncated, truncated (default: both; ground-truth inputs: "
                         "non-truncated)")
     w.add_argument("--conditioning", choices=["generated", "ground-truth"], default="generated",
                    help="the SR stage's inputs: the stage below's samples (default), or real low-resolution "
-                        "images corrupted at s by the forward process (the paper's ablation; the cascade "
-                        "file is not changed)")
-    w.add_argument("--ground-truth-split", default="train",
+                        "images corrupted at s by the forward process (the paper's ablation; no cascade "
+                        "file is written)")
+    w.add_argument("--ground-truth-split", default="train", choices=["train", "test", "all"],
                    help="split the real low-resolution inputs are drawn from (default train, so that they "
-                        "are not the test images scored against)")
+                        "are not the held-out images scored against)")
     w.add_argument("--keep-samples", action="store_true",
                    help="save every candidate's samples (OUT/samples/*.npz, uint8) before scoring them")
     w.add_argument("--n", type=_positive, default=500, help="samples per candidate (default 500)")
     w.add_argument("--feature", default="classifier", choices=["classifier", "inception"])
     w.add_argument("--metric", default="fid", choices=["fid", "kid"])
     w.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
-    w.add_argument("--n-ref", type=_positive, default=10000)
-    w.add_argument("--split", default="test")
-    w.add_argument("--no-write", action="store_true", help="do not write the best level into the cascade file")
-    w.add_argument("--sampler", choices=list(SAMPLERS), help="sampler for the sweep (default: the cascade file's)")
-    w.add_argument("--steps", type=_ints, help="sampler steps for the sweep, one value or one per stage")
-    w.add_argument("--spacing", choices=[sp.value for sp in Spacing], help="time-grid spacing for the sweep")
-    w.add_argument("--seed", type=int, default=0)
+    _add_reference_args(w)
+    w.add_argument("--no-write", action="store_true", help="never write a level into a cascade file")
+    w.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
     w.add_argument("--batch-size", type=_positive, default=250)
-    w.add_argument("--device", default="cpu")
     w.set_defaults(func=cmd_sweep)
 
     em = sub.add_parser("ema", help="post-hoc EMA: rebuild a run's weight average of any length after training",

@@ -8,11 +8,19 @@ stage is trained on exactly the distribution its SR stage is conditioned on.
 Sources: Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` by default), a folder of
 images with one sub-folder per class, and ``.npz`` arrays (``images`` ``[N, H, W(, C)]`` or
 ``[N, C, H, W]`` uint8 and optional ``labels``).
+
+Every source has the same two splits, ``train`` and ``test`` (held out), and ``all`` for both:
+Fashion-MNIST its own; a folder or ``.npz`` a deterministic one, :func:`held_out_mask`: an
+image is held out when a hash of its identity (a file's path inside the folder; an ``.npz``
+image's bytes) falls below ``data.held_out`` (default 10%). It does not depend on the order of
+the files, the resolution or the machine, and adding images moves none of the others. Training,
+evaluation, the sweep, the likelihood bound and the domain classifier all read these splits.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import warnings
 import zipfile
@@ -28,6 +36,7 @@ from torch import Tensor
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+SPLITS = ("train", "test", "all")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -39,7 +48,8 @@ class DataError(ValueError):
 class DataConfig:
     source: str = "fashion-mnist"  # "fashion-mnist", "folder" or "npz"
     path: str = ""  # "" = the default location (fashion-mnist only)
-    split: str = "train"  # fashion-mnist: "train" or "test"
+    split: str = "train"  # "train", "test" (held out) or "all" (module docstring)
+    held_out: float = 0.1  # folder / npz: the fraction of images in the "test" split (module docstring)
     resolution: int = 32  # R, the data resolution the whole cascade shares
     fit: str = "pad"  # how to reach R from the native size: "pad" (centre, black) or "resize"
     channels: int = 0  # 0 = as stored; 1 or 3 converts
@@ -55,6 +65,10 @@ class DataConfig:
             raise DataError(f"data.fit must be 'pad' or 'resize', got {self.fit!r}")
         if self.channels not in (0, 1, 3):
             raise DataError(f"data.channels must be 0 (as stored), 1 (grayscale) or 3 (RGB), got {self.channels}")
+        if self.split not in SPLITS:
+            raise DataError(f"data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not 0 < self.held_out < 1:
+            raise DataError(f"data.held_out must lie in (0, 1), got {self.held_out}")
         if self.on_bad not in ("skip", "fail"):
             raise DataError(f"data.on_bad must be 'skip' or 'fail', got {self.on_bad!r}")
 
@@ -91,6 +105,20 @@ def downsample(x: Tensor, size: int) -> Tensor:
         return x
     y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return y.to(x.dtype) if x.dtype.is_floating_point else y.round().clamp(0, 255).to(x.dtype)
+
+
+def stage_input(images: Tensor, resolution: int) -> Tensor:
+    """uint8 ``[N, C, R, R]`` at the data resolution -> float ``[N, C, r, r]`` in ``[-1, 1]``, not
+    re-quantised: a stage's target ``x0`` at its resolution, or an SR stage's clean low-resolution
+    input ``z0``. Training and every ground-truth conditioning make them here, so they agree."""
+    return downsample(to_float(images), resolution)
+
+
+def held_out_mask(keys: list[str], fraction: float) -> Tensor:
+    """``[N]`` bool: which items are held out (the ``test`` split), by a SHA-256 of each key."""
+    cut = int(fraction * 2 ** 64)
+    return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") < cut for k in keys],
+                        dtype=torch.bool)
 
 
 def fit_to(x: Tensor, size: int, fit: str) -> Tensor:
@@ -168,9 +196,9 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray,
 
 
 def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
-                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str]]:
+                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str], list[str]]:
     """A folder with one sub-folder per class (or images directly in it: one class) ->
-    ``(images uint8 [N, C, size, size], labels [N], class names)``. Files with an image suffix
+    ``(images uint8 [N, C, size, size], labels [N], class names, file paths relative to the folder)``. Files with an image suffix
     that cannot be decoded (not an image, truncated) are skipped with a warning and a count
     (``on_bad='skip'``) or raise :class:`DataError` (``on_bad='fail'``)."""
     from PIL import Image, UnidentifiedImageError
@@ -180,7 +208,7 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
         raise DataError(f"image folder {root} does not exist")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
-    images, labels, bad = [], [], []
+    images, labels, keys, bad = [], [], [], []
     mode = {1: "L", 3: "RGB"}.get(channels, None)
     for label, (_, d) in enumerate(groups):
         for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -198,6 +226,7 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
             t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
             images.append(fit_to(t[None], size, fit)[0])
             labels.append(label)
+            keys.append(f.relative_to(root).as_posix())
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}, e.g. {bad[0]} "
                       f"(set data.on_bad=fail to stop instead)")
@@ -206,7 +235,7 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
     chans = {im.shape[0] for im in images}
     if len(chans) > 1:  # mixed grayscale and colour: make them all RGB
         images = [convert_channels(im[None], 3)[0] for im in images]
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [g[0] for g in groups]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [g[0] for g in groups], keys
 
 
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
@@ -240,23 +269,32 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
 
 
 def load_dataset(cfg: DataConfig) -> ImageSet:
-    """Load the configured data set at ``cfg.resolution`` into memory."""
+    """Load the configured split of the data set at ``cfg.resolution`` into memory."""
     if cfg.source == "fashion-mnist":
-        imgs, labs = load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, cfg.split)
+        splits = ["train", "test"] if cfg.split == "all" else [cfg.split]
+        parts = [load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, sp) for sp in splits]
+        imgs, labs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit)
         y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
-    elif cfg.source == "folder":
-        if not cfg.path:
-            raise DataError("data.source = 'folder' needs data.path")
-        x, y, names = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
     else:
         if not cfg.path:
-            raise DataError("data.source = 'npz' needs data.path")
-        x, y = load_npz(cfg.path)
-        x = fit_to(x, cfg.resolution, cfg.fit)
-        if y is None:
-            y = torch.zeros(len(x), dtype=torch.int64)
-        names = cfg.class_names or [str(i) for i in range(int(y.max()) + 1)]
+            raise DataError(f"data.source = {cfg.source!r} needs data.path")
+        if cfg.source == "folder":
+            x, y, names, keys = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
+        else:
+            x, y = load_npz(cfg.path)
+            keys = [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in x]
+            x = fit_to(x, cfg.resolution, cfg.fit)
+            if y is None:
+                y = torch.zeros(len(x), dtype=torch.int64)
+            names = cfg.class_names or [str(i) for i in range(int(y.max()) + 1)]
+        if cfg.split != "all":
+            keep = held_out_mask(keys, cfg.held_out) == (cfg.split == "test")
+            if not keep.any():
+                raise DataError(f"the {cfg.split!r} split of {cfg.path} is empty ({len(x)} images, "
+                                f"data.held_out = {cfg.held_out}): add images, change data.held_out, "
+                                f"or use data.split = all")
+            x, y = x[keep], y[keep]
     x = convert_channels(x, cfg.channels)
     if cfg.limit:
         x, y = x[:cfg.limit], y[:cfg.limit]

@@ -14,8 +14,9 @@ import torch
 
 from .config import load_stage_config, to_dict
 from .data import load_dataset
-from .sample import default_sampling, load_cascade, sample_batched, write_cascade_file, write_samples
-from .distributed import pick_device
+from .cascade import SamplingPlan
+from .cascade_file import CASCADE_FILE, load_cascade, write_cascade_file
+from .generate import sample_batched, write_samples
 from .train import train_stage
 
 # Non-truncated Gaussian augmentation level for the demo's SR stage: a mild level hides the base
@@ -52,13 +53,12 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: i
         runs.append(run)
 
     t = time.time()
-    cascade = load_cascade(runs, pick_device(device))
-    sampling = default_sampling(len(cascade.stages), steps=[sample_steps] * 2, levels=[0, DEMO_LEVEL],
-                                sampler=DEMO_SAMPLER)
-    cascade_file = write_cascade_file(out / "cascade.json", runs, sampling)
+    cascade = load_cascade(runs, device)
+    plan = SamplingPlan.uniform(len(cascade.stages), steps=sample_steps, levels=[0, DEMO_LEVEL], sampler=DEMO_SAMPLER)
+    cascade_file = write_cascade_file(out / CASCADE_FILE, runs, plan)
     nc = cascade.num_classes
     labels = torch.arange(nc).repeat(per_class)  # row r: one sample of each class
-    result = sample_batched(cascade, labels, list(range(len(labels))), sampling)
+    result = sample_batched(cascade, labels, list(range(len(labels))), plan)
     grids = write_samples(result, cascade, out / "samples", nrow=nc)
     timings["sample_s"] = round(time.time() - t, 1)
     timings["total_s"] = round(time.time() - t0, 1)

@@ -1,4 +1,4 @@
-"""Counted floating-point operations of a stage's training step and network evaluation.
+"""Counted floating-point operations of a stage's training step.
 
 Counts come from :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and
 attention; element-wise work such as normalisation and activations is not counted, as is usual
@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import StageConfig
 from .stage import Stage
 
-__all__ = ["train_flops_per_image", "forward_flops_per_image", "training_flops"]
+__all__ = ["train_flops_per_image"]
 
 
 def _one_image_inputs(stage: Stage) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -43,15 +43,6 @@ def _stage_fp32(config: StageConfig) -> Stage:
     return Stage(cfg)
 
 
-def forward_flops_per_image(config: StageConfig) -> int:
-    """FLOPs of one network evaluation (one sampling step) for one image. ``config`` resolved."""
-    stage = _stage_fp32(config)
-    x, t, cond = _one_image_inputs(stage)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        stage(x, t, cond)
-    return int(fc.get_total_flops())
-
-
 def train_flops_per_image(config: StageConfig) -> int:
     """FLOPs of one training example: forward and backward through the network (the optimiser
     step is per parameter, not per image, and is not counted). ``config`` resolved."""
@@ -60,8 +51,3 @@ def train_flops_per_image(config: StageConfig) -> int:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         stage(x, t, cond).sum().backward()
     return int(fc.get_total_flops())
-
-
-def training_flops(config: StageConfig) -> int:
-    """Total FLOPs of a stage's training run: ``steps * batch_size * train_flops_per_image``."""
-    return config.train.steps * config.train.batch_size * train_flops_per_image(config)

@@ -3,7 +3,7 @@
 Every function takes features ``[N, D]`` (or class probabilities ``[N, K]``) as a numpy array
 or a torch tensor (any float dtype, any device); they are converted to float64 numpy on the
 CPU, and every result is a plain Python ``float``. Which network made the features is the
-caller's business (see :mod:`cdm.features`); these functions only do the statistics.
+caller's business (see :mod:`cdm.eval.features`); these functions only do the statistics.
 
 - :func:`feature_stats` and :func:`frechet_distance`: FID (Heusel et al. 2017);
   :func:`fid_bootstrap_se`: its bootstrap standard error over the generated samples.

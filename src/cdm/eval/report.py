@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
@@ -97,10 +97,6 @@ class Report:
         self._html.append(f"<p>{html.escape(text)}</p>")
         self._md.append(text + "\n")
 
-    def code(self, text: str) -> None:
-        self._html.append(f"<pre>{html.escape(text)}</pre>")
-        self._md.append("```\n" + text + "\n```\n")
-
     def table(self, rows: list[dict], columns: list[str] | None = None) -> None:
         if not rows:
             return self.text("(no rows)")
@@ -133,7 +129,7 @@ class Report:
         page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(self.title) + "</title>"
                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-                "text-align:right}th{background:#f4f4f4}pre{background:#f7f7f7;padding:8px;overflow-x:auto}"
+                "text-align:right}th{background:#f4f4f4}"
                 "</style></head><body><h1>" + html.escape(self.title) + "</h1>" + "\n".join(self._html)
                 + "</body></html>")
         md = f"# {self.title}\n\n" + "\n".join(self._md)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, atomic_write
-from .config import from_dict, to_dict
-from .data import to_float
+from ..checkpoint import CheckpointError, atomic_write
+from ..config import from_dict, to_dict
+from ..data import DataConfig, to_float
+from .report import Report
+from .reference import ReferenceSpec, load_reference
 
 FORMAT = "cdm-classifier"
 FORMAT_VERSION = 1
@@ -224,3 +226,34 @@ def classification_accuracy_score(gen_images, gen_labels, test_images, test_labe
     if real_images is not None:
         out["real"] = train_and_test(real_images, real_labels, test_images, test_labels, config, progress)
     return out
+
+
+def train_domain_classifier(data: DataConfig, out_dir: str | Path, config: ClassifierConfig,
+                            progress: bool = True) -> dict:
+    """``cdm train-classifier``: train the domain classifier on the ``train`` split of ``data``
+    (with ``data.limit``, a class-stratified random subset of that many, seed 0), test it on the
+    whole held-out ``test`` split (:mod:`cdm.eval.reference`), save ``classifier.safetensors``,
+    ``summary.json`` and a report."""
+    out = Path(out_dir)
+    t0 = time.time()
+    train = load_reference(data, ReferenceSpec(split="train", n=data.limit))
+    test = load_reference(data, ReferenceSpec(split="test", n=0))
+    config = replace(config, resolution=data.resolution, channels=train.images.shape[1],
+                     num_classes=len(train.class_names))
+    history: list[dict] = []
+    net = train_classifier(train.images, train.labels, config, progress=progress, log=history.append)
+    acc = accuracy_report(predict(net, test.images)["logits"], test.labels, config.num_classes)
+    summary = {"test": acc, "train_n": len(train), "test_n": len(test), "train": train.source,
+               "test_set": test.source, "data": to_dict(data), "history": history,
+               "seconds": round(time.time() - t0, 1), "classes": train.class_names}
+    path = save_classifier(net, out / "classifier.safetensors", extra={"test_top1": acc["top1"], "data": to_dict(data)})
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    rep = Report("cdm domain classifier")
+    rep.text(f"Trained on {len(train)} images ({train.source}), tested on {len(test)} held-out images "
+             f"({test.source}): top-1 {acc['top1']:.2f}%, top-5 {acc.get('top5', float('nan')):.2f}%, "
+             f"in {summary['seconds']} s.")
+    rep.table([{"class": c, "top1 %": a} for c, a in zip(train.class_names, acc["per_class_top1"])])
+    rep.table(history)
+    rep.write(out)
+    summary["path"] = str(path)
+    return summary

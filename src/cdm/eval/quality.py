@@ -1,0 +1,199 @@
+"""Sample quality of a cascade: FID, KID, IS and precision/recall in a chosen feature space, the
+per-stage checks of SR stages, and the Classification Accuracy Score (``cdm eval``).
+
+Every number carries the feature space it was computed in, the sample counts behind it and the
+real images it was compared with (:mod:`cdm.eval.reference`: the held-out split by default, a
+random class-stratified subset when ``n_ref`` is smaller). Reference features are cached per
+(feature space, reference fingerprint, resolution) by :func:`cdm.eval.features.reference_features`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cascade import Cascade, SamplingPlan
+from ..cascade_file import load_cascade
+from ..checkpoint import atomic_write
+from ..config import ConfigError, to_dict
+from ..data import to_uint8
+from ..generate import balanced_labels, sample_batched, write_samples
+from ..images import save_grid
+from ..metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
+from .report import Report
+from .classifier import ClassifierConfig, classification_accuracy_score
+from .features import ReferenceFeatures, make_extractor, reference_features
+from .reference import ReferenceSet, ReferenceSpec, load_reference, training_overlap
+from .stages import stage_checks
+
+OVERLAP_WARN = 0.01  # warn when more than this fraction of the reference images are training images
+
+
+@dataclass
+class EvalConfig:
+    """How samples are judged: what ``cdm eval`` and ``cdm sweep`` share."""
+    features: list[str] = field(default_factory=lambda: ["classifier"])  # feature spaces (sweep: the first)
+    classifier: str = ""  # the domain classifier (cdm train-classifier's output) for the classifier space
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)  # the real images compared with
+    n: int = 1000  # samples to score (cdm eval)
+    seed: int = 0  # sample j uses seed + j
+    batch_size: int = 250
+    device: str = "auto"
+    precision: str | None = None  # network precision while sampling (default: as each stage was trained)
+    cache_dir: str | None = None  # reference statistics (default $CDM_CACHE/stats or ~/.cache/cdm/stats)
+
+
+def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] = ("fid", "kid", "is", "pr")) -> dict:
+    """FID, KID, IS (if the extractor gives class probabilities) and precision/recall (k = 3) of
+    fake features ``fake`` (an extractor's output) against ``ref``."""
+    f = np.asarray(fake["features"], dtype=np.float64)
+    r = ref.features.astype(np.float64)
+    out: dict = {"feature_space": ref.space, "reference": ref.source, "n_fake": len(f), "n_real": len(r)}
+    if "fid" in metrics:
+        mu, sigma = (ref.mu, ref.sigma) if ref.mu is not None else feature_stats(r)
+        out["fid"] = float(frechet_distance(*feature_stats(f), mu, sigma))
+    if "kid" in metrics:
+        m, s = kid(f, r, subset_size=min(1000, len(f), len(r)))
+        out["kid"], out["kid_std"] = float(m), float(s)
+    if "is" in metrics and fake.get("probs") is not None:
+        m, s = inception_score(np.asarray(fake["probs"], dtype=np.float64), splits=min(10, max(1, len(f) // 100)))
+        out["is"], out["is_std"] = float(m), float(s)
+    if "pr" in metrics:
+        p, rc = precision_recall(r, f, k=3)
+        out["precision"], out["recall"] = float(p), float(rc)
+    return out
+
+
+def _load_samples(path: Path, k: int) -> tuple[list[Tensor], Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = [torch.from_numpy(z[f"stage{i}"]) for i in range(k) if f"stage{i}" in z]
+            labels = torch.from_numpy(z["labels"])
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot read samples {path}: {e}; make them with 'cdm sample'") from e
+    if not images:
+        raise ConfigError(f"{path} holds no stage{{i}} arrays; make it with 'cdm sample'")
+    return images, labels
+
+
+def check_overlap(cascade: Cascade, ref: ReferenceSet, log=print) -> dict[str, int]:
+    """Per stage name, how many reference images it trained on; warns when it is a real share."""
+    counts = {st.config.name: training_overlap(st.config.data, ref) for st in cascade.stages}
+    worst = max(counts.values(), default=0)
+    if worst > OVERLAP_WARN * len(ref):
+        msg = (f"{worst} of the {len(ref)} reference images ({ref.source}) are images a stage trained on: "
+               f"the scores flatter the cascade. Compare with held-out images (--split test) or pass "
+               f"--reference PATH")
+        log(f"warning: {msg}")
+    return counts
+
+
+def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfig, out_dir: str | Path,
+                     samples: str | Path | None = None, per_stage: bool = True,
+                     cas: ClassifierConfig | None = None, log=print) -> dict:
+    """``cdm eval``: score every stage's samples (sampled now with ``plan``, or read from a
+    ``samples.npz``) in each feature space against the reference at that stage's resolution;
+    per-stage checks of SR stages; CAS of the final stage with the classifier recipe ``cas``.
+    Writes ``results.json`` and ``report.html``/``report.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cascade = load_cascade(checkpoints, cfg.device, cfg.precision)
+    k, n = len(cascade.stages), cfg.n
+    data = cascade.stages[-1].config.data
+    t0 = time.time()
+    if samples:
+        images, labels = _load_samples(Path(samples), k)
+        images, labels = [im[:n] for im in images], labels[:n]
+        source = str(samples)
+    else:
+        labels = balanced_labels(n, cascade.num_classes)
+        log(f"sampling {n} images through the cascade")
+        res = sample_batched(cascade, labels, list(range(cfg.seed, cfg.seed + n)), plan, cfg.batch_size)
+        write_samples(res, cascade, out / "samples")
+        images, source = [to_uint8(im) for im in res.images], "sampled now"
+    ref_set = load_reference(data, cfg.reference)
+    results: dict = {"samples": source, "n": int(len(labels)), "sampling": to_dict(plan),
+                     "stages": [str(p) for p in checkpoints], "reference": ref_set.source,
+                     "reference_fingerprint": ref_set.fingerprint,
+                     "reference_overlap": check_overlap(cascade, ref_set, log), "scores": [], "per_stage": [],
+                     "cas": None}
+    scorers = {}
+    for space in cfg.features:
+        ex = make_extractor(space, cfg.classifier, cfg.device)
+        for i, im in enumerate(images):
+            res_i = cascade.stages[i].resolution
+            ref = reference_features(ex, ref_set, res_i, cfg.cache_dir)
+            scorers.setdefault(i, lambda x, ex=ex, ref=ref: quality_scores(ex(to_uint8(x)), ref, ("fid", "kid")))
+            log(f"scoring stage {i} ({res_i}px) in {ex.name}")
+            results["scores"].append({"stage": i, "resolution": res_i, **quality_scores(ex(im), ref)})
+    if per_stage and k > 1:
+        m = min(len(labels), len(ref_set))
+        real = ref_set.take(m, cfg.seed) if m < len(ref_set) else ref_set
+        for i in range(1, k):
+            log(f"per-stage checks of stage {i}")
+            lower = (images[i - 1][:m].float() / 127.5 - 1, labels[:m])
+            results["per_stage"].append(stage_checks(cascade, i, plan, real, lower, scorers[i], cfg.seed))
+    if cas is not None:
+        final = images[-1]
+        res_f = final.shape[-1]
+        cas = replace(cas, resolution=res_f, channels=final.shape[1], num_classes=max(cascade.num_classes, 1))
+        test = load_reference(data, replace(cfg.reference, n=0))
+        train = load_reference(data, ReferenceSpec(split="train", n=0))
+        train = train.take(len(final), cfg.seed) if len(final) < len(train) else train
+        log("classification accuracy score: training on generated samples")
+        results["cas"] = classification_accuracy_score(final, labels, test.at(res_f), test.labels, cas,
+                                                       real_images=train.at(res_f), real_labels=train.labels)
+        results["cas"]["test_set"], results["cas"]["real_train_set"] = test.source, train.source
+    results["seconds"] = round(time.time() - t0, 1)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    _eval_report(results, images, cascade, out)
+    return results
+
+
+def _eval_report(results: dict, images: list[Tensor], cascade: Cascade, out: Path) -> Path:
+    rep = Report("cdm evaluation")
+    rep.text(f"{results['n']} samples ({results['samples']}); sampling: {json.dumps(results['sampling'])}; "
+             f"stages: {', '.join(results['stages'])}. Compared with {results['reference']} "
+             f"(fingerprint {results['reference_fingerprint']}); reference images a stage trained on: "
+             f"{results['reference_overlap']}. Took {results['seconds']} s.")
+    rep.heading("Sample quality per stage")
+    cols = ["stage", "resolution", "feature_space", "n_fake", "n_real", "fid", "kid", "kid_std", "is", "is_std",
+            "precision", "recall", "reference"]
+    rep.table(results["scores"], [c for c in cols if any(c in r for r in results["scores"])])
+    rep.text("FID and KID: lower is better; precision/recall (Kynkäänniemi et al. 2019, k=3): higher is better. "
+             "IS is computed from the domain classifier's class probabilities (the FID Inception file has no "
+             "classification layer), so it is an IS in that classifier's label space, not ImageNet's.")
+    if results["per_stage"]:
+        rep.heading("Per-stage checks (SR stages)")
+        rows = [{"stage": r["stage"], "conditioning": cond, "level": r["level"], "fid": r[cond].get("fid"),
+                 "kid": r[cond].get("kid"), "consistency_psnr_db": r[cond].get("consistency_psnr"),
+                 "feature_space": r[cond].get("feature_space"), "n": r[cond].get("n_fake")}
+                for r in results["per_stage"] for cond in ("ground_truth", "generated") if cond in r]
+        rep.table(rows)
+        rep.text("ground_truth: the SR stage conditioned on real low-resolution images (the reference images, "
+                 "downsampled as in training); generated: on the stage below's samples. Consistency: PSNR "
+                 "between the SR output downsampled with the cascade's own resize and the clean input it was "
+                 "conditioned on.")
+    if results["cas"]:
+        rep.heading("Classification Accuracy Score (final stage)")
+        cas = results["cas"]
+        rep.table([{"trained on": k, **{m: v for m, v in cas[k].items() if m != "per_class_top1"}}
+                   for k in ("generated", "real") if k in cas])
+        names = cascade.stages[-1].config.data.class_names or [str(c) for c in range(len(cas["generated"]["per_class_top1"]))]
+        rep.table([{"class": c, "CAS top-1 %": cas["generated"]["per_class_top1"][j],
+                    **({"real top-1 %": cas["real"]["per_class_top1"][j]} if "real" in cas else {})}
+                   for j, c in enumerate(names)])
+    rep.heading("Samples")
+    nc = max(cascade.num_classes, 1)
+    for i, im in enumerate(images):
+        f = out / f"grid-stage{i}.png"
+        save_grid(im[:min(len(im), 4 * nc)].float() / 127.5 - 1, f, nrow=nc if nc > 1 else 8,
+                  scale=max(1, 64 // im.shape[-1]))
+        rep.image(f, f.name, f"stage {i} samples ({im.shape[-1]}px)")
+    return rep.write(out)

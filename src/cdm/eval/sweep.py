@@ -1,0 +1,371 @@
+"""The paper's search over the augmentation level s (docs/METHOD.md §2c), in both sampling modes,
+and the same sweep with ground-truth low-resolution inputs (the paper's ablation).
+
+For SR stage ``i`` and candidate levels ``S``, with ``conditioning = "generated"``:
+
+- **non-truncated**: the stages below are sampled once to ``z_0`` (stored in ``lower-z0.npy``),
+  and for every ``s`` the SR stage re-noises that same ``z_0`` — the mode's practical advantage;
+- **truncated**: for every ``s`` the stage below is run from ``T`` down to ``s`` and its ``z_s``
+  stored (``lower-zs-{s}.npy``); the stages further below are sampled once (``below.npy``).
+
+With ``conditioning = "ground-truth"`` the SR stage is conditioned on *real* low-resolution
+images instead (a seeded subset of a split, downsampled exactly as in training,
+:func:`ground_truth_inputs`), corrupted by the forward process at ``s``: the
+non-truncated path with a real ``z_0``. It shows what augmentation costs when the input has no
+generation errors to hide.
+
+Each point (conditioning, mode, s) is scored by ``scorer(images, labels)``, which returns one
+number (lower is better) or a dict of several, one of which (``primary``) ranks the levels. The
+row is added to ``results.jsonl`` (rewritten atomically) as soon as it is scored, and carries
+everything it depends on: fingerprints of the stages' weights, ``n``, the seed, sampler, steps and
+grid, and the caller's ``tags``. A re-run skips the points already there and re-scores any whose
+settings or weights changed, so an interrupted sweep resumes where it stopped and several sweeps
+(of different SR stages, say) can share one directory and one results file. The lower stages'
+samples are cached with a manifest (``lower.json``) of what made them, and thrown away when it
+differs. With ``keep_samples`` each point's samples are saved (uint8 ``.npz`` under
+``samples/``) before scoring, so a run killed while scoring does not sample again.
+:func:`cdm.eval.ledger.score_point` is that resumable score-one-point step on its own, for
+sample sets that are not an SR stage's sweep (a single-stage baseline, say).
+
+:func:`sweep_cascade` is ``cdm sweep``: every point gets an error bar (a bootstrap standard error
+over the samples), and the level found is written into the cascade file only when it beats the
+plan's current (mode, level) by more than twice the standard error of their difference (taken
+as independent, which over-states it: the points share seeds); otherwise the report says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cascade import Cascade, CascadeError, Mode, SamplingPlan
+from ..cascade_file import CASCADE_FILE, load_cascade, read_cascade_file, write_cascade_file
+from ..checkpoint import atomic_write
+from ..config import ConfigError
+from ..data import to_uint8
+from ..metrics import fid_bootstrap_se
+from .report import Report, line_plot_svg
+from .features import make_extractor, reference_features
+from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_point, stage_fingerprint, \
+    tensor_fingerprint
+from .quality import EvalConfig, check_overlap, quality_scores
+from .reference import ReferenceSpec, load_reference
+
+
+class Conditioning(str, enum.Enum):
+    GENERATED = "generated"  # the stage below's samples (the paper's search)
+    GROUND_TRUTH = "ground-truth"  # real low-resolution images (the paper's ablation)
+
+
+@dataclass
+class SweepConfig:
+    stage: int = -1  # the SR stage whose level is searched (-1: the last)
+    levels: list[int] = field(default_factory=lambda: [0, 50, 100, 200, 300, 500])
+    # None: both modes with generated inputs; ground-truth inputs are always non-truncated
+    modes: list[str] | None = None
+    conditioning: str = "generated"  # Conditioning
+    ground_truth_split: str = "train"  # real inputs come from here: keep them out of the test reference
+    n: int = 500  # samples per candidate
+    seed: int = 0  # sample j uses seed + j; also seeds the choice of ground-truth images
+    batch_size: int = 250
+    keep_samples: bool = False  # save each point's samples (samples/*.npz, uint8) before scoring
+    metric: str = "fid"  # sweep_cascade ranks by fid or kid (each with its error bar)
+    write_best: bool = True  # sweep_cascade writes a level into the cascade file only when it wins clearly
+
+    def conditioning_kind(self) -> Conditioning:
+        try:
+            return Conditioning(self.conditioning)
+        except ValueError:
+            raise ConfigError(f"unknown conditioning {self.conditioning!r} (choose from "
+                              f"{', '.join(c.value for c in Conditioning)})") from None
+
+    def resolved_modes(self) -> list[Mode]:
+        """The sampling modes to sweep; ground-truth conditioning allows only non-truncated."""
+        gt = self.conditioning_kind() is Conditioning.GROUND_TRUTH
+        names = self.modes if self.modes is not None else (["non-truncated"] if gt else
+                                                           ["non-truncated", "truncated"])
+        try:
+            modes = [Mode(m) for m in names]
+        except ValueError as e:
+            raise ConfigError(f"sweep modes: {e} (choose from truncated, non-truncated)") from None
+        if gt and Mode.TRUNCATED in modes:
+            raise ConfigError("ground-truth conditioning corrupts real low-resolution images with the forward "
+                              "process, which is the non-truncated mode; truncated mode needs the stage below's "
+                              "reverse process. Sweep modes = ['non-truncated']")
+        return modes
+
+
+# ----------------------------------------------------------------------------- the sweep
+def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Judge, out_dir: str | Path,
+              progress: Callable[[str], None] = print, *, tags: dict | None = None,
+              ground_truth: tuple[Tensor, Tensor] | None = None) -> list[dict]:
+    """Score every (mode, level) of one SR stage; returns this sweep's result rows (old and new).
+
+    ``judge`` scores each point's samples (a value, lower is better, or several metrics of which
+    ``judge.primary`` is the row's ``value``; all of them go into the row's ``metrics``). ``tags``
+    (JSON values) are added to every row and are part of its identity. ``ground_truth = (z0 [n, C,
+    r, r] in [-1, 1], labels [n])`` gives the real inputs of ``conditioning = "ground-truth"``
+    (default: :func:`ground_truth_inputs` of the SR stage's data set, ``cfg.ground_truth_split``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    k = len(cascade.stages)
+    i = cfg.stage % k
+    if i == 0 or not cascade.stages[i].is_super_resolution:
+        raise CascadeError(f"stage {i} is the base stage; the sweep searches an SR stage's level (1..{k - 1})")
+    cond = cfg.conditioning_kind()
+    modes = cfg.resolved_modes()
+    for m in modes:
+        cascade.validate(m)
+    for s in cfg.levels:
+        try:
+            cascade.stages[i].augmentation.check_level(s)
+            if s >= cascade.stages[i - 1].diffusion.T and Mode.TRUNCATED in modes:
+                raise ValueError(f"truncated mode needs s < {cascade.stages[i - 1].diffusion.T}")
+        except ValueError as e:
+            raise CascadeError(f"sweep level {s}: {e}") from None
+    sp = plan.stages[i]
+    seeds = list(range(cfg.seed, cfg.seed + cfg.n))
+    ident = {**(tags or {}), "stage": i, "conditioning": cond.value, "metric": judge.name, "n": cfg.n,
+             "seed": cfg.seed, "steps": sp.steps, "sampler": sp.sampler, "spacing": sp.spacing,
+             "fingerprint": stage_fingerprint(cascade.stages[i])}
+    if cond is Conditioning.GROUND_TRUTH:
+        z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
+        if len(z_gt) != cfg.n or len(labels) != cfg.n:
+            raise CascadeError(f"ground-truth inputs: need {cfg.n} images and labels, "
+                               f"got {len(z_gt)} and {len(labels)}")
+        ident["ground_truth"] = tensor_fingerprint(z_gt, labels)
+        lower = None
+    else:
+        z_gt, labels = None, torch.arange(cfg.n) % max(cascade.num_classes, 1)
+        lower = _LowerSamples(cascade, plan, cfg, i, labels, seeds, out, progress)
+        ident.update(lower.identity)
+
+    def sample(mode: Mode, s: int) -> tuple[Tensor, Tensor, Tensor]:
+        z, corrupt = (z_gt, True) if lower is None else lower.inputs(mode, s)
+        at_s = replace(sp, level=s)
+        x = _batched(lambda sl: cascade.sample_stage(i, labels[sl], seeds[sl], at_s, lowres=z[sl], corrupt=corrupt)[0],
+                     cfg.n, cfg.batch_size)
+        return x.clamp(-1, 1), labels, z
+
+    named = [v for v in (tags or {}).values() if isinstance(v, str)]  # readable sample file names
+    for mode in modes:
+        for s in cfg.levels:
+            score_point(out, {**ident, "mode": mode.value, "level": s}, lambda: sample(mode, s), judge,
+                        keep_samples=cfg.keep_samples, name="-".join([*named, cond.value, mode.value, f"s{s}"]),
+                        progress=progress)
+    return [r for r in read_rows(out / "results.jsonl") if matches(r, ident)]
+
+
+def _batched(fn: Callable[[slice], Tensor], n: int, bs: int) -> Tensor:
+    return torch.cat([fn(slice(a, min(n, a + bs))).cpu() for a in range(0, n, bs)])
+
+
+def ground_truth_inputs(data, split: str, n: int, resolution: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Real low-resolution inputs for an SR stage (the paper's ground-truth conditioning): a
+    seeded, class-stratified random subset of ``n`` images of ``split`` of the data set ``data``,
+    made as training makes the stage's input (:meth:`ReferenceSet.inputs`).
+    Returns ``(z0 float [n, C, resolution, resolution], labels int64 [n])``."""
+    real = load_reference(data, ReferenceSpec(split=split, n=n, seed=seed))
+    if len(real) != n:
+        real = real.take(n, seed)
+    return real.inputs(resolution), real.labels
+
+
+def _default_ground_truth(cascade: Cascade, i: int, cfg: SweepConfig) -> tuple[Tensor, Tensor]:
+    stage = cascade.stages[i]
+    return ground_truth_inputs(stage.config.data, cfg.ground_truth_split, cfg.n, stage.lowres_resolution, cfg.seed)
+
+
+class _LowerSamples:
+    """The stages below SR stage ``i``, sampled once per input and cached in ``out`` under a
+    manifest (``lower.json``) of what made them: weights, ``n``, seed, sampler, grid, steps, levels."""
+
+    def __init__(self, cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, i: int, labels: Tensor,
+                 seeds: list[int], out: Path, progress: Callable[[str], None]):
+        self.cascade, self.plan, self.cfg, self.i = cascade, plan, cfg, i
+        self.labels, self.seeds, self.out, self.progress = labels, seeds, out, progress
+        st = plan.stages
+        self.identity = {"lower_fingerprints": [stage_fingerprint(s) for s in cascade.stages[:i]],
+                         "lower_steps": [s.steps for s in st[:i]], "lower_levels": [s.level for s in st[:i]],
+                         "lower_samplers": [[s.sampler, s.spacing] for s in st[:i]]}
+        manifest = {**self.identity, "n": cfg.n, "seed": cfg.seed}
+        mpath = out / "lower.json"
+        try:
+            old = json.loads(mpath.read_text()) if mpath.exists() else None
+        except json.JSONDecodeError:
+            old = None
+        if old != manifest:
+            for p in [*out.glob("lower-*.npy"), out / "below.npy"]:
+                p.unlink(missing_ok=True)
+            atomic_write(mpath, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        self._below: Tensor | None = None
+
+    def _run(self, j: int, lowres: Tensor | None, stop: int) -> Tensor:
+        plan = self.plan.stages[j]
+        return _batched(lambda sl: self.cascade.sample_stage(
+            j, self.labels[sl], self.seeds[sl], plan, lowres=None if lowres is None else lowres[sl], stop=stop)[0],
+            self.cfg.n, self.cfg.batch_size)
+
+    def below(self) -> Tensor | None:
+        """Stage ``i - 2``'s output (the same for every candidate), or None when ``i = 1``."""
+        if self.i < 2:
+            return None
+        if self._below is None:
+            path = self.out / "below.npy"
+            self._below = load_tensor(path, self.cfg.n)
+            if self._below is None:
+                self.progress(f"sampling stages 0..{self.i - 2} once")
+                z = None
+                for j in range(self.i - 1):
+                    z = self._run(j, z, 0).clamp(-1, 1)
+                save_tensor(path, z)
+                self._below = z
+        return self._below
+
+    def inputs(self, mode: Mode, s: int) -> tuple[Tensor, bool]:
+        """``(input of the SR stage, corrupt)`` at level ``s``: non-truncated, the clean ``z_0``
+        (to be corrupted at ``s``); truncated, the stage below stopped at ``s`` (``z_s``, as is)."""
+        j = self.i - 1
+        name = "lower-z0.npy" if mode is Mode.NON_TRUNCATED else f"lower-zs-{s}.npy"
+        z = load_tensor(self.out / name, self.cfg.n)
+        if z is None:
+            stop = 0 if mode is Mode.NON_TRUNCATED else s
+            self.progress(f"sampling stage {j} to z0 once" if stop == 0 and mode is Mode.NON_TRUNCATED
+                          else f"sampling stage {j} down to s={s}")
+            z = self._run(j, self.below(), stop)
+            if stop == 0:
+                z = z.clamp(-1, 1)
+            save_tensor(self.out / name, z)
+        return z, mode is Mode.NON_TRUNCATED
+
+
+def best_level(rows: list[dict], metric: str | None = None) -> dict:
+    """The row with the lowest ``value`` (or ``metrics[metric]``); ties: the smaller s."""
+    if metric is None:
+        return min(rows, key=lambda r: (r["value"], r["level"]))
+    have = [r for r in rows if np.isfinite(r.get("metrics", {}).get(metric, float("nan")))]
+    if not have:
+        raise ValueError(f"no row has a finite metric {metric!r}")
+    return min(have, key=lambda r: (r["metrics"][metric], r["level"]))
+
+
+def condition_label(row: dict) -> str:
+    """How a row's inputs were made: ``truncated``, ``non-truncated`` or ``ground-truth``."""
+    return Conditioning.GROUND_TRUTH.value if row.get("conditioning") == Conditioning.GROUND_TRUTH.value \
+        else row["mode"]
+
+
+def sweep_plot(rows: list[dict], metric_name: str, stage: int) -> str:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault(condition_label(r), []).append((r["level"], r["value"]))
+    return line_plot_svg(series, "augmentation level s", metric_name,
+                         f"stage {stage}: {metric_name} against s (lower is better)")
+
+
+# ----------------------------------------------------------------------------- cdm sweep
+def _standard_error(metric: str, feats: np.ndarray, ref, resamples: int = 30) -> float:
+    """Bootstrap standard error of ``metric`` over the generated samples (reference held fixed)."""
+    if metric == "fid":
+        return fid_bootstrap_se(feats, ref.mu, ref.sigma, num_resamples=resamples)
+    rng = np.random.default_rng(0)
+    vals = [quality_scores({"features": feats[rng.integers(0, len(feats), len(feats))]}, ref, ("kid",))["kid"]
+            for _ in range(resamples)]
+    return float(np.std(vals, ddof=1))
+
+
+def _decide(rows: list[dict], metric: str, mode: str, level: int) -> tuple[dict, dict | None, bool, str]:
+    """``(best row, current row, write?, why)``: the best level wins only beyond the noise."""
+    best = best_level(rows)
+    cur = next((r for r in rows if r["mode"] == mode and r["level"] == level), None)
+    if cur is None:
+        return best, None, False, (f"the cascade's current setting ({mode}, s = {level}) was not swept, so "
+                                   f"nothing was compared with it; the file is left as it was")
+    if best is cur:
+        return best, cur, False, f"the current setting ({mode}, s = {level}) is the best; nothing to change"
+    se = math.hypot(best["metrics"].get(f"{metric}_se", 0.0), cur["metrics"].get(f"{metric}_se", 0.0))
+    gain = cur["value"] - best["value"]
+    if gain > 2 * se:
+        return best, cur, True, (f"{best['mode']}, s = {best['level']} beats the current {mode}, s = {level} by "
+                                 f"{gain:.4g} (> 2 x {se:.3g}, twice the standard error of the difference)")
+    return best, cur, False, (f"{best['mode']}, s = {best['level']} is lower than the current {mode}, s = {level} "
+                              f"by {gain:.4g}, within the noise (2 x {se:.3g}): the file is left as it was; "
+                              f"sweep with more samples (--n) to tell them apart")
+
+
+def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Path, cfg: SweepConfig,
+                  ev: EvalConfig, cascade_file: str | Path | None = None, log=print) -> dict:
+    """``cdm sweep``: search SR stage ``cfg.stage``'s level (both modes with generated inputs, or
+    with ground-truth inputs) with the cascade sampled as ``plan`` says, ranked by ``cfg.metric``
+    in ``ev.features[0]`` against ``ev.reference``; write ``summary.json``, a plot and a report,
+    and (generated inputs, ``cfg.write_best``) the winning (mode, s) into ``cascade_file`` (else
+    ``OUT/cascade.json``) only when it beats the current one beyond the noise."""
+    if cfg.metric not in ("fid", "kid"):
+        raise ConfigError(f"sweep metric must be 'fid' or 'kid', got {cfg.metric!r}")
+    generated = cfg.conditioning_kind() is Conditioning.GENERATED
+    out = Path(out_dir)
+    cascade = load_cascade(checkpoints, ev.device, ev.precision)
+    i = cfg.stage % len(cascade.stages)
+    mode, level = plan.mode, plan.stages[i].level
+    if generated and Mode(mode) in cfg.resolved_modes() and level not in cfg.levels:
+        cfg = replace(cfg, levels=sorted({*cfg.levels, level}))  # the current setting is a candidate too
+    ex = make_extractor(ev.features[0], ev.classifier, ev.device)
+    ref_set = load_reference(cascade.stages[i].config.data, ev.reference)
+    overlap = check_overlap(cascade, ref_set, log)
+    ref = reference_features(ex, ref_set, cascade.stages[i].resolution, ev.cache_dir)
+    name = f"{cfg.metric}[{ex.name}]"
+
+    def score(x: Tensor, labels: Tensor) -> dict:
+        feats = ex(to_uint8(x))
+        value = quality_scores(feats, ref, (cfg.metric,))[cfg.metric]
+        return {cfg.metric: value, f"{cfg.metric}_se": _standard_error(cfg.metric, feats["features"], ref)}
+
+    rows = run_sweep(cascade, plan, cfg, Judge(score, name, cfg.metric), out, progress=log)
+    best, cur, write, why = _decide(rows, cfg.metric, mode, level)
+    if not generated:
+        write, why = False, "ground-truth inputs are an ablation, not a way to sample: no cascade file is written"
+    elif not cfg.write_best:
+        write, why = False, f"not written (--no-write); {why}"
+    target = Path(cascade_file) if cascade_file else out / CASCADE_FILE
+    if write:
+        paths, saved = read_cascade_file(target) if cascade_file else (checkpoints, plan)
+        saved = replace(saved, mode=Mode(best["mode"]).value)
+        saved.stages = [replace(st, level=int(best["level"])) if j == i else st for j, st in enumerate(saved.stages)]
+        write_cascade_file(target, paths, saved)
+        why += f"; written into {target}"
+    summary = {"metric": name, "reference": ref.source, "reference_overlap": overlap, "stage": i,
+               "conditioning": cfg.conditioning, "best": best, "current": cur, "written": write, "decision": why,
+               "best_per_mode": {m: best_level([r for r in rows if r["mode"] == m]) for m in {r["mode"] for r in rows}},
+               "rows": rows}
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    _sweep_report(summary, cfg, plan, out)
+    return summary
+
+
+def _sweep_report(summary: dict, cfg: SweepConfig, plan: SamplingPlan, out: Path) -> Path:
+    i, name, rows = summary["stage"], summary["metric"], summary["rows"]
+    rep = Report(f"cdm augmentation-level sweep (stage {i})")
+    inputs = ("the stage below's samples" if cfg.conditioning_kind() is Conditioning.GENERATED else
+              f"ground-truth inputs: {cfg.n} real {cfg.ground_truth_split}-split images (seed {cfg.seed}), "
+              f"downsampled as in training and corrupted at s by the forward process")
+    sp = plan.stages[i]
+    rep.text(f"{cfg.n} samples per candidate; conditioned on {inputs}; metric {name} against {summary['reference']} "
+             f"(reference images a stage trained on: {summary['reference_overlap']}); stage {i} sampled with "
+             f"{sp.sampler}, {sp.steps} steps, {sp.spacing} grid.")
+    rep.svg(sweep_plot(rows, name, i), "sweep.svg", "metric against the augmentation level")
+    se = f"{cfg.metric}_se"
+    rep.table([{**r, "± se": r.get("metrics", {}).get(se)} for r in sorted(rows, key=lambda r: (r["mode"], r["level"]))],
+              ["conditioning", "mode", "level", "value", "± se", "n", "steps", "sampler"])
+    b = summary["best"]
+    rep.text(f"Lowest: {condition_label(b)} at s = {b['level']} ({name} = {b['value']:.4f} ± "
+             f"{b.get('metrics', {}).get(se, float('nan')):.2g}, one bootstrap standard error). {summary['decision']}.")
+    return rep.write(out)

@@ -1,0 +1,78 @@
+"""Sampling a cascade in batches and writing the samples: ``samples.npz`` with every sample,
+and a preview grid per stage of the first :data:`GRID_MAX` samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cascade import Cascade, CascadeOutput, SamplingPlan
+from .checkpoint import atomic_write
+from .data import to_uint8
+from .images import save_grid
+
+GRID_MAX = 100  # samples shown per grid; samples.npz holds them all
+
+
+def cycle_labels(n: int, num_classes: int, classes: list[int] | None = None) -> torch.Tensor:
+    """``[n]`` labels cycling through ``classes`` (default: every class; all zeros when the
+    cascade is unconditional)."""
+    if classes:  # checked against the cascade by Cascade.check_labels
+        return torch.tensor(classes, dtype=torch.long).repeat((n + len(classes) - 1) // len(classes))[:n]
+    return torch.arange(n) % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.long)
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """``[n]`` labels cycling through the classes (all zeros when unconditional)."""
+    return cycle_labels(n, num_classes)
+
+
+def sample_batched(cascade: Cascade, labels: torch.Tensor, seeds: list[int], plan: SamplingPlan,
+                   batch_size: int = 64) -> CascadeOutput:
+    """:meth:`Cascade.sample` in batches; the result does not depend on ``batch_size``."""
+    parts = [cascade.sample(labels[i:i + batch_size], seeds[i:i + batch_size], plan)
+             for i in range(0, len(labels), batch_size)]
+    k = len(parts[0].images)
+    return CascadeOutput(
+        images=[torch.cat([p.images[s] for p in parts]) for s in range(k)],
+        inputs=[None if parts[0].inputs[s] is None else torch.cat([p.inputs[s] for p in parts]) for s in range(k)],
+        labels=torch.cat([p.labels for p in parts]))
+
+
+def write_samples(result: CascadeOutput, cascade: Cascade, out_dir: str | Path, nrow: int | None = None) -> list[Path]:
+    """Write ``samples.npz`` (every sample: ``stage{i}`` uint8 ``[N, C, R, R]`` and ``labels``)
+    and one PNG grid per stage of the first :data:`GRID_MAX` samples (SR stages show each
+    low-resolution input left of its output). Returns the grid paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nc = max(cascade.num_classes, 1)
+    nrow = nrow or (nc if nc > 1 else 10)
+    m = GRID_MAX
+    paths = []
+    for i, (st, imgs, inp) in enumerate(zip(cascade.stages, result.images, result.inputs)):
+        name, scale = f"stage{i}-{st.resolution}px.png", max(1, 64 // st.resolution)
+        if inp is None:
+            paths.append(save_grid(imgs[:m], out / name, nrow=nrow, scale=scale))
+        else:
+            paths.append(save_grid(imgs[:m], out / name, nrow=2 * nrow, inputs=inp[:m], scale=scale))
+    save_npz(out / "samples.npz", sample_arrays(result))
+    return paths
+
+
+def sample_arrays(result: CascadeOutput) -> dict[str, np.ndarray]:
+    """What ``samples.npz`` holds: ``stage{i}`` uint8 ``[N, C, R_i, R_i]`` and ``labels`` ``[N]``."""
+    arrays = {f"stage{i}": to_uint8(im).numpy() for i, im in enumerate(result.images)}
+    arrays["labels"] = result.labels.numpy()
+    return arrays
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write arrays to a compressed ``.npz`` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(Path(path), write)
+    return Path(path)
