@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     import torch
 
-    from cdm.cli import _user_errors
+    from cdm.errors import USER_ERRORS
     from cdmrepro.report import write_report
     from cdmrepro.run import RunConfig, describe_plan, run_experiment
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.publish:
             d = Path(a.publish)
             log(f"published: {write_report(summary, out, d / 'RESULTS.md', d / 'results', 'results/')}")
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"fmnist_repro: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

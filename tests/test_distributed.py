@@ -36,8 +36,14 @@ def test_world_parts_and_devices():
     with pytest.raises(DistributedError, match="multiple of 3"):
         World(rank=0, size=3).part(8)
     assert pick_device("cpu", 1) == torch.device("cpu")
-    assert pick_device("cuda", 3) == torch.device("cuda", 3)  # a bare "cuda" is this process's local GPU
-    assert pick_device("cuda:1", 3) == torch.device("cuda", 1)
+    if torch.cuda.device_count() >= 4:
+        assert pick_device("cuda", 3) == torch.device("cuda", 3)  # a bare "cuda" is this process's local GPU
+        assert pick_device("cuda:1", 3) == torch.device("cuda", 1)
+    elif not torch.cuda.is_available():  # asking for a GPU that is not there is a clear error, not a crash later
+        with pytest.raises(DistributedError, match="no CUDA.*--device auto"):
+            pick_device("cuda", 3)
+    with pytest.raises(DistributedError, match="unknown device 'gpu0'"):
+        pick_device("gpu0")
     assert pick_device("auto", 0) == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 

@@ -132,15 +132,15 @@ def test_a_disk_that_fills_during_a_checkpoint_leaves_the_previous_one_intact(tm
 def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(what, tmp_path, toy_npz, monkeypatch,
                                                                               capsys, one_thread):
     cfg = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
-    argv = ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--set=train.steps=4",
-            "--set=train.ckpt_every=2", "--set=train.log_every=1"]
+    argv = ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--set=train.steps=6",
+            "--set=train.ckpt_every=2", "--set=train.log_every=1", "--set=train.keep_checkpoints=1"]
     calls = []
     if what == "loss":
         real = train_module.training_step_loss
 
         def poisoned(*a, **k):
             calls.append(1)
-            return real(*a, **k) * (float("nan") if len(calls) == 3 else 1.0)
+            return real(*a, **k) * (float("nan") if len(calls) == 5 else 1.0)
 
         monkeypatch.setattr(train_module, "training_step_loss", poisoned)
     else:
@@ -148,17 +148,20 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(wha
 
         def poisoned(*a, **k):
             calls.append(1)
-            return real(*a, **k) * (float("inf") if len(calls) == 3 else 1.0)
+            return real(*a, **k) * (float("inf") if len(calls) == 5 else 1.0)
 
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
     err = cli_error(capsys, argv)
-    assert f"the {what} became {'nan' if what == 'loss' else 'inf'} at step 3" in err
-    assert "last good checkpoint" in err and "step-00000002.safetensors" in err
+    assert f"the {what} became {'nan' if what == 'loss' else 'inf'} at step 5" in err
+    # step 2 is proven good (steps 3-4 ran finite and checkpoint 4 was written); checkpoint 4, the
+    # last one before the divergence, may hold the weights that caused it: it is set aside, not deleted
+    assert "last good checkpoint" in err and "step-00000002.safetensors" in err and ".diverged" in err
     run = tmp_path / "run"
-    assert [s for s, _ in list_checkpoints(run)] == [2] and log_steps(run) == [1, 2]
+    assert [s for s, _ in list_checkpoints(run)] == [2]  # kept although keep_checkpoints = 1
+    assert (run / "checkpoints" / "step-00000004.safetensors.diverged").is_file()
     assert all(v.isfinite().all() for v in load_checkpoint(run).model.values())
     monkeypatch.undo()
-    assert main(argv) == 0 and load_checkpoint(run).step == 4 and log_steps(run) == [1, 2, 3, 4]
+    assert main(argv) == 0 and load_checkpoint(run).step == 6 and log_steps(run) == [1, 2, 3, 4, 5, 6]
 
 
 # ----------------------------------------------------------------------------- verification

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from cdm.cascade import Cascade, CascadeError
+from cdm.cascade import Cascade, CascadeError, SamplingPlan
+from cdm.cascade_file import write_cascade_file
 from cdm.checkpoint import Checkpoint, checkpoint_path, save_checkpoint
 from cdm.cli import main
+from cdm.data import ImageSet
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion
 from cdm.eval.likelihood import cascade_bound, diffusion_bound, stage_images
-from cdm.cascade import SamplingPlan
-from cdm.cascade_file import write_cascade_file
 from cdm.samplers import SeededNoise, derive_seed
 from cdm.stage import Stage
 
@@ -58,8 +58,8 @@ def test_monte_carlo_estimate_is_unbiased_for_the_exact_sum(stop):
 def test_bound_does_not_depend_on_the_batch():
     c = two_stages()
     data = toy_images(5, 16)
-    a = cascade_bound(c, data.images, data.labels, [0, 4], seed=3, batch_size=2, t_samples=2)
-    b = cascade_bound(c, data.images[2:], data.labels[2:], [0, 4], seed=5, batch_size=64, t_samples=2)
+    a = cascade_bound(c, data, [0, 4], seed=3, batch_size=2, t_samples=2)
+    b = cascade_bound(c, ImageSet(data.images[2:], data.labels[2:], data.class_names), [0, 4], seed=5, batch_size=64, t_samples=2)
     torch.testing.assert_close(a.total_bits[2:], b.total_bits)
 
 
@@ -152,7 +152,7 @@ def test_cascade_bound_is_the_sum_of_its_parts():
     base, sr = c.stages
     data = toy_images(4, 16)
     seeds = [11, 12, 13, 14]
-    got = cascade_bound(c, data.images, data.labels, [0, s], "truncated", seed=11)
+    got = cascade_bound(c, data, [0, s], "truncated", seed=11)
     z0, x0 = stage_images(data.images, 8), stage_images(data.images, 16)
     eps_z = SeededNoise([derive_seed(j, 1, 1) for j in seeds]).randn(1, 8, 8)
     z_s = base.diffusion.q_sample(z0, torch.full((4,), s), eps_z)
@@ -180,8 +180,8 @@ def test_levels_zero_and_positive():
     exceeds the truncated bound at the same s by exactly the base's terms t <= s."""
     c, s = two_stages(), 6
     data = toy_images(3, 16)
-    tr0 = cascade_bound(c, data.images, data.labels, [0, 0], "truncated")
-    nt0 = cascade_bound(c, data.images, data.labels, [0, 0], "non-truncated")
+    tr0 = cascade_bound(c, data, [0, 0], "truncated")
+    nt0 = cascade_bound(c, data, [0, 0], "non-truncated")
     torch.testing.assert_close(tr0.total_bits, nt0.total_bits)
     sr = c.stages[1]
     cond = sr.conditioning(data.labels, stage_images(data.images, 8), torch.zeros(3), corrupt=False)
@@ -189,8 +189,8 @@ def test_levels_zero_and_positive():
                             SeededNoise([derive_seed(j, 1) for j in range(3)])) * 256
     torch.testing.assert_close(tr0.stages[1].bits, clean.double(), rtol=1e-5, atol=1e-4)
 
-    tr = cascade_bound(c, data.images, data.labels, [0, s], "truncated")
-    nt = cascade_bound(c, data.images, data.labels, [0, s], "non-truncated")
+    tr = cascade_bound(c, data, [0, s], "truncated")
+    nt = cascade_bound(c, data, [0, s], "non-truncated")
     assert tr.stages[0].stop == s and nt.stages[0].stop == 0 and tr0.stages[0].stop == 0
     torch.testing.assert_close(nt.stages[1].bits, tr.stages[1].bits)  # same z_s draw
     torch.testing.assert_close(nt.stages[0].bits, tr0.stages[0].bits)  # the full base bound
@@ -212,13 +212,13 @@ def test_truncated_bound_needs_the_lower_forward_process():
     data = toy_images(2, 16)
     c = two_stages(base_steps=20, aug_steps=40)
     with pytest.raises(CascadeError, match="forward-process state z_s.*retrain stage 1 with augment.schedule"):
-        cascade_bound(c, data.images, data.labels, [0, 5], "truncated", t_samples=1)
-    cascade_bound(c, data.images, data.labels, [0, 5], "non-truncated", t_samples=1)  # any process will do
-    cascade_bound(c, data.images, data.labels, [0, 0], "truncated", t_samples=1)  # s = 0: no z_s at all
+        cascade_bound(c, data, [0, 5], "truncated", t_samples=1)
+    cascade_bound(c, data, [0, 5], "non-truncated", t_samples=1)  # any process will do
+    cascade_bound(c, data, [0, 0], "truncated", t_samples=1)  # s = 0: no z_s at all
     blur = two_stages(aug="blur")
     with pytest.raises(CascadeError, match="pass 0"):
-        cascade_bound(blur, data.images, data.labels, [0, 5], "non-truncated", t_samples=1)
-    cascade_bound(blur, data.images, data.labels, [0, 0], "truncated", t_samples=1)
+        cascade_bound(blur, data, [0, 5], "non-truncated", t_samples=1)
+    cascade_bound(blur, data, [0, 0], "truncated", t_samples=1)
 
 
 # --------------------------------------------------------------------------- the command line

@@ -18,13 +18,14 @@ it, so that the stage learns to correct the previous stage's errors. One object,
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .diffusion import DiffusionConfig, GaussianDiffusion
+from .diffusion import DiffusionConfig, GaussianDiffusion, Schedule
 
 
 class AugKind(str, enum.Enum):
@@ -48,7 +49,12 @@ class AugmentConfig:
     p_blur: float = 0.5  # fraction of training examples blurred
 
     def __post_init__(self) -> None:
-        AugKind(self.kind)
+        for name, enum_ in (("kind", AugKind), ("schedule", Schedule)):
+            if getattr(self, name) not in {e.value for e in enum_}:
+                raise ValueError(f"augment.{name} must be one of {', '.join(e.value for e in enum_)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.steps < 1:
+            raise ValueError(f"augment.steps must be >= 1, got {self.steps}")
         if not 0 <= self.s_max <= self.steps:
             raise ValueError(f"augment.s_max must lie in [0, augment.steps={self.steps}], got {self.s_max}")
         for name in ("p_zero", "p_blur"):
@@ -104,15 +110,24 @@ class ConditioningAugmentation:
             return torch.where(on, sig, 0.0)
         return torch.zeros(n)
 
-    def inference_levels(self, n: int, level: float) -> Tensor:
-        """Sampling levels ``[n]``: the chosen ``s`` for Gaussian; blur and none use no augmentation."""
+    def check_sampling_level(self, level: float) -> None:
+        """Raise ``ValueError`` unless ``level`` is one this stage can be sampled at."""
         if self.kind is AugKind.GAUSSIAN:
             self.check_level(level)
-            return torch.full((n,), float(level))
-        if level:
+        elif level:
             raise ValueError(f"augmentation level {level} given, but this stage's augmentation is "
                              f"{self.kind.value!r}, which applies none at sampling time; pass 0")
-        return torch.zeros(n)
+
+    def inference_levels(self, n: int, level: float) -> Tensor:
+        """Sampling levels ``[n]``: the chosen ``s`` for Gaussian (with a warning above the trained
+        range, ``augment.s_max``); blur and none use no augmentation."""
+        self.check_sampling_level(level)
+        if self.kind is not AugKind.GAUSSIAN:
+            return torch.zeros(n)
+        if level > self.config.s_max:
+            warnings.warn(f"augmentation level s = {level:g} lies above the levels this stage was trained on "
+                          f"(augment.s_max = {self.config.s_max}): its output there is an extrapolation")
+        return torch.full((n,), float(level))
 
     def check_level(self, level: float) -> None:
         if not 0 <= level <= self.steps or float(level) != int(level):

@@ -138,7 +138,11 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
         cond = stage.conditioning(lab)
     grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing)
     x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-    return SAMPLERS[plan.sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+    x, x0 = SAMPLERS[plan.sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+    if not (torch.isfinite(x).all() and torch.isfinite(x0).all()):
+        raise CascadeError(f"stage {i} ({stage.config.name!r}) produced non-finite values: its weights have "
+                           f"diverged (a run stopped on a NaN loss?); sample from an earlier checkpoint of it")
+    return x, x0
 
 
 class Cascade:
@@ -179,12 +183,16 @@ class Cascade:
                 raise CascadeError("the base stage has no augmentation level; use 0 for it")
             for st, s in zip(self.stages[1:], levels[1:]):
                 try:
-                    st.augmentation.inference_levels(1, s)
+                    st.augmentation.check_sampling_level(s)
                 except ValueError as e:
                     raise CascadeError(f"stage {st.config.name!r}: {e}") from None
         if mode is not None and Mode(mode) is Mode.TRUNCATED:
             for i, (lo, hi) in enumerate(zip(self.stages[:-1], self.stages[1:]), start=1):
                 aug, dif = hi.config.augment, lo.config.diffusion
+                if levels is not None and levels[i] >= lo.diffusion.T:
+                    raise CascadeError(f"truncated mode: stage {i - 1} ({lo.config.name!r}) hands over z_s, which "
+                                       f"needs s < its T = {lo.diffusion.T}, but stage {i}'s level is {levels[i]}: "
+                                       f"lower it or use non-truncated mode")
                 if AugKind(aug.kind) is not AugKind.GAUSSIAN:
                     raise CascadeError(f"truncated mode needs Gaussian augmentation, but stage {i} "
                                        f"({hi.config.name!r}) uses {aug.kind!r}: use non-truncated mode")

@@ -6,7 +6,7 @@ format version and a SHA-256 checksum of all of it). Loading one never unpickles
 pickle (a PyTorch ``.pt`` file, whatever its name) is refused before it is read, and a file whose
 checksum does not match its contents is refused as corrupt. Files are written atomically
 (temporary file, fsync, rename), so an interrupted write -- a killed process, a full disk --
-leaves the previous checkpoint intact.
+leaves the previous checkpoint intact; they get the mode the user's umask gives (0644 by default).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import json
 import os
 import re
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +49,31 @@ class Checkpoint:
     ema_profiles: list[dict[str, Tensor]] | None = None  # power-function EMAs for post-hoc EMA (cdm.ema)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows: from
+    ``/proc/self/status`` (Linux >= 4.7). Elsewhere it is set and restored under a lock, set to
+    ``0o077`` meanwhile, so a file another thread creates in that instant is private, not public."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the file, then rename it over ``path``."""
+    """Call ``write(tmp_path)``, fsync the file, then rename it over ``path`` (an I/O failure, a
+    full disk say, is an ``OSError``, whichever library wrote). The file gets the
+    mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask: ``0o644`` under the
+    usual umask 022), not the ``0o600`` of the temporary file it is written as."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
@@ -56,6 +81,10 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
+            try:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            except OSError:  # a file system without modes (FAT, some FUSE/SMB mounts): keep what it gave
+                pass
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -63,9 +92,11 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, SafetensorError):  # safetensors reports I/O failures (a full disk) as its own type
+            raise OSError(f"{e} ({path})") from e
         raise
 
 
@@ -245,19 +276,38 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         return p
     if p.is_dir():
         run = p.parent if p.name == "checkpoints" else p
-        found = list_checkpoints(run)
+        found = newest_intact(run)
         if found:
-            return found[-1][1]
+            return found[0]
         raise CheckpointError(f"no checkpoints in {run}/checkpoints; train the stage first "
                               f"(cdm train ... --out {run})")
     raise CheckpointError(f"checkpoint {p} does not exist")
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+def prune_checkpoints(run_dir: str | Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and never ``protect``."""
     found = list_checkpoints(run_dir)
     for _, p in found[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
+        if p != protect:
+            p.unlink(missing_ok=True)
+
+
+def newest_intact(run_dir: str | Path) -> tuple[Path, Checkpoint] | None:
+    """The newest checkpoint of a run that loads and passes its checksum, and its contents; a newer
+    one that is truncated or corrupt is skipped with a warning. None if the run has none."""
+    found = list_checkpoints(run_dir)
+    first: CheckpointError | None = None
+    for i, (_, p) in enumerate(reversed(found)):
+        try:
+            return p, load_checkpoint(p)
+        except CheckpointError as e:
+            first = first or e
+            if i + 1 < len(found):
+                warnings.warn(f"skipping {p}: {e}; trying the checkpoint before it")
+    if first is not None:
+        raise CheckpointError(f"{first} (no checkpoint in {Path(run_dir) / 'checkpoints'} is intact: pass --fresh "
+                              f"to start over)")
+    return None
 
 
 def load_stage(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 
-from .cascade import CascadeError
-from .checkpoint import CheckpointError
 from .config import ConfigError, list_presets, load_stage_config, to_dict
-from .data import DataError
 from .diffusion import Spacing
-from .distributed import DistributedError
+from .errors import USER_ERRORS, OneLineParser, os_error_message, warning_line
 from .samplers import SAMPLERS
-from .shards import ShardError
-from .train import TrainingError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError, TrainingError, DistributedError)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .eval.features import FeatureError
-    return USER_ERRORS + (FeatureError,)
-
 
 def _ints(text: str) -> list[int]:
     try:
@@ -31,11 +20,22 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _checked(cast, ok, want: str):
+    """An argparse type: ``cast(text)``, refused with one message unless ``ok`` of it holds."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+    return parse
+
+
+_positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -222,11 +222,11 @@ def _add_reference_args(p: argparse.ArgumentParser, n_ref: bool = True) -> None:
     if n_ref:
         p.add_argument("--n-ref", type=_positive, default=10000,
                        help="reference images: a random class-stratified subset of this many (default 10000)")
-    p.add_argument("--ref-seed", type=int, default=0, help="seed of the reference subset (default 0)")
+    p.add_argument("--ref-seed", type=_seed, default=0, help="seed of the reference subset (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cdm", description="Cascaded diffusion models with conditioning augmentation.")
+    p = OneLineParser(prog="cdm", description="Cascaded diffusion models with conditioning augmentation.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage of a cascade",
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", "--num-samples", dest="n", type=_positive, default=100,
                    help="number of samples (default 100); under torchrun write --num-samples")
     s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
-    s.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
+    s.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
     s.add_argument("--num-shards", type=_positive, metavar="K",
                    help="split the run into K shards (shard-XXXX.npz + manifest.json in --out), resumable; "
@@ -278,14 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--t-samples", type=_positive, metavar="K",
                    help="Monte-Carlo estimate with K uniform t per image and stage (default: the exact sum "
                         "over all T terms, T network calls per stage)")
-    n.add_argument("--seed", type=int, default=0, help="image j uses seed SEED + j")
+    n.add_argument("--seed", type=_seed, default=0, help="image j uses seed SEED + j")
     n.add_argument("--batch-size", type=_positive, default=64)
     n.add_argument("--no-progress", action="store_true")
     n.set_defaults(func=cmd_nll)
 
     d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 20 minutes on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")
-    d.add_argument("--scale", type=float, default=1.0, help="multiply the training steps (e.g. 0.01 for a smoke run)")
+    d.add_argument("--scale", type=_positive_float, default=1.0,
+                   help="multiply the training steps (e.g. 0.01 for a smoke run)")
     d.add_argument("--device", default="auto")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cas", action="store_true", help="also compute the Classification Accuracy Score")
     e.add_argument("--cas-epochs", type=_positive, default=4)
     e.add_argument("--no-per-stage", action="store_true", help="skip the per-stage checks of SR stages")
-    e.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
+    e.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
     e.add_argument("--batch-size", type=_positive, default=250)
     e.set_defaults(func=cmd_eval)
 
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
     _add_reference_args(w)
     w.add_argument("--no-write", action="store_true", help="never write a level into a cascade file")
-    w.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j")
+    w.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
     w.add_argument("--batch-size", type=_positive, default=250)
     w.set_defaults(func=cmd_sweep)
 
@@ -367,10 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = warning_line  # cdm's warnings read as one line, like its errors
     try:
         return args.func(args)
-    except _user_errors() as e:
-        print(f"cdm: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"cdm: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except OSError as e:  # a file cdm reads or writes: one line, not a traceback (other errors are bugs)
+        print(f"cdm: error: {os_error_message(e, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cdm: interrupted; the last checkpoint is kept, re-run the same command to resume", file=sys.stderr)

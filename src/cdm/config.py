@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
@@ -64,9 +67,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "ema_snapshot_every", "sample_level",
+                     "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}"
+                                  + (" (0 = off)" if name in ("grad_clip", "sample_every") else ""))
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr} (e.g. 2e-4)")
+        for name in ("ema_decay", "p_uncond"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}"
+                                  + (" (e.g. 0.999)" if name == "ema_decay" else " (e.g. 0.1)"))
+        if not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"train.seed must be an integer in [0, 2^63), got {self.seed}")
         for name, enum_ in (("lr_schedule", LRSchedule), ("loss_weight", LossWeight)):
             if getattr(self, name) not in {e.value for e in enum_}:
                 raise ConfigError(f"train.{name} must be one of {', '.join(e.value for e in enum_)}, "
@@ -82,8 +98,14 @@ class TrainConfig:
                                   f"(0, {flat:.3f}); EDM2 keeps 0.05 and 0.1; got {r}")
         if 0 in self.ema_profiles:
             raise ConfigError("train.ema_profiles must be > 0 (e.g. 0.05,0.1)")
-        if self.ema_snapshot_every < 0:
-            raise ConfigError(f"train.ema_snapshot_every must be >= 0, got {self.ema_snapshot_every}")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                dev = None
+            if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (or mps, xpu), "
+                                  f"got {self.device!r}")
 
 
 # Network fields that the stage sets; a config that sets them is refused.
@@ -103,25 +125,62 @@ class StageConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        self.check()
+
     @property
     def is_super_resolution(self) -> bool:
         return self.lowres_resolution > 0
 
-    def resolve(self, channels: int, num_classes: int) -> "StageConfig":
-        """Fill in the network's interface from the stage and its data (``channels``,
-        ``num_classes``) and check that the stage is coherent."""
+    def check(self) -> None:
+        """Raise :class:`ConfigError` unless the stage's settings fit together (each section checks
+        its own fields when it is made). Runs when the config is made and again in :meth:`resolve`."""
+        if self.resolution < 1:
+            raise ConfigError(f"resolution must be >= 1, got {self.resolution}")
+        if self.lowres_resolution < 0:
+            raise ConfigError(f"lowres_resolution must be >= 0 (0: a base stage), got {self.lowres_resolution}")
         if self.resolution > self.data.resolution:
             raise ConfigError(f"stage resolution {self.resolution} exceeds data.resolution "
                               f"{self.data.resolution}; raise data.resolution")
         if self.is_super_resolution and self.lowres_resolution >= self.resolution:
             raise ConfigError(f"lowres_resolution ({self.lowres_resolution}) must be below the "
                               f"stage's resolution ({self.resolution})")
+        n_down = len(self.unet.channel_mult) - 1
+        if self.resolution % 2 ** n_down:
+            raise ConfigError(f"resolution {self.resolution} is not divisible by 2^{n_down} = {2 ** n_down}: "
+                              f"the U-Net halves it once per unet.channel_mult level after the first "
+                              f"({len(self.unet.channel_mult)} levels); change resolution or shorten "
+                              f"unet.channel_mult")
         if not self.is_super_resolution and AugKind(self.augment.kind) is not AugKind.NONE:
             raise ConfigError("conditioning augmentation needs a super-resolution stage: set "
                               "lowres_resolution, or augment.kind = 'none'")
+        level, kind = self.train.sample_level, AugKind(self.augment.kind)
+        if self.is_super_resolution and kind is AugKind.GAUSSIAN and not 0 <= level <= self.augment.steps:
+            raise ConfigError(f"train.sample_level: augmentation level s must be an integer in "
+                              f"[0, {self.augment.steps}], got {level}")
+        if self.is_super_resolution and kind is not AugKind.GAUSSIAN and level:
+            raise ConfigError(f"train.sample_level: augmentation level {level} given, but this stage's "
+                              f"augmentation is {kind.value!r}, which applies none at sampling time; pass 0")
+
+    def lint(self) -> None:
+        """Refuse settings that would be silently ignored: checked for configs a user writes
+        (:func:`load_stage_config`), not for those read back from checkpoints."""
+        levels = [self.resolution // 2 ** i for i in range(len(self.unet.channel_mult))]
+        unused = [r for r in self.unet.attention_resolutions if r not in levels]
+        if unused:
+            raise ConfigError(f"unet.attention_resolutions {unused} match no level of the U-Net, whose feature maps "
+                              f"are {', '.join(map(str, levels))}px; list only those (or [] for no attention)")
+        if not self.is_super_resolution and self.train.sample_level:
+            raise ConfigError(f"train.sample_level ({self.train.sample_level}) applies to super-resolution stages "
+                              f"only; remove it or set it to 0")
+
+    def resolve(self, channels: int, num_classes: int) -> "StageConfig":
+        """Fill in the network's interface from the stage and its data (``channels``,
+        ``num_classes``) and check that the stage is coherent."""
+        self.check()
         if self.is_super_resolution:
             try:
-                ConditioningAugmentation(self.augment).inference_levels(1, self.train.sample_level)
+                ConditioningAugmentation(self.augment).check_sampling_level(self.train.sample_level)
             except ValueError as e:
                 raise ConfigError(f"train.sample_level: {e}") from None
         u = self.unet
@@ -147,40 +206,60 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _describe(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Turn a parsed TOML/JSON value (or a CLI string) into the field's type."""
+    """Turn a parsed TOML/JSON value (or a CLI string) into the field's type, or raise a
+    :class:`ConfigError` naming ``key``. Numbers must be finite; a bool is not a number; an
+    integer field takes a float only when it is whole."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table of settings, got {value!r}")
+            raise ConfigError(f"{key} must be a table of settings ([{key}] in TOML), got {_describe(value)}")
         return from_dict(tp, value, prefix=key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
+            value = [v for v in (s.strip() for s in value.strip().strip("[]").split(",")) if v]
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list (e.g. {key}=1,2), got {_describe(value)}")
         return [_coerce(v, item, key) for v in value]
     if tp is bool:
         if isinstance(value, str):
-            low = value.lower()
+            low = value.strip().lower()
             if low in ("1", "true", "yes", "on"):
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
     if tp in (int, float):
+        what = "an integer" if tp is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key} must be {what}, got {_describe(value)}")
         try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a{'n integer' if tp is int else ' number'}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return out
+            num = float(value) if isinstance(value, str) and tp is float else value
+            if isinstance(value, str) and tp is int:
+                num = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key} must be {what}, got {_describe(value)}") from None
+        if isinstance(num, float) and not math.isfinite(num):
+            raise ConfigError(f"{key} must be a finite number, got {_describe(value)}")
+        if tp is int and num != int(num):
+            raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+        try:
+            return tp(num)
+        except OverflowError:
+            raise ConfigError(f"{key} is too large, got {_describe(value)}") from None
     if tp is str:
-        return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (quoted in TOML), got {_describe(value)}")
+        return value
     return value
 
 
@@ -192,6 +271,9 @@ def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
 
 def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, refusing unknown keys."""
+    if not isinstance(d, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where} must be a table of key = value settings, got {_describe(d)}")
     types = _field_types(cls)
     kwargs = {}
     for k, v in d.items():
@@ -234,15 +316,34 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def read_config_file(path: str | Path) -> dict:
+    """The settings of a ``.toml`` or ``.json`` file as a nested dict; every way the file can be
+    unusable (missing, a directory, unreadable, not UTF-8, not parsable, not a table) is a
+    :class:`ConfigError`."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; pass a .toml or .json file, or a preset "
+                          f"({', '.join(list_presets())})")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a .toml or .json file")
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot parse {path}: it is not UTF-8 text (byte {raw[e.start]:#04x} at "
+                          f"offset {e.start}); is it a config file?") from None
+    try:
+        d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot parse {path}: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"cannot parse {path}: it is nested too deeply") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object of settings ({{\"train\": {{...}}, ...}}), "
+                          f"got {type(d).__name__ if d is not None else 'null'}")
+    return d
 
 
 def list_presets() -> list[str]:
@@ -261,25 +362,37 @@ def read_preset(name: str) -> dict:
 def load_stage_config(path_or_preset: str | None = None, overrides: list[str] | None = None,
                       extra: dict | None = None) -> StageConfig:
     """A stage config from a file path or preset name, then ``extra`` (a nested dict), then
-    ``overrides`` (``key=value`` strings) on top."""
+    ``overrides`` (``key=value`` strings) on top. Every key's type and range and the stage's
+    coherence are checked here, so that a config this returns can be trained (given its data)."""
     d: dict = {}
     if path_or_preset:
-        d = read_config_file(path_or_preset) if Path(path_or_preset).suffix in (".toml", ".json") \
-            else read_preset(path_or_preset)
+        p = Path(path_or_preset)
+        if p.suffix in (".toml", ".json"):
+            d = read_config_file(p)
+        elif path_or_preset not in list_presets() and (p.exists() or p.suffix or "/" in str(path_or_preset)):
+            raise ConfigError(f"config file {p} must end in .toml or .json (or name a preset: "
+                              f"{', '.join(list_presets())})")
+        else:
+            d = read_preset(path_or_preset)
     d = deep_merge(d, extra or {})
     d = deep_merge(d, parse_overrides(overrides or []))
-    for k in DERIVED_UNET_FIELDS:
-        if k in d.get("unet", {}):
-            raise ConfigError(f"unet.{k} is derived from the stage and its data; remove it "
-                              f"(set resolution, lowres_resolution, class_conditional, "
-                              f"augment.kind or diffusion.learn_sigma instead)")
-    return from_dict(StageConfig, d)
+    unet = d.get("unet", {})
+    if isinstance(unet, dict):  # else from_dict says that unet must be a table
+        for k in DERIVED_UNET_FIELDS:
+            if k in unet:
+                raise ConfigError(f"unet.{k} is derived from the stage and its data; remove it "
+                                  f"(set resolution, lowres_resolution, class_conditional, "
+                                  f"augment.kind or diffusion.learn_sigma instead)")
+        # The network's own checks need the stage's resolution (resolve() sets it again), not the default.
+        res = _coerce(d.get("resolution", StageConfig.resolution), int, "resolution")
+        if res < 1:
+            raise ConfigError(f"resolution must be >= 1, got {res}")
+        d["unet"] = {**unet, "resolution": res}
+    cfg = from_dict(StageConfig, d)
+    cfg.lint()
+    return cfg
 
 
 def stage_config_from_json(text: str) -> StageConfig:
     """Inverse of ``json.dumps(to_dict(cfg))``: derived fields included, no checks skipped."""
-    d = json.loads(text)
-    unet = d.pop("unet", {})
-    cfg = from_dict(StageConfig, d)
-    cfg.unet = from_dict(UNetConfig, unet, prefix="unet.")
-    return cfg
+    return from_dict(StageConfig, json.loads(text))

@@ -37,6 +37,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLITS = ("train", "test", "all")
+MAX_CLASSES = 100_000  # labels of an .npz above this are surely not class indices
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -71,6 +72,10 @@ class DataConfig:
             raise DataError(f"data.held_out must lie in (0, 1), got {self.held_out}")
         if self.on_bad not in ("skip", "fail"):
             raise DataError(f"data.on_bad must be 'skip' or 'fail', got {self.on_bad!r}")
+        if self.resolution < 1:
+            raise DataError(f"data.resolution must be >= 1, got {self.resolution}")
+        if self.limit < 0:
+            raise DataError(f"data.limit must be >= 0 (0 = all images), got {self.limit}")
 
 
 @dataclass
@@ -205,7 +210,8 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
 
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(f"image folder {root} " + ("is not a folder; set data.path to a folder of class sub-folders"
+                                                    if root.exists() else "does not exist"))
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
     images, labels, keys, bad = [], [], [], []
@@ -254,12 +260,21 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
         raise DataError(f"cannot read {path} ({e}); is it a complete .npz file?") from e
     if images.dtype != np.uint8:
         raise DataError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
+    if images.ndim >= 1 and images.shape[0] == 0:
+        raise DataError(f"{path} holds no images ('images' has shape {list(images.shape)}); "
+                        f"set data.path to an .npz with at least one image")
+    if labels is not None and (labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
+                                                        or labels.dtype == np.bool_)):
+        raise DataError(f"{path}: 'labels' must be a 1-d array of integer class indices, got "
+                        f"{labels.dtype} of shape {list(labels.shape)}")
+    if labels is not None and labels.size and labels.max() >= MAX_CLASSES:
+        raise DataError(f"{path}: 'labels' must be class indices 0..K-1, got a label of {labels.max()}")
     x = torch.from_numpy(images.copy())
     if x.dim() == 3:
         x = x[:, None]
     elif x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or min(x.shape[2:]) < 1:
         raise DataError(f"{path}: 'images' must be [N, H, W], [N, H, W, C] or [N, C, H, W] with "
                         f"C in (1, 3), got {list(images.shape)}")
     y = None if labels is None else torch.from_numpy(labels.astype(np.int64))

@@ -46,8 +46,14 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"diffusion.steps must be >= 1, got {self.steps}")
-        Schedule(self.schedule)
-        Prediction(self.prediction)
+        for name, enum_ in (("schedule", Schedule), ("prediction", Prediction)):
+            if getattr(self, name) not in {e.value for e in enum_}:
+                raise ValueError(f"diffusion.{name} must be one of {', '.join(e.value for e in enum_)}, "
+                                 f"got {getattr(self, name)!r}")
+        if not self.hybrid_lambda >= 0:
+            raise ValueError(f"diffusion.hybrid_lambda must be >= 0, got {self.hybrid_lambda}")
+        if not math.isfinite(self.logsnr_shift):
+            raise ValueError(f"diffusion.logsnr_shift must be a finite number, got {self.logsnr_shift}")
 
 
 def alpha_bar_schedule(schedule: str | Schedule, steps: int, logsnr_shift: float = 0.0) -> Tensor:

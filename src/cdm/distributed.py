@@ -36,9 +36,19 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     local = env_rank()[2] if local_rank is None else local_rank
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DistributedError(f"unknown device {name!r} ({e}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedError(f"device {name!r} asked for, but this torch build or machine has no CUDA: "
+                                   f"use --device auto (or train.device = auto), which falls back to the CPU")
+        if dev.index >= torch.cuda.device_count():
+            raise DistributedError(f"device {dev} asked for, but this machine has {torch.cuda.device_count()} "
+                                   f"GPU(s)")
     return dev
 
 

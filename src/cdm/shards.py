@@ -7,8 +7,10 @@ order and any number of times, and merged into the ``samples.npz`` one process w
 written. A sharded run directory holds::
 
     manifest.json        what is sampled: the stage checkpoints (with their checksums), the
-                         sampling settings, n, seed, every label, each shard's range
-    shard-0000.npz       shard 0, samples [start, stop): stage{i} uint8 [m, C, R_i, R_i], labels, seeds
+                         sampling plan, n, seed, every label, each shard's range, and the run id
+                         (a hash of all of that)
+    shard-0000.npz       shard 0, samples [start, stop): stage{i} uint8 [m, C, R_i, R_i], labels,
+                         seeds and the run id it was sampled for (a shard of another run is refused)
     samples.npz          the merge: stage{i} uint8 [n, C, R_i, R_i] and labels, as `cdm sample` writes
     stage{i}-{R}px.png   a grid of the first samples of each stage
 
@@ -22,6 +24,7 @@ file it sampled (``cascade.json``) beside the samples.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from .config import to_dict
 from .data import to_float
 from .images import save_grid
 from .distributed import env_rank
+from .runlock import run_lock
 from .generate import cycle_labels, sample_arrays, sample_batched, save_npz, write_samples
 
 MANIFEST = "manifest.json"
@@ -66,12 +70,21 @@ def make_manifest(checkpoints: list[str | Path], plan: SamplingPlan, labels: tor
     n = len(labels)
     if not 1 <= num_shards <= n:
         raise ShardError(f"--num-shards must lie in [1, {n}] (the number of samples), got {num_shards}")
-    return {"format": FORMAT, "version": 1,
-            "stages": [{"path": str(Path(p).resolve()), "id": checkpoint_id(p)} for p in checkpoints],
-            "sampling": to_dict(plan), "n": n, "seed": seed, "labels": [int(v) for v in labels],
-            "num_shards": num_shards,
-            "shards": [{"index": i, "start": a, "stop": b, "file": shard_path("", i).name}
-                       for i in range(num_shards) for a, b in [shard_range(n, num_shards, i)]]}
+    m = {"format": FORMAT, "version": 2,
+         "stages": [{"path": str(Path(p).resolve()), "id": checkpoint_id(p)} for p in checkpoints],
+         "sampling": to_dict(plan), "n": n, "seed": seed, "labels": [int(v) for v in labels],
+         "num_shards": num_shards,
+         "shards": [{"index": i, "start": a, "stop": b, "file": shard_path("", i).name}
+                    for i in range(num_shards) for a, b in [shard_range(n, num_shards, i)]]}
+    return {**m, "run_id": run_id(m)}
+
+
+def run_id(manifest: dict) -> str:
+    """16 hex digits over what a run's samples depend on: the checkpoints' checksums, the plan, the
+    seeds, the labels and the split into shards."""
+    what = {k: manifest[k] for k in ("sampling", "n", "seed", "labels", "num_shards")}
+    what["stages"] = [s["id"] for s in manifest["stages"]]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_manifest(out: str | Path) -> dict:
@@ -110,7 +123,8 @@ def open_run(out: str | Path, manifest: dict) -> dict:
 
 
 def shard_done(out: str | Path, manifest: dict, index: int) -> bool:
-    """Whether shard ``index`` is on disk, complete, holding exactly its seeds."""
+    """Whether shard ``index`` is on disk, complete, holding exactly its seeds. A complete shard
+    sampled for another run (another cascade, plan or labels) raises :class:`ShardError`."""
     p = shard_path(out, index)
     if not p.is_file():
         return False
@@ -118,9 +132,15 @@ def shard_done(out: str | Path, manifest: dict, index: int) -> bool:
     want = list(range(manifest["seed"] + sh["start"], manifest["seed"] + sh["stop"]))
     try:
         with np.load(p, allow_pickle=False) as z:
-            return z["seeds"].tolist() == want
+            if z["seeds"].tolist() != want:
+                return False
+            found = str(z["run_id"]) if "run_id" in z.files else "none"
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return False
+    if found != manifest.get("run_id"):
+        raise ShardError(f"{p} was sampled for another run (run id {found}, this run's is {manifest.get('run_id')}: "
+                         f"another cascade, plan or labels); move it out of {Path(out)} and re-run to sample it again")
+    return True
 
 
 def missing_shards(out: str | Path, manifest: dict) -> list[int]:
@@ -143,7 +163,8 @@ def run_shards(cascade: Cascade, plan: SamplingPlan, manifest: dict, out: str | 
         seeds = list(range(seed + a, seed + b))
         result = sample_batched(cascade, torch.tensor(manifest["labels"][a:b], dtype=torch.long), seeds, plan,
                                 batch_size)
-        written.append(save_npz(shard_path(out, i), {**sample_arrays(result), "seeds": np.array(seeds, np.int64)}))
+        written.append(save_npz(shard_path(out, i), {**sample_arrays(result), "seeds": np.array(seeds, np.int64),
+                                                     "run_id": np.array(manifest["run_id"])}))
     return written
 
 
@@ -159,7 +180,7 @@ def merge_shards(out: str | Path) -> Path:
     parts = []
     for s in m["shards"]:
         with np.load(shard_path(out, s["index"]), allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files if k != "seeds"})
+            parts.append({k: z[k] for k in z.files if k not in ("seeds", "run_id")})
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     path = save_npz(out / "samples.npz", merged)
     for key in sorted(k for k in merged if k.startswith("stage")):
@@ -194,17 +215,20 @@ def sample_run(checkpoints: list[Path], plan: SamplingPlan, request: SampleReque
     labels = cycle_labels(r.n, cascade.num_classes, r.classes)
     out = Path(out)
     rank, size, _ = env_rank()
-    cascade_file = out / CASCADE_FILE
-    if rank == 0:
-        write_cascade_file(cascade_file, checkpoints, plan)
-    if r.num_shards is None and size == 1:
-        result = sample_batched(cascade, labels, list(range(r.seed, r.seed + r.n)), plan, r.batch_size)
-        written = write_samples(result, cascade, out)
-        return {"written": written, "samples": out / "samples.npz", "missing": [], "cascade": cascade_file}
-    k = r.num_shards or size
-    indices = [r.shard] if r.shard is not None else range(rank, k, size)
-    manifest = open_run(out, make_manifest(checkpoints, plan, labels, r.seed, k))
-    written = run_shards(cascade, plan, manifest, out, indices, r.batch_size)
-    missing = missing_shards(out, manifest)
-    return {"written": written, "samples": None if missing else merge_shards(out), "missing": missing,
-            "cascade": cascade_file}
+    sharded = r.num_shards is not None or size > 1
+    # one plain run per directory; the workers of a sharded run share it (and refuse a plain run)
+    with run_lock(out, "sampling", shared=sharded):
+        cascade_file = out / CASCADE_FILE
+        if rank == 0:
+            write_cascade_file(cascade_file, checkpoints, plan)
+        if not sharded:
+            result = sample_batched(cascade, labels, list(range(r.seed, r.seed + r.n)), plan, r.batch_size)
+            written = write_samples(result, cascade, out)
+            return {"written": written, "samples": out / "samples.npz", "missing": [], "cascade": cascade_file}
+        k = r.num_shards or size
+        indices = [r.shard] if r.shard is not None else range(rank, k, size)
+        manifest = open_run(out, make_manifest(checkpoints, plan, labels, r.seed, k))
+        written = run_shards(cascade, plan, manifest, out, indices, r.batch_size)
+        missing = missing_shards(out, manifest)
+        return {"written": written, "samples": None if missing else merge_shards(out), "missing": missing,
+                "cascade": cascade_file}

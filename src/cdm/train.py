@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_dir, checkpoint_path, list_checkpoints,
+                         newest_intact, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cascade import StagePlan, sample_stage
+from .runlock import run_lock
 from .config import StageConfig, to_dict
 from .data import ImageSet, load_dataset, random_flip, stage_input
 from .distributed import DistributedError, World, world
@@ -162,6 +163,34 @@ def trim_log(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(keep)))
 
 
+GOOD = "good.json"  # names the newest checkpoint proven good: one after which a whole interval ran finite
+DIVERGED = ".diverged"  # suffix of checkpoints set aside when training diverged
+
+
+def proven_good(out: Path) -> Path | None:
+    """The run's newest checkpoint proven good: the next checkpoint interval after it ran with finite
+    losses and gradients (a checkpoint written just before a divergence may already hold the weights
+    that produced it). None if there is none yet."""
+    try:
+        p = checkpoint_dir(out) / json.loads((out / GOOD).read_text())["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return p if p.is_file() else None
+
+
+def set_aside_unproven(out: Path, good: Path | None) -> list[Path]:
+    """Rename the checkpoints newer than ``good`` (all, if None) to ``*.diverged``, so that a re-run
+    resumes from ``good``; they are kept for inspection, never deleted."""
+    found = list_checkpoints(out)
+    limit = next((s for s, p in found if p == good), -1)
+    moved = []
+    for s, p in found:
+        if s > limit:
+            p.rename(p.with_name(p.name + DIVERGED))
+            moved.append(p)
+    return moved
+
+
 def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfig:
     """Fill in what ``cfg`` derives from its data set (class names, channels, classes): the config a
     run trains with (``cdm train --dry-run`` prints it). Returns ``cfg``, resolved in place."""
@@ -178,14 +207,16 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, prog
     Under ``torchrun`` every process calls this with the same arguments (``train.batch_size`` is
     the global batch, split evenly among them); ``out_dir`` must be on a file system they share."""
     with world(cfg.train.device) as w:
-        return _train(cfg, Path(out_dir), fresh, progress, data, w)
+        data = data if data is not None else load_dataset(cfg.data)  # bad data fails before any file is made
+        resolve_config(cfg, data)
+        # one writer per run directory: a second `cdm train --out` the same directory is refused
+        with run_lock(out_dir, "training", enabled=w.is_main, agree=w.all_true):
+            return _train(cfg, Path(out_dir), fresh, progress, data, w)
 
 
-def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: ImageSet | None, w: World) -> Path:
+def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: ImageSet, w: World) -> Path:
     from tqdm.auto import tqdm
 
-    data = data if data is not None else load_dataset(cfg.data)
-    resolve_config(cfg, data)
     tc = cfg.train
     part = w.part(tc.batch_size)
     torch.manual_seed(tc.seed)
@@ -203,9 +234,10 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     step = 0
 
-    found = [] if fresh else list_checkpoints(out)
-    if found:
-        ckpt = load_checkpoint(found[-1][1])
+    # the newest checkpoint that loads and passes its checksum (a damaged newer one is skipped, with a warning)
+    intact = None if fresh else newest_intact(out)
+    if intact:
+        ckpt = intact[1]
         _check_same_model(to_dict(ckpt.config), to_dict(cfg), out)
         net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
@@ -227,6 +259,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             for _, p in list_checkpoints(out):
                 p.unlink()
             (out / "log.jsonl").unlink(missing_ok=True)
+            (out / GOOD).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         remove_snapshots_after(out, step)
@@ -262,7 +295,9 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                 rng={"torch": torch.get_rng_state(), "data": g.get_state()},
                 ema_profiles=[prof.state_dict() for prof in profiles] or None))
-            prune_checkpoints(out, tc.keep_checkpoints)
+            if last is not None:  # every step since the previous checkpoint was finite: it is proven good
+                atomic_write(out / GOOD, lambda tmp: Path(tmp).write_text(json.dumps({"path": last.name})))
+            prune_checkpoints(out, tc.keep_checkpoints, protect=proven_good(out))
 
         on_main(write, p)
         return p
@@ -271,12 +306,17 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         on_main(lambda: save_snapshot(out, step, [(r, prof.state_dict()) for r, prof in zip(tc.ema_profiles, profiles)]),
                 out / "ema")
 
-    def stop(what: str, value: float) -> TrainingError:
-        kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been written yet"
-        return TrainingError(f"{what} became {value} at step {step + 1}; {kept}. Lower train.lr, raise "
-                             f"train.warmup_steps or set train.grad_clip, then re-run to resume")
+    def stop(what: str, value: float, at: int | None = None) -> TrainingError:
+        good = proven_good(out)
+        aside = set_aside_unproven(out, good) if w.is_main else []
+        kept = (f"the last good checkpoint, {good}, is kept and a re-run resumes from it" if good else
+                "no checkpoint was proven good yet, so a re-run starts over")
+        moved = (f" ({len(aside)} newer checkpoint(s), which may hold the diverged weights, renamed to "
+                 f"*{DIVERGED})" if aside else "")
+        return TrainingError(f"{what} became {value} at step {at or step + 1}; {kept}{moved}. Lower train.lr, raise "
+                             f"train.warmup_steps or set train.grad_clip, then re-run")
 
-    last = found[-1][1] if found else None
+    last = intact[0] if intact else None
     snapshot_every = tc.ema_snapshot_every or tc.ckpt_every
     if step >= tc.steps:
         return last
@@ -284,7 +324,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and w.is_main), desc=cfg.name,
                dynamic_ncols=True, unit="step", mininterval=1.0)
     log = open(out / "log.jsonl", "a") if w.is_main else None
-    t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
+    t_win, n_win, k_win, loss_win, gn_win = time.perf_counter(), 0, 0, 0.0, 0.0
     try:
         while step < tc.steps:
             for group in opt.param_groups:
@@ -305,22 +345,24 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             for prof, gamma in zip(profiles, gammas):
                 ema_update(prof, net, power_decay(step, gamma))
             n_win += tc.batch_size
+            k_win += 1
             loss_win += loss_all.item()
             gn_win += float(gn)
             bar.update(1)
             if log and (step % tc.log_every == 0 or step == tc.steps):
-                k = tc.log_every if step % tc.log_every == 0 else (step % tc.log_every)
-                dt = time.perf_counter() - t_win
-                rec = {"step": step, "loss": loss_win / k, "grad_norm": gn_win / k,
+                dt = time.perf_counter() - t_win  # the window: the steps since the last line (or the resume)
+                rec = {"step": step, "loss": loss_win / k_win, "grad_norm": gn_win / k_win,
                        "lr": opt.param_groups[0]["lr"], "img_per_s": n_win / dt, "time": time.time()}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             if step % tc.log_every == 0 or step == tc.steps:
-                t_win, n_win, loss_win, gn_win = time.perf_counter(), 0, 0.0, 0.0
+                t_win, n_win, k_win, loss_win, gn_win = time.perf_counter(), 0, 0, 0.0, 0.0
             if profiles and (step % snapshot_every == 0 or step == tc.steps):
                 snapshot(step)
             if step % tc.ckpt_every == 0 or step == tc.steps:
+                if not all(torch.isfinite(p_).all() for p_ in net.parameters()):  # finite loss, broken weights
+                    raise stop("a weight", float("nan"), at=step)
                 last = save(step)
             if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
                 ema.eval()

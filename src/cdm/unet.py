@@ -43,13 +43,38 @@ class UNetConfig:
     learn_sigma: bool = False  # output 2C channels (prediction and variance interpolation)
 
     def __post_init__(self) -> None:
+        for name in ("resolution", "in_channels", "base_channels", "head_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"unet.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_res_blocks", "num_classes", "lowres_channels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"unet.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"unet.channel_mult must be one or more multipliers >= 1 (e.g. 1,2,2), "
+                             f"got {self.channel_mult}")
+        if any(r < 1 for r in self.attention_resolutions):
+            raise ValueError(f"unet.attention_resolutions must be feature-map sizes >= 1, "
+                             f"got {self.attention_resolutions}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"unet.dropout must lie in [0, 1), got {self.dropout}")
         n_down = len(self.channel_mult) - 1
         if self.resolution % (2 ** n_down):
-            raise ValueError(f"unet.resolution {self.resolution} is not divisible by 2^{n_down} "
-                             f"(one halving per extra channel_mult level)")
+            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{n_down} = {2 ** n_down}: "
+                             f"the U-Net halves it once per unet.channel_mult level after the first "
+                             f"({len(self.channel_mult)} levels); change resolution or shorten unet.channel_mult")
         if self.lowres_upsample not in ("bilinear", "bicubic"):
             raise ValueError(f"unet.lowres_upsample must be 'bilinear' or 'bicubic', "
                              f"got {self.lowres_upsample!r}")
+        # Attention splits a level's channels into heads of head_channels (at least one head):
+        # they must split evenly. The middle block always has attention.
+        levels = [(self.resolution // 2 ** i, self.base_channels * m) for i, m in enumerate(self.channel_mult)]
+        for res, ch in levels:
+            if res in self.attention_resolutions or (res, ch) == levels[-1]:
+                heads = max(1, ch // self.head_channels)
+                if ch % heads:
+                    raise ValueError(f"unet.head_channels = {self.head_channels} does not split the {ch} channels "
+                                     f"of the {res}px level into equal heads; choose base_channels and "
+                                     f"head_channels so that each level's width is a multiple of head_channels")
 
     @property
     def out_channels(self) -> int:

@@ -204,16 +204,18 @@ def check_bound_levels(cascade: Cascade, levels: list[int], mode: Mode | str) ->
 
 
 @torch.no_grad()
-def cascade_bound(cascade: Cascade, images: Tensor, labels: Tensor, levels: list[int],
+def cascade_bound(cascade: Cascade, data, levels: list[int],
                   mode: Mode | str = Mode.TRUNCATED, t_samples: int | None = None, seed: int = 0,
                   batch_size: int = 64, progress: bool = False) -> CascadeBound:
     """The cascade's bound on ``-log p(x | c)`` for real images (module docstring).
 
-    ``images`` uint8 ``[N, C, R, R]`` at the data resolution, ``labels`` ``[N]``; ``levels`` one per
+    ``data``: real images, ``data.images`` uint8 ``[N, C, R, R]`` at the data resolution and
+    ``data.labels`` ``[N]`` (an :class:`ImageSet` or a :class:`ReferenceSet`); ``levels`` one per
     stage (0 for the base); ``t_samples`` None for the exact sum, else the Monte-Carlo estimator with
     that many ``t`` per image and stage. Image ``j`` uses seed ``seed + j`` only."""
     from tqdm.auto import tqdm
 
+    images, labels = data.images, data.labels
     mode = Mode(mode)
     check_bound_levels(cascade, levels, mode)
     n = images.shape[0]
@@ -328,7 +330,7 @@ def evaluate_nll(checkpoints: list[Path], plan: SamplingPlan, cfg: NllConfig, ou
     n = len(real)
     if cfg.reference.n > n:
         raise DataError(f"asked for {cfg.reference.n} images, but {real.source} holds {n}")
-    bound = cascade_bound(cascade, real.images, real.labels, levels, mode, t_samples=cfg.t_samples,
+    bound = cascade_bound(cascade, real, levels, mode, t_samples=cfg.t_samples,
                           seed=cfg.seed, batch_size=cfg.batch_size, progress=cfg.progress)
     summary = {**bound.summary(), "levels": levels, "images": real.source, "images_fingerprint": real.fingerprint,
                "seed": cfg.seed, "stages_from": [str(p) for p in checkpoints]}

@@ -1,0 +1,56 @@
+"""The boundary between cdm and its user: which exceptions are the user's to fix (printed as one
+line ``cdm: error: ...``, exit status 2), and how an OS error on a file reads. Everything else is
+a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+
+from .cascade import CascadeError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .distributed import DistributedError
+from .eval.features import FeatureError
+from .runlock import RunLockedError
+from .shards import ShardError
+from .train import TrainingError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError, TrainingError, DistributedError,
+               RunLockedError, FeatureError)
+
+
+# What an OS error on a file cdm reads or writes says to do, by errno.
+_OS_ERROR_HINTS = {
+    errno.EEXIST: ("cannot create a directory", "the path exists and is not a directory; choose another path"),
+    errno.ENOTDIR: ("cannot use the path", "a part of it is a file, not a directory; choose another path"),
+    errno.EISDIR: ("cannot open a file", "the path is a directory; give a file"),
+    errno.ENOENT: ("cannot open a file", "check the path"),
+    errno.EACCES: ("cannot read or write", "check its permissions, or choose another path"),
+    errno.EPERM: ("cannot read or write", "check its permissions, or choose another path"),
+    errno.EROFS: ("cannot write", "the file system is read-only; choose another path"),
+    errno.ENOSPC: ("cannot write", "free some disk space and re-run (training resumes from its last checkpoint)"),
+    errno.EDQUOT: ("cannot write", "the disk quota is used up; free some space and re-run"),
+    errno.ENAMETOOLONG: ("cannot use the path", "choose a shorter path"),
+}
+
+
+def os_error_message(e: OSError, command: str) -> str:
+    """One line for an OS error on a file: what failed, the system's reason, the path, what to do."""
+    what, hint = _OS_ERROR_HINTS.get(e.errno, ("a file operation failed", ""))
+    reason = e.strerror or str(e) or type(e).__name__
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    line = f"{command}: {what}: {reason}" + (f" ({paths})" if paths else "") + (f"; {hint}" if hint else "")
+    return line.replace("\n", " ")  # one line, whatever the path holds
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a wrong flag is one line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"cdm: error: {message} (see '{self.prog} --help')\n")
+
+
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"cdm: warning: {message}\n"

@@ -1,0 +1,223 @@
+"""Faults at run time, table-driven: each case sets up a run, breaks something, and names the exit
+status and the message fragment the CLI must answer with (one line, no traceback). Then the cases
+whose right answer is a behaviour rather than an error: a corrupt newest checkpoint is skipped, the
+logged loss is right after a resume, files get the user's umask, a real full disk (tmpfs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdm.checkpoint import (Checkpoint, CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
+                            save_checkpoint)
+from cdm.cli import main
+
+from conftest import tiny_config
+from test_cli import write_tiny
+from test_distributed import one_thread  # noqa: F401 (fixture)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained tiny base and SR stage (3 steps each), shared by the cases, which must not change them."""
+    tmp = tmp_path_factory.mktemp("runs")
+    from conftest import toy_images
+
+    data = toy_images(24, 16)
+    npz = tmp / "toy.npz"
+    np.savez(npz, images=data.images.numpy(), labels=data.labels.numpy())
+    for name, res, lowres, aug in (("base", 8, 0, "none"), ("sr", 16, 8, "gaussian")):
+        cfg = write_tiny(tmp, npz, name, res, lowres, aug)
+        assert main(["train", str(cfg), "--out", str(tmp / name), "--no-progress"]) == 0
+    return tmp
+
+
+def hold_lock(directory: Path, what: str = "training") -> subprocess.Popen:
+    """Another process holding ``directory``'s run lock until its stdin closes."""
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {SRC!r})
+        from cdm.runlock import run_lock
+        with run_lock({str(directory)!r}, {what!r}):
+            print("held", flush=True)
+            sys.stdin.read()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def diverged_copy(runs: Path, tmp: Path) -> Path:
+    """A copy of the base stage's checkpoint whose EMA weights are NaN (a run that diverged)."""
+    ck = load_checkpoint(list_checkpoints(runs / "base")[-1][1])
+    bad = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck.ema.items()}
+    return save_checkpoint(tmp / "nan.safetensors", Checkpoint(config=ck.config, step=ck.step, model=ck.model, ema=bad))
+
+
+def foreign_shard(runs: Path, tmp: Path) -> list[str]:
+    """A sharded run in which shard 1 was sampled from another model with the same seeds."""
+    common = ["--n", "4", "--steps", "1", "--num-shards", "2", "--out"]
+    assert main(["sample", "--stage", str(runs / "base"), *common, str(tmp / "a")]) == 0
+    other = diverged_copy(runs, tmp).parent / "other.safetensors"
+    ck = load_checkpoint(list_checkpoints(runs / "base")[-1][1])
+    save_checkpoint(other, Checkpoint(config=ck.config, step=ck.step, model=ck.model,
+                                      ema={k: v * 0.5 for k, v in ck.ema.items()}))
+    assert main(["sample", "--stage", str(other), *common, str(tmp / "b")]) == 0
+    (tmp / "a" / "shard-0001.npz").write_bytes((tmp / "b" / "shard-0001.npz").read_bytes())
+    return ["merge", str(tmp / "a")]
+
+
+CASES = [
+    # (name, setup(runs, tmp) -> argv, exit status, message fragment)
+    ("second training into a locked run directory",
+     lambda r, t: (hold_lock(t / "run"), ["train", str(r / "base.toml"), "--out", str(t / "run"), "--no-progress"])[1],
+     2, "in use by another cdm process"),
+    ("sampling into a directory a training holds",
+     lambda r, t: (hold_lock(t / "s"), ["sample", "--stage", str(r / "base"), "--out", str(t / "s"), "--n", "2",
+                                        "--steps", "1"])[1],
+     2, "in use by another cdm process"),
+    ("merge a shard sampled from another model",
+     lambda r, t: foreign_shard(r, t), 2, "was sampled for another run"),
+    ("sampling a diverged (NaN) checkpoint",
+     lambda r, t: ["sample", "--stage", str(diverged_copy(r, t)), "--out", str(t / "s"), "--n", "2", "--steps", "2"],
+     2, "produced non-finite values"),
+    ("truncated sampling at s = T",
+     lambda r, t: ["sample", "--stage", str(r / "base"), "--stage", str(r / "sr"), "--out", str(t / "s"), "--n", "2",
+                   "--steps", "1", "--levels", "0,50", "--mode", "truncated"],
+     2, "needs s < its T = 50"),
+    ("a level the augmentation cannot reach",
+     lambda r, t: ["sample", "--stage", str(r / "base"), "--stage", str(r / "sr"), "--out", str(t / "s"), "--n", "2",
+                   "--steps", "1", "--levels", "0,51"],
+     2, "must be an integer in [0, 50]"),
+    ("sampling into a path under a regular file",
+     lambda r, t: ((t / "f").write_text("x"), ["sample", "--stage", str(r / "base"), "--out", str(t / "f" / "s"),
+                                               "--n", "2", "--steps", "1"])[1],
+     2, "cdm: error:"),
+    ("a run directory whose only checkpoint is damaged",
+     lambda r, t: (damage(r, t), ["sample", "--stage", str(t / "broken"), "--out", str(t / "s"), "--n", "2"])[1],
+     2, "no checkpoint in"),
+    ("merge of an unfinished sharded run",
+     lambda r, t: (main(["sample", "--stage", str(r / "base"), "--n", "4", "--steps", "1", "--num-shards", "2",
+                         "--shard", "0", "--out", str(t / "a")]), ["merge", str(t / "a")])[1],
+     2, "1 of 2 shards are not finished"),
+]
+
+
+def damage(runs: Path, tmp: Path) -> None:
+    run = tmp / "broken"
+    (run / "checkpoints").mkdir(parents=True)
+    src = list_checkpoints(runs / "base")[-1][1]
+    data = bytearray(src.read_bytes())
+    data[-100] ^= 0xFF
+    (run / "checkpoints" / src.name).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name,setup,status,fragment", CASES, ids=[c[0] for c in CASES])
+def test_fault_table(name, setup, status, fragment, runs, tmp_path, capsys):
+    procs = []
+    real_popen = subprocess.Popen
+
+    def track(*a, **k):
+        p = real_popen(*a, **k)
+        procs.append(p)
+        return p
+
+    subprocess.Popen = track
+    try:
+        argv = setup(runs, tmp_path)
+    finally:
+        subprocess.Popen = real_popen
+    try:
+        capsys.readouterr()
+        assert main(argv) == status
+        err = capsys.readouterr().err
+        assert err.startswith("cdm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert fragment in err, err
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=10)
+
+
+def test_an_augmentation_level_above_the_trained_range_warns(runs, tmp_path, capsys):
+    # the tiny SR stage trained on s in 0..25 (augment.s_max) of its 50-step process
+    with pytest.warns(UserWarning, match=r"above the levels this stage was trained on \(augment.s_max = 25\)"):
+        assert main(["sample", "--stage", str(runs / "base"), "--stage", str(runs / "sr"), "--out",
+                     str(tmp_path / "s"), "--n", "2", "--steps", "1", "--levels", "0,40"]) == 0
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(runs, tmp_path, toy_npz):
+    run = tmp_path / "run"
+    cfg = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
+    assert main(["train", str(cfg), "--out", str(run), "--no-progress", "--set=train.ckpt_every=1",
+                 "--set=train.keep_checkpoints=3"]) == 0
+    newest = list_checkpoints(run)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:-64])  # truncated, e.g. by a copy that did not finish
+    with pytest.warns(UserWarning, match="skipping .*step-00000003.*before it"):
+        assert main(["sample", "--stage", str(run), "--out", str(tmp_path / "s"), "--n", "2", "--steps", "1"]) == 0
+    with pytest.warns(UserWarning, match="skipping"):  # training resumes from step 2, re-does step 3
+        assert main(["train", str(cfg), "--out", str(run), "--no-progress", "--set=train.ckpt_every=1",
+                     "--set=train.keep_checkpoints=3"]) == 0
+    assert load_checkpoint(list_checkpoints(run)[-1][1]).step == 3
+
+
+def test_the_logged_loss_after_a_resume_is_the_mean_over_the_steps_it_covers(tmp_path, toy_npz, one_thread):
+    """log_every = 2 does not divide ckpt_every = 3: after resuming at step 3 the first window holds
+    one step (step 4); its loss must be that step's, as in an uninterrupted run."""
+    cfg = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
+    common = ["--no-progress", "--set=train.ckpt_every=3", "--set=train.log_every=2"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "whole"), "--set=train.steps=6", *common]) == 0
+    assert main(["train", str(cfg), "--out", str(tmp_path / "cut"), "--set=train.steps=3", *common]) == 0
+    assert main(["train", str(cfg), "--out", str(tmp_path / "cut"), "--set=train.steps=6", *common]) == 0
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    # uninterrupted: windows end at 2, 4, 6; resumed: 2, 3 (the end of the first run), then 4 (one step), 6
+    assert cut[2] == pytest.approx(whole[2], rel=1e-5) and cut[6] == pytest.approx(whole[6], rel=1e-5)
+    assert (cut[3] + cut[4]) / 2 == pytest.approx(whole[4], rel=1e-5)  # steps 3 and 4, each logged alone
+
+
+def test_files_are_written_with_the_users_umask(runs, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["sample", "--stage", str(runs / "base"), "--out", str(tmp_path / "s"), "--n", "2",
+                     "--steps", "1"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("samples.npz", "cascade.json"):
+        assert (tmp_path / "s" / name).stat().st_mode & 0o777 == 0o644, name
+    ck = list_checkpoints(runs / "base")[-1][1]
+    assert ck.stat().st_mode & 0o044  # readable by group and others under the usual umask
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """A 256 KiB tmpfs (needs the right to mount; skipped otherwise): the second, larger checkpoint
+    does not fit; the error is one line and the first checkpoint is intact."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        cfg = tiny_config(steps=50)
+        path = checkpoint_path(mnt, 1)
+        save_checkpoint(path, Checkpoint(config=cfg, step=1, model={"w": torch.zeros(1000)}, ema={"w": torch.zeros(1000)}))
+        with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
+            save_checkpoint(path, Checkpoint(config=cfg, step=2, model={"w": torch.zeros(100_000)},
+                                             ema={"w": torch.zeros(100_000)}))
+        assert load_checkpoint(path).step == 1
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
