@@ -1,7 +1,8 @@
 # Two commands do all the set-up (virtual environment, Python packages, Debian's Fashion-MNIST):
 #   make demo   train the 8->32 Fashion-MNIST cascade and write sample grids to runs/demo/samples
 #   make test   run the test suite
-#   make repro  the paper's conditioning-augmentation experiments on Fashion-MNIST (~3.5 h on 2 cores)
+#   make repro  the paper's conditioning-augmentation experiments on Fashion-MNIST (~3.5 h on 2 cores),
+#               then the equal-compute headline study with seeds (experiments/headline.py; ~15 h on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -16,9 +17,11 @@ demo: install data
 test: install data
 	$(BIN)/python -m pytest
 
-# Resumable: re-running continues where it stopped. Results: runs/repro/report.md, docs/RESULTS.md.
+# Resumable: re-running continues where it stopped. Results: runs/repro/report.md, docs/RESULTS.md,
+# runs/headline/headline.md, docs/HEADLINE.md.
 repro: install data
 	$(BIN)/python experiments/fmnist_repro.py --out runs/repro --publish docs --diagnostics
+	$(BIN)/python experiments/headline.py --out runs/headline --publish docs
 
 install: $(VENV)/.installed
 

@@ -42,6 +42,10 @@ class PointScorer:
             out["n_incep"], out["n_incep_ref"] = m, len(self.incep_ref.features)
         return out
 
+    def inception_fid(self, images: Tensor) -> float:
+        """FID in Inception space of all ``images`` against ``incep_ref``."""
+        return quality_scores(self.inception(to_uint8(images)), self.incep_ref, metrics=("fid",))["fid"]
+
     def for_row(self, row: str, rows: tuple[str, ...] | None):
         """This scorer, or one without the Inception FID for rows outside ``rows`` (None: all)."""
         if rows is None or row in rows:

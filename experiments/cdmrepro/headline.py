@@ -1,0 +1,271 @@
+"""The paper's headline at equal compute: does the Gaussian-augmented cascade beat the unaugmented
+one, and does the best cascade beat a single-stage model given the same training FLOPs?
+
+For each training budget ``b`` (a multiple of the reference budget ``B``: the base and SR presets'
+training FLOPs at the profile's scale) and each training seed:
+
+- a single 32x32 stage trained for ``b * B`` FLOPs;
+- for each split ``f`` (the base stage's share): a base stage trained for ``f * b * B`` FLOPs and
+  each SR row (no augmentation, Gaussian augmentation) for ``(1 - f) * b * B`` — the base stage is
+  retrained for every budget, split and seed, never shared.
+
+Every SR stage's level ``s`` (Gaussian: among ``levels``; none: 0) and every row's split are chosen
+on *selection* samples (seeds from ``select_seed``), and the chosen setting is then scored on the
+*report* samples (seeds from the profile's ``seed``), so no number is chosen on the samples it is
+reported on. A headline number is a mean ± standard deviation over training seeds; a claim holds
+when the difference of the means exceeds twice its standard error over seeds
+(``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``). Everything is resumable: stages train once, every scored
+sample set is a row of ``points/results.jsonl`` (``cdm.eval.ledger``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from cdm.cascade import Cascade, SamplingPlan
+from cdm.checkpoint import atomic_write, load_stage
+from cdm.data import DataConfig, load_dataset
+from cdm.distributed import pick_device
+from cdm.data import to_float
+from cdm.eval.ledger import Judge, load_samples, score_point
+from cdm.eval.sweep import SweepConfig, run_sweep
+
+from .ledger import Ledger, machine_info
+from .plan import AUGMENT, BASE, StagePlan, _load, _match_flops, _plan, plan_stages
+from .profiles import Profile
+from .run import Log, _write_json, build_scorer, single_point, train
+from .scoring import PRIMARY
+
+CASCADE_ROWS = ("sr-none", "sr-gaussian")
+Z = 2.0  # a claim holds beyond Z standard errors over seeds
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The study's grid (on top of a :class:`Profile`, which sets the scale and the networks)."""
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every row
+    budgets: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the reference budget B
+    splits: tuple[float, ...] = (0.1, 0.2, 0.35)  # the base stage's share of a cascade's FLOPs
+    levels: tuple[int, ...] = (0, 100, 200)  # Gaussian levels tried on the selection samples
+    n_select: int = 250  # selection samples per candidate
+    select_seed: int = 1_000_000  # selection sample j uses select_seed + j (report: the profile's seed + j)
+    n_report: int = 2000  # report samples per point (classifier FID); the table's rows also in Inception space
+    steps_scale: float = 0.5  # multiplies the presets' steps: B, the reference budget, follows
+    inception: bool = True  # score the table's rows in Inception space too (n_report samples each)
+
+
+HEADLINES = {
+    "cpu": Headline(),
+    "smoke": Headline(seeds=(0, 1), budgets=(0.5, 1.0), splits=(0.3, 0.5), levels=(0, 100), n_select=16,
+                      n_report=16, steps_scale=0.004, inception=False),
+    "gpu": Headline(n_select=2000, n_report=10000, steps_scale=10.0),
+}
+
+
+def reference_budget(profile: Profile, device: str, data_path: str) -> int:
+    """B: the training FLOPs of the base and Gaussian SR presets at the profile's scale."""
+    plans = plan_stages(profile, device, data_path)
+    return plans[BASE].train_flops + plans["sr-gaussian"].train_flops
+
+
+def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StagePlan]:
+    """Every stage the study trains, keyed ``b{b}/seed{k}/single`` and ``b{b}/seed{k}/f{f}/{row}``
+    (row: base, sr-none, sr-gaussian), each trained for its share of ``b * B`` FLOPs."""
+    profile = replace(profile, steps_scale=h.steps_scale)
+    total = reference_budget(profile, device, data_path)
+    single_template = plan_stages(profile, device, data_path)["single"].config  # the SR stage's U-Net, 32 px
+    plans: dict[str, StagePlan] = {}
+    for b in h.budgets:
+        for k in h.seeds:
+            seed = (f"train.seed={k}",)
+            cfg = copy.deepcopy(single_template)
+            cfg.name, cfg.train.seed = f"single-b{b:g}-seed{k}", k
+            plans[f"b{b:g}/seed{k}/single"] = _match_flops(_plan("single", cfg, 1, 10), round(b * total))
+            for f in h.splits:
+                key = f"b{b:g}/seed{k}/f{f:g}"
+                base = _load(profile, "fmnist-base8", "base", f"base-b{b:g}-f{f:g}-seed{k}", device, data_path,
+                             None, seed)
+                plans[f"{key}/{BASE}"] = _match_flops(_plan(BASE, base, 1, 10), round(f * b * total))
+                for row in CASCADE_ROWS:
+                    sr = _load(profile, "fmnist-sr8to32", "sr", f"{row}-b{b:g}-f{f:g}-seed{k}", device, data_path,
+                               {"augment": {"kind": AUGMENT[row]}}, seed)
+                    plans[f"{key}/{row}"] = _match_flops(_plan(row, sr, 1, 10), round((1 - f) * b * total))
+    return plans
+
+
+def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
+                 log: Log) -> dict:
+    """Train, select and score the whole grid (resuming); returns the summary (``headline.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    profile = replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if h.inception else 0,
+                      n_incep_ref=max(profile.n_incep_ref, h.n_report))
+    dev = pick_device(device or profile.device)
+    ledger = Ledger(out / "timings.json", command, machine_info(dev), profile.name)
+    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+    with ledger.task("load data"):
+        train_set = load_dataset(data_cfg)
+    plans = plan_headline(profile, h, str(dev), data_path)
+    _write_json(out / "plan.json", {k: {"steps": v.config.train.steps, "train_flops": v.train_flops}
+                                    for k, v in plans.items()})
+    scorer, metric, refs = build_scorer(profile, out, data_cfg, str(dev), ledger, log)
+
+    def ckpt(key: str) -> Path:  # trained when first needed, so results come seed by seed
+        return train(plans[key], out / "stages" / key.replace("/", "__"), train_set, ledger, log, False)
+
+    scoring = {"n_ref": profile.n_ref, "bootstrap": profile.bootstrap, **refs}
+    plan = SamplingPlan.uniform(2, steps=profile.sample_steps, sampler=profile.sampler, spacing=profile.spacing)
+    points = out / "points"
+    rows = []
+    for k in h.seeds:  # a whole seed first: a partial run already has every budget and split once
+        for b in h.budgets:
+            key = f"b{b:g}/seed{k}/single"
+            r = single_point(ckpt(key), plan, profile, scorer.for_row(key, ()), points, metric, scoring, dev,
+                             ledger, log, key=key)
+            rows.append({"budget": b, "seed": k, "split": None, "row": "single", "level": 0, "select_fid": None,
+                         "samples": r["samples"], **_metrics(r)})
+            for f in h.splits:
+                base = load_stage(ckpt(f"b{b:g}/seed{k}/f{f:g}/{BASE}"), dev)
+                for row in CASCADE_ROWS:
+                    key = f"b{b:g}/seed{k}/f{f:g}/{row}"
+                    cascade = Cascade([base, load_stage(ckpt(key), dev)])
+                    judge = Judge(scorer.for_row(key, ()), metric, PRIMARY)  # classifier space only
+
+                    def sweep(levels, n, seed, phase):
+                        cfg = SweepConfig(levels=list(levels), modes=["non-truncated"], n=n, seed=seed,
+                                          batch_size=profile.sample_batch, keep_samples=phase == "report")
+                        with ledger.task(f"{phase} {key}"):
+                            return run_sweep(cascade, plan, cfg, judge, points, log,
+                                             tags={"row": key, "phase": phase, "scoring": scoring})
+
+                    sel = sweep(h.levels if row == "sr-gaussian" else (0,), h.n_select, h.select_seed, "select")
+                    pick = min(sel, key=lambda r: (r["value"], r["level"]))
+                    rep = sweep((pick["level"],), h.n_report, profile.seed, "report")[0]
+                    rows.append({"budget": b, "seed": k, "split": f, "row": row, "level": pick["level"],
+                                 "select_fid": pick["value"], "samples": rep["samples"], **_metrics(rep)})
+        _write_json(out / "rows.json", rows)  # the rows so far, seed by seed
+    if h.inception:
+        inception_pass(aggregate(rows, h), rows, scorer, points, ledger, log)
+    ledger.finish()
+    table = aggregate(rows, h)
+    summary = {"headline": asdict(h), "profile": asdict(profile), "reference_budget_flops": reference_budget(
+        profile, str(dev), data_path), "command": command, "metric": metric, "rows": rows, "table": table, "claims": claims(table),
+        "timings": ledger.data, "total_seconds": ledger.total_seconds}
+    _write_json(out / "headline.json", summary)
+    return summary
+
+
+def inception_pass(table: list[dict], rows: list[dict], scorer, points: Path, ledger: Ledger, log: Log) -> None:
+    """FID in Inception space of the report samples behind every row of the table (each seed), kept
+    in ``points/inception.jsonl``; adds ``inception_fid`` to those rows."""
+    chosen = {(e["budget"], e["row"], e["split"]) for e in table}
+    with ledger.task("inception"):
+        for r in rows:
+            if (r["budget"], r["row"], r["split"]) not in chosen:
+                continue
+
+            def sample(path=points / r["samples"]):
+                z = load_samples(path)
+                if z is None:
+                    raise FileNotFoundError(f"{path} is missing or damaged; delete its row from "
+                                            f"{points / 'results.jsonl'} and re-run")
+                return to_float(z["images"]), z["labels"], None
+
+            def fid(x, labels):
+                return {"inception_fid": scorer.inception_fid(x)}
+
+            got = score_point(points / "inception", {"samples": r["samples"]}, sample,
+                              Judge(fid, "inception_fid"), name="inception", progress=log)
+            r["inception_fid"] = got["value"]
+
+
+def _metrics(point: dict) -> dict:
+    m = point.get("metrics", {})
+    return {"fid": m.get("fid", point["value"]), "fid_se": m.get("fid_se"), "inception_fid": m.get("inception_fid")}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float, int]:
+    k = len(values)
+    return statistics.fmean(values), (statistics.stdev(values) if k > 1 else float("nan")), k
+
+
+def aggregate(rows: list[dict], h: Headline) -> list[dict]:
+    """Per budget: the single stage, and each cascade row at the split with the lowest mean
+    *selection* FID over seeds; each with its mean ± sd over seeds of the report FIDs."""
+    out = []
+    for b in h.budgets:
+        single = [r for r in rows if r["budget"] == b and r["row"] == "single"]
+        if single:
+            out.append(_entry(b, "single", None, single))
+        for row in CASCADE_ROWS:
+            by_split = {f: [r for r in rows if r["budget"] == b and r["row"] == row and r["split"] == f]
+                        for f in h.splits}
+            by_split = {f: rs for f, rs in by_split.items() if rs}
+            if not by_split:
+                continue
+            f = min(by_split, key=lambda f: statistics.fmean(r["select_fid"] for r in by_split[f]))
+            out.append(_entry(b, row, f, by_split[f], {g: _mean_sd([r["fid"] for r in rs])[0]
+                                                        for g, rs in by_split.items()}))
+    return out
+
+
+def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: dict | None = None) -> dict:
+    m, sd, k = _mean_sd([r["fid"] for r in rs])
+    incep = [r["inception_fid"] for r in rs if r["inception_fid"] is not None]
+    return {"budget": b, "row": row, "split": split, "fid_mean": m, "fid_sd": sd, "seeds": k,
+            "levels": [r["level"] for r in rs], "inception_mean": statistics.fmean(incep) if incep else None,
+            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "fid_by_split": per_split}
+
+
+def _gap(a: dict, b: dict) -> tuple[float, float]:
+    """``mean(a) - mean(b)`` and its standard error over seeds."""
+    se = math.sqrt(a["fid_sd"] ** 2 / a["seeds"] + b["fid_sd"] ** 2 / b["seeds"])
+    return a["fid_mean"] - b["fid_mean"], se
+
+
+def claims(table: list[dict]) -> list[dict]:
+    """Per budget: (a) Gaussian-augmented cascade better than unaugmented; (b) the best cascade
+    better than the single stage. ``holds`` / ``does not hold`` / ``not resolved`` (within Z SE)."""
+    out = []
+    for b in sorted({e["budget"] for e in table}):
+        got = {e["row"]: e for e in table if e["budget"] == b}
+        pairs = [("a", "sr-none", "sr-gaussian", "the Gaussian-augmented cascade beats the unaugmented one"),
+                 ("b", "single", "sr-gaussian", "the best cascade beats the single stage at equal training FLOPs")]
+        for tag, worse, better, text in pairs:
+            if worse in got and better in got:
+                d, se = _gap(got[worse], got[better])
+                verdict = ("holds" if d > Z * se else "does not hold" if d < -Z * se else "not resolved") \
+                    if math.isfinite(se) else "not resolved (one seed)"
+                out.append({"claim": tag, "budget": b, "text": text, "difference": d, "se": se, "verdict": verdict})
+    return out
+
+
+def markdown(summary: dict) -> str:
+    """The study's tables and verdicts, as Markdown."""
+    h = summary["headline"]
+    lines = [f"Training seeds {h['seeds']}; budgets {h['budgets']} x B (B = "
+             f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {h['splits']}; metric "
+             f"{summary['metric']} (mean ± sd over seeds; the split and each SR level chosen on "
+             f"{h['n_select']} selection samples, reported on others).", "",
+             "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID |",
+             "|---|---|---|---|---|---|---|"]
+    for e in summary["table"]:
+        inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
+            f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "")
+        split = "" if e["split"] is None else f"{e['split']:g}"
+        lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {e['fid_sd']:.3f} | "
+                     f"{e['seeds']} | {e['levels']} | {inc} |")
+    lines += ["", "| claim | budget | difference | SE over seeds | verdict |", "|---|---|---|---|---|"]
+    for c in summary["claims"]:
+        lines.append(f"| ({c['claim']}) {c['text']} | {c['budget']:g}B | {c['difference']:+.3f} | {c['se']:.3f} | "
+                     f"{c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(summary: dict, path: Path) -> Path:
+    text = markdown(summary)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path

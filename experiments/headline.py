@@ -1,0 +1,60 @@
+"""The paper's headline at equal compute on Fashion-MNIST 8x8 -> 32x32: cascades (no / Gaussian
+augmentation, several base-stage shares of the budget) against a single stage with the same
+training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
+
+    python experiments/headline.py --out runs/headline [--profile cpu|smoke|gpu] [--publish docs]
+
+Re-running the same command resumes; what is done is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cdmrepro.headline import HEADLINES, plan_headline, run_headline, write_markdown  # noqa: E402
+from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cdm.errors import USER_ERRORS
+
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="headline.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
+    p.add_argument("--profile", choices=list(HEADLINES), default="cpu",
+                   help="; ".join(f"{k}: {v.about}" for k, v in PROFILES.items() if k in HEADLINES))
+    p.add_argument("--publish", metavar="DIR", help="also write DIR/HEADLINE.md (e.g. docs)")
+    p.add_argument("--device", default="", help="auto, cpu, cuda ... (default: the profile's)")
+    p.add_argument("--data-path", default="", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
+    a = p.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    try:
+        profile, h = get_profile(a.profile), HEADLINES[a.profile]
+        if a.dry_run:
+            for k, v in plan_headline(profile, h, a.device or profile.device, a.data_path).items():
+                print(f"{k:32s} {v.config.train.steps:6d} steps x {v.config.train.batch_size:3d}  "
+                      f"{v.train_flops / 1e12:8.2f} TFLOP")
+            return 0
+        command = shlex.join(["python", "experiments/headline.py", *argv])
+        s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log)
+        log(f"report: {write_markdown(s, Path(a.out) / 'headline.md')}")
+        if a.publish:
+            log(f"published: {write_markdown(s, Path(a.publish) / 'HEADLINE.md')}")
+    except USER_ERRORS as e:
+        print(f"headline: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The equal-compute headline study (experiments/headline.py): the budget is split as planned, the
+verdicts follow the seeds' spread, and the smoke profile runs end to end and resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+from cdmrepro.headline import HEADLINES, Headline, aggregate, claims, plan_headline  # noqa: E402
+from cdmrepro.profiles import get_profile  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)")
+
+
+@needs_data
+def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
+    h = HEADLINES["smoke"]
+    plans = plan_headline(get_profile("smoke"), h, "cpu")
+    assert len(plans) == len(h.budgets) * len(h.seeds) * (1 + 3 * len(h.splits))
+    for b in h.budgets:
+        single = plans[f"b{b:g}/seed0/single"].train_flops
+        for f in h.splits:
+            base, sr = plans[f"b{b:g}/seed0/f{f:g}/base"].train_flops, plans[f"b{b:g}/seed0/f{f:g}/sr-gaussian"].train_flops
+            # whole steps: within one step of each stage of the planned share
+            assert base + sr == pytest.approx(single, rel=0.25) and base / (base + sr) == pytest.approx(f, abs=0.15)
+    assert plans["b1/seed1/single"].config.train.seed == 1 and plans["b1/seed0/f0.3/base"].config.train.seed == 0
+
+
+def rows_for(fids: dict) -> list[dict]:
+    return [{"budget": 1.0, "seed": k, "split": split, "row": row, "level": 0, "select_fid": sel,
+             "fid": fid, "fid_se": 0.1, "inception_fid": None}
+            for (row, split, sel), per_seed in fids.items() for k, fid in enumerate(per_seed)]
+
+
+def test_the_split_is_chosen_on_selection_fids_and_claims_need_the_seed_spread():
+    h = Headline(seeds=(0, 1, 2), budgets=(1.0,), splits=(0.1, 0.2))
+    rows = rows_for({("single", None, None): [5.0, 5.2, 4.8],
+                     ("sr-none", 0.1, 9.0): [3.0, 3.1, 2.9], ("sr-none", 0.2, 8.0): [9.0, 9.5, 8.5],
+                     ("sr-gaussian", 0.1, 2.0): [2.0, 2.1, 1.9], ("sr-gaussian", 0.2, 3.0): [1.0, 1.0, 1.0]})
+    table = {e["row"]: e for e in aggregate(rows, h)}
+    # chosen by selection FID (8.0 < 9.0), not by the reported FIDs it is then reported with
+    assert table["sr-none"]["split"] == 0.2 and table["sr-none"]["fid_mean"] == pytest.approx(9.0)
+    assert table["sr-gaussian"]["split"] == 0.1 and table["sr-gaussian"]["fid_sd"] == pytest.approx(0.1)
+    got = {c["claim"]: c for c in claims(list(table.values()))}
+    assert got["a"]["verdict"] == "holds" and got["a"]["difference"] == pytest.approx(7.0)
+    assert got["b"]["verdict"] == "holds"
+    se = math.sqrt(0.2 ** 2 / 3 + 0.1 ** 2 / 3)
+    assert got["b"]["se"] == pytest.approx(se)
+    # a gap inside twice the standard error over seeds is not resolved
+    close = rows_for({("single", None, None): [2.0, 2.6, 1.4], ("sr-gaussian", 0.1, 1.0): [1.9, 1.5, 2.3]})
+    verdict = claims(aggregate(close, Headline(seeds=(0, 1, 2), budgets=(1.0,), splits=(0.1,))))
+    assert [c["verdict"] for c in verdict if c["claim"] == "b"] == ["not resolved"]
+
+
+@needs_data
+def test_the_smoke_study_runs_end_to_end_and_resumes(tmp_path):
+    from headline import main
+
+    out = tmp_path / "hl"
+    assert main(["--out", str(out), "--profile", "smoke", "--publish", str(tmp_path / "docs")]) == 0
+    s = json.loads((out / "headline.json").read_text())
+    h = HEADLINES["smoke"]
+    assert len(s["rows"]) == len(h.budgets) * len(h.seeds) * (1 + 2 * len(h.splits))
+    assert all(math.isfinite(r["fid"]) for r in s["rows"])
+    assert {(e["budget"], e["row"]) for e in s["table"]} == {(b, r) for b in h.budgets
+                                                             for r in ("single", "sr-none", "sr-gaussian")}
+    assert (tmp_path / "docs" / "HEADLINE.md").read_text().count("| (a)") == len(h.budgets)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/checkpoints/*.safetensors")}
+    assert main(["--out", str(out), "--profile", "smoke"]) == 0  # resumes: nothing is retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("stages/*/checkpoints/*.safetensors")} == before
