@@ -24,7 +24,7 @@ needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's data
 def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
     h = HEADLINES["smoke"]
     plans = plan_headline(get_profile("smoke"), h, "cpu")
-    assert len(plans) == len(h.budgets) * len(h.seeds) * (1 + 3 * len(h.splits))
+    assert len(plans) == len(h.budgets) * len(h.seeds) * (1 + 3 * len(h.splits)) + 3 * len(h.seeds)  # + 8->16->32
     for b in h.budgets:
         single = plans[f"b{b:g}/seed0/single"].train_flops
         for f in h.splits:
@@ -32,6 +32,9 @@ def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
             # whole steps: within one step of each stage of the planned share
             assert base + sr == pytest.approx(single, rel=0.25) and base / (base + sr) == pytest.approx(f, abs=0.15)
     assert plans["b1/seed1/single"].config.train.seed == 1 and plans["b1/seed0/f0.3/base"].config.train.seed == 0
+    three = [plans[f"b1/seed0/3-stage/{n}"] for n in ("base", "sr8to16", "sr16to32")]
+    assert [(p.config.lowres_resolution, p.config.resolution) for p in three] == [(0, 8), (8, 16), (16, 32)]
+    assert sum(p.train_flops for p in three) == pytest.approx(plans["b1/seed0/single"].train_flops, rel=0.25)
 
 
 def rows_for(fids: dict) -> list[dict]:
@@ -68,10 +71,13 @@ def test_the_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     assert main(["--out", str(out), "--profile", "smoke", "--publish", str(tmp_path / "docs")]) == 0
     s = json.loads((out / "headline.json").read_text())
     h = HEADLINES["smoke"]
-    assert len(s["rows"]) == len(h.budgets) * len(h.seeds) * (1 + 2 * len(h.splits))
+    assert len(s["rows"]) == len(h.budgets) * len(h.seeds) * (1 + 2 * len(h.splits)) + len(h.seeds)
     assert all(math.isfinite(r["fid"]) for r in s["rows"])
     assert {(e["budget"], e["row"]) for e in s["table"]} == {(b, r) for b in h.budgets
-                                                             for r in ("single", "sr-none", "sr-gaussian")}
+                                                             for r in ("single", "sr-none", "sr-gaussian")} | {
+        (1.0, "3-stage")}
+    three = [r for r in s["rows"] if r["row"] == "3-stage"]
+    assert all(len(r["level"]) == 2 and set(r["level"]) <= set(h.levels) for r in three)
     assert (tmp_path / "docs" / "HEADLINE.md").read_text().count("| (a)") == len(h.budgets)
     before = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/checkpoints/*.safetensors")}
     assert main(["--out", str(out), "--profile", "smoke"]) == 0  # resumes: nothing is retrained

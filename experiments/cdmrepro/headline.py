@@ -31,7 +31,8 @@ from cdm.checkpoint import atomic_write, load_stage
 from cdm.data import DataConfig, load_dataset
 from cdm.distributed import pick_device
 from cdm.data import to_float
-from cdm.eval.ledger import Judge, load_samples, score_point
+from cdm.eval.ledger import Judge, load_samples, score_point, stage_fingerprint
+from cdm.generate import balanced_labels, sample_batched
 from cdm.eval.sweep import SweepConfig, run_sweep
 
 from .ledger import Ledger, machine_info
@@ -41,6 +42,7 @@ from .run import Log, _write_json, build_scorer, single_point, train
 from .scoring import PRIMARY
 
 CASCADE_ROWS = ("sr-none", "sr-gaussian")
+THREE, THREE_STAGES = "3-stage", ("base", "sr8to16", "sr16to32")
 Z = 2.0  # a claim holds beyond Z standard errors over seeds
 
 
@@ -56,6 +58,9 @@ class Headline:
     n_report: int = 2000  # report samples per point (classifier FID); the table's rows also in Inception space
     steps_scale: float = 0.5  # multiplies the presets' steps: B, the reference budget, follows
     inception: bool = True  # score the table's rows in Inception space too (n_report samples each)
+    # the three-stage cascade 8 -> 16 -> 32 at budget 1 x B: the shares of base, 8->16 and 16->32 (both
+    # Gaussian-augmented; their levels chosen jointly on the selection samples among `levels`)
+    three_stage: tuple[float, float, float] = (0.15, 0.3, 0.55)
 
 
 HEADLINES = {
@@ -94,6 +99,15 @@ def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "
                     sr = _load(profile, "fmnist-sr8to32", "sr", f"{row}-b{b:g}-f{f:g}-seed{k}", device, data_path,
                                {"augment": {"kind": AUGMENT[row]}}, seed)
                     plans[f"{key}/{row}"] = _match_flops(_plan(row, sr, 1, 10), round((1 - f) * b * total))
+            if b == 1.0 and h.three_stage:
+                key = f"b1/seed{k}/{THREE}"
+                shares = dict(zip(THREE_STAGES, h.three_stage))
+                base = _load(profile, "fmnist-base8", "base", f"3stage-base-seed{k}", device, data_path, None, seed)
+                plans[f"{key}/base"] = _match_flops(_plan(BASE, base, 1, 10), round(shares["base"] * total))
+                for name, (res, low) in (("sr8to16", (16, 8)), ("sr16to32", (32, 16))):
+                    sr = _load(profile, "fmnist-sr8to32", "sr", f"3stage-{name}-seed{k}", device, data_path,
+                               {"resolution": res, "lowres_resolution": low}, seed)
+                    plans[f"{key}/{name}"] = _match_flops(_plan(name, sr, 1, 10), round(shares[name] * total))
     return plans
 
 
@@ -146,6 +160,10 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                     rep = sweep((pick["level"],), h.n_report, profile.seed, "report")[0]
                     rows.append({"budget": b, "seed": k, "split": f, "row": row, "level": pick["level"],
                                  "select_fid": pick["value"], "samples": rep["samples"], **_metrics(rep)})
+            if b == 1.0 and h.three_stage:
+                rows.append(three_stage_row(k, [ckpt(f"b1/seed{k}/{THREE}/{n}") for n in THREE_STAGES], plan, h,
+                                            profile, Judge(scorer.for_row(THREE, ()), metric, PRIMARY), scoring,
+                                            points, dev, ledger, log))
         _write_json(out / "rows.json", rows)  # the rows so far, seed by seed
     if h.inception:
         inception_pass(aggregate(rows, h), rows, scorer, points, ledger, log)
@@ -156,6 +174,37 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
         "timings": ledger.data, "total_seconds": ledger.total_seconds}
     _write_json(out / "headline.json", summary)
     return summary
+
+
+def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline, profile: Profile, judge: Judge,
+                    scoring: dict, points: Path, dev, ledger: Ledger, log: Log) -> dict:
+    """Seed ``k``'s three-stage cascade: its two SR levels chosen jointly on the selection samples
+    (every pair of ``h.levels``), then scored at that pair on the report samples."""
+    cascade = Cascade([load_stage(p, dev) for p in ckpts])
+    st = plan2.stages[-1]
+    key = f"b1/seed{k}/{THREE}"
+    ident = {"row": key, "scoring": scoring, "fingerprints": [stage_fingerprint(s) for s in cascade.stages],
+             "metric": judge.name, "steps": st.steps, "sampler": st.sampler, "spacing": st.spacing}
+
+    def point(levels: list[int], n: int, seed: int, phase: str) -> dict:
+        plan = SamplingPlan.uniform(3, steps=st.steps, levels=levels, sampler=st.sampler, spacing=st.spacing)
+
+        def sample():
+            labels = balanced_labels(n, cascade.num_classes)
+            res = sample_batched(cascade, labels, list(range(seed, seed + n)), plan, profile.sample_batch)
+            return res.images[-1], labels, res.inputs[-1]
+
+        return score_point(points, {**ident, "phase": phase, "levels": levels, "n": n, "seed": seed}, sample,
+                           judge, keep_samples=phase == "report", name=f"{key}-{phase}-s{levels[1]}-{levels[2]}",
+                           progress=log)
+
+    with ledger.task(f"select {key}"):
+        sel = [point([0, s1, s2], h.n_select, h.select_seed, "select") for s1 in h.levels for s2 in h.levels]
+    pick = min(sel, key=lambda r: (r["value"], r["levels"]))
+    with ledger.task(f"report {key}"):
+        rep = point(pick["levels"], h.n_report, profile.seed, "report")
+    return {"budget": 1.0, "seed": k, "split": None, "row": THREE, "level": pick["levels"][1:],
+            "select_fid": pick["value"], "samples": rep["samples"], **_metrics(rep)}
 
 
 def inception_pass(table: list[dict], rows: list[dict], scorer, points: Path, ledger: Ledger, log: Log) -> None:
@@ -197,9 +246,10 @@ def aggregate(rows: list[dict], h: Headline) -> list[dict]:
     *selection* FID over seeds; each with its mean ± sd over seeds of the report FIDs."""
     out = []
     for b in h.budgets:
-        single = [r for r in rows if r["budget"] == b and r["row"] == "single"]
-        if single:
-            out.append(_entry(b, "single", None, single))
+        for one in ("single", THREE):
+            got = [r for r in rows if r["budget"] == b and r["row"] == one]
+            if got:
+                out.append(_entry(b, one, None, got))
         for row in CASCADE_ROWS:
             by_split = {f: [r for r in rows if r["budget"] == b and r["row"] == row and r["split"] == f]
                         for f in h.splits}
@@ -228,12 +278,13 @@ def _gap(a: dict, b: dict) -> tuple[float, float]:
 
 def claims(table: list[dict]) -> list[dict]:
     """Per budget: (a) Gaussian-augmented cascade better than unaugmented; (b) the best cascade
-    better than the single stage. ``holds`` / ``does not hold`` / ``not resolved`` (within Z SE)."""
+    better than the single stage; (c) the three-stage cascade better than the best two-stage one. ``holds`` / ``does not hold`` / ``not resolved`` (within Z SE)."""
     out = []
     for b in sorted({e["budget"] for e in table}):
         got = {e["row"]: e for e in table if e["budget"] == b}
         pairs = [("a", "sr-none", "sr-gaussian", "the Gaussian-augmented cascade beats the unaugmented one"),
-                 ("b", "single", "sr-gaussian", "the best cascade beats the single stage at equal training FLOPs")]
+                 ("b", "single", "sr-gaussian", "the best cascade beats the single stage at equal training FLOPs"),
+                 ("c", "sr-gaussian", THREE, "the three-stage cascade beats the two-stage one")]
         for tag, worse, better, text in pairs:
             if worse in got and better in got:
                 d, se = _gap(got[worse], got[better])
