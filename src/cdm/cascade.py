@@ -14,13 +14,16 @@ A cascade is validated when it is built; errors say what to change.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+import warnings
+import math
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
 from .augment import AugKind
 from .diffusion import Spacing, time_grid
+from .guidance import Threshold, guided_model
 from .samplers import SAMPLERS, SeededNoise, derive_seed
 from .stage import Stage
 
@@ -41,6 +44,9 @@ class StagePlan:
     level: int = 0  # augmentation level s the (SR) stage's input is at; 0 for the base
     sampler: str = "ancestral"  # a name in samplers.SAMPLERS
     spacing: str = "uniform"  # diffusion.Spacing of the stage's time grid
+    guidance: float = 0.0  # classifier-free guidance weight w (0: unguided; cdm.guidance)
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guided where lo <= t/T <= hi
+    threshold: str = "static"  # x0 estimate: static (clip to [-1, 1]), dynamic (Imagen) or none
 
     def check(self, where: str = "") -> None:
         """Raise :class:`CascadeError` unless the fields name things that exist."""
@@ -51,6 +57,14 @@ class StagePlan:
                                f"(choose from {', '.join(sp.value for sp in Spacing)})")
         if self.steps < 1:
             raise CascadeError(f"{where}steps must be >= 1, got {self.steps}")
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise CascadeError(f"{where}the guidance weight must be a number >= 0 (0: unguided), got {self.guidance}")
+        iv = self.guidance_interval
+        if len(iv) != 2 or not 0 <= iv[0] <= iv[1] <= 1:
+            raise CascadeError(f"{where}the guidance interval must be two fractions of T, 0 <= lo <= hi <= 1, got {iv}")
+        if self.threshold not in {th.value for th in Threshold}:
+            raise CascadeError(f"{where}unknown threshold {self.threshold!r} (choose from "
+                               f"{', '.join(th.value for th in Threshold)})")
 
 
 @dataclass
@@ -75,18 +89,26 @@ class SamplingPlan:
         return cls(mode=mode, stages=[StagePlan(n, s, sampler, spacing) for n, s in zip(steps, levels)])
 
     def override(self, steps: list[int] | None = None, levels: list[int] | None = None, mode: str | None = None,
-                 sampler: str | None = None, spacing: str | None = None) -> "SamplingPlan":
+                 **every_stage) -> "SamplingPlan":
         """A copy with the given settings replaced: ``steps`` one value or one per stage, ``levels``
-        one per stage (0 for the base), ``sampler``/``spacing`` for every stage."""
+        one per stage (0 for the base); ``guidance`` one value or one per stage; any other
+        :class:`StagePlan` field (``sampler``, ``spacing``, ``guidance_interval``, ``threshold``)
+        for every stage. ``None`` keeps a setting."""
         k = len(self.stages)
-        if steps and len(steps) not in (1, k):
-            raise CascadeError(f"steps needs 1 or {k} values (one per stage), got {len(steps)}")
-        if levels and len(levels) != k:
-            raise CascadeError(f"levels needs {k} values (0 for the base stage), got {len(levels)}")
-        steps = (steps * k if len(steps) == 1 else steps) if steps else [st.steps for st in self.stages]
-        levels = levels or [st.level for st in self.stages]
-        stages = [replace(st, steps=n, level=s, sampler=sampler or st.sampler, spacing=spacing or st.spacing)
-                  for st, n, s in zip(self.stages, steps, levels)]
+        per_stage = {"steps": steps, "level": levels, "guidance": every_stage.pop("guidance", None)}
+        for name, v in per_stage.items():
+            if v and len(v) not in ((k,) if name == "level" else (1, k)):
+                want = f"{k}" if name == "level" else f"1 or {k}"
+                raise CascadeError(f"{name if name != 'level' else 'levels'} needs {want} values (one per stage), "
+                                   f"got {len(v)}")
+        unknown = set(every_stage) - {f.name for f in fields(StagePlan)}
+        if unknown:
+            raise CascadeError(f"unknown sampling settings {sorted(unknown)}")
+        stages = []
+        for i, st in enumerate(self.stages):
+            new = {n: (v[i] if len(v) == k else v[0]) for n, v in per_stage.items() if v}
+            new.update({n: v for n, v in every_stage.items() if v is not None})
+            stages.append(replace(st, **new))
         return SamplingPlan(mode=mode or self.mode, stages=stages)
 
     @property
@@ -133,12 +155,26 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
         aug_noise = None
         if corrupt:  # its own stream: the sampler's noise is then the same in both modes
             aug_noise = SeededNoise([derive_seed(s, i, 1) for s in seeds], dev).randn(*lowres.shape[1:])
-        cond = stage.conditioning(lab, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
+        def conditioning(labels: Tensor) -> dict:  # one augmentation draw for both guidance passes
+            return stage.conditioning(labels, lowres.to(dev), lv, noise=aug_noise, corrupt=corrupt)
     else:
-        cond = stage.conditioning(lab)
+        def conditioning(labels: Tensor) -> dict:
+            return stage.conditioning(labels)
+    cond, uncond = conditioning(lab), None
+    if plan.guidance:
+        if stage.num_classes == 0:
+            raise CascadeError(f"stage {i} ({stage.config.name!r}) is unconditional: classifier-free guidance "
+                               f"needs a class-conditional stage; use guidance 0 for it")
+        if stage.config.train.p_uncond == 0:
+            warnings.warn(f"stage {i} ({stage.config.name!r}) was trained without label dropout "
+                          f"(train.p_uncond = 0): its unconditional prediction, which guidance uses, is untrained")
+        uncond = conditioning(torch.full_like(lab, stage.num_classes))  # the "no class" label
+    model = guided_model(stage, cond, uncond, stage.diffusion, plan.guidance, tuple(plan.guidance_interval),
+                         plan.threshold)
     grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing)
     x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-    x, x0 = SAMPLERS[plan.sampler](lambda x_, t_: stage(x_, t_, cond), stage.diffusion, x, grid, noise)
+    x, x0 = SAMPLERS[plan.sampler](model, stage.diffusion, x, grid, noise,
+                                   clip_x0=Threshold(plan.threshold) is not Threshold.NONE)
     if not (torch.isfinite(x).all() and torch.isfinite(x0).all()):
         raise CascadeError(f"stage {i} ({stage.config.name!r}) produced non-finite values: its weights have "
                            f"diverged (a run stopped on a NaN loss?); sample from an earlier checkpoint of it")

@@ -187,7 +187,7 @@ def cmd_presets(a: argparse.Namespace) -> int:
     return 0
 
 
-PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing")
+PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing", "guidance", "guidance_interval", "threshold")
 
 
 def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> None:
@@ -207,9 +207,17 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
                         help="reverse-process sampler of every stage (default: the cascade file's, else ancestral)"),
         "spacing": dict(choices=[sp.value for sp in Spacing],
                         help="time-grid spacing of every stage (default: the cascade file's, else uniform); "
-                             "quadratic suits few-step ddim / dpmpp-2m")}
+                             "quadratic suits few-step ddim / dpmpp-2m"),
+        "guidance": dict(type=_floats, help="classifier-free guidance weight w, one value or one per stage: the "
+                                            "prediction is (1 + w) cond - w uncond, so 0 is unguided (Imagen's "
+                                            "scale is 1 + w); needs stages trained with train.p_uncond > 0"),
+        "guidance_interval": dict(type=_floats, metavar="LO,HI",
+                                  help="guide only where LO <= t/T <= HI (default 0,1: every step)"),
+        "threshold": dict(choices=["static", "dynamic", "none"],
+                          help="the x0 estimate: static clips to [-1, 1] (default), dynamic is Imagen's "
+                               "(for high guidance weights), none leaves it")}
     for name in plan_flags:
-        p.add_argument(f"--{name}", **flags[name])
+        p.add_argument(f"--{name.replace('_', '-')}", **flags[name])
     p.set_defaults(plan_flags=plan_flags)
 
 

@@ -52,7 +52,7 @@ class TrainConfig:
     ema_profiles: list[float] = field(default_factory=list)  # sigma_rel of EMAs kept for post-hoc EMA (cdm ema)
     ema_snapshot_every: int = 0  # steps between post-hoc EMA snapshots (0: at every checkpoint)
     p_uncond: float = 0.0  # label dropout: the share of training labels replaced by the "no class" label
-    # (num_classes); `cdm sample --classes N` with that label then samples unconditionally
+    # (num_classes), which trains the unconditional prediction classifier-free guidance uses (cdm.guidance)
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     channels_last: bool = False  # measured slower on a 2-core CPU; try it on a GPU
     seed: int = 0

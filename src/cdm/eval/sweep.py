@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cascade import Cascade, CascadeError, Mode, SamplingPlan
+from ..cascade import Cascade, CascadeError, Mode, SamplingPlan, StagePlan
 from ..cascade_file import CASCADE_FILE, load_cascade, read_cascade_file, write_cascade_file
 from ..checkpoint import atomic_write
 from ..config import ConfigError
@@ -136,7 +136,7 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     seeds = list(range(cfg.seed, cfg.seed + cfg.n))
     ident = {**(tags or {}), "stage": i, "conditioning": cond.value, "metric": judge.name, "n": cfg.n,
              "seed": cfg.seed, "steps": sp.steps, "sampler": sp.sampler, "spacing": sp.spacing,
-             "fingerprint": stage_fingerprint(cascade.stages[i])}
+             **guidance_identity(sp), "fingerprint": stage_fingerprint(cascade.stages[i])}
     if cond is Conditioning.GROUND_TRUTH:
         z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
         if len(z_gt) != cfg.n or len(labels) != cfg.n:
@@ -169,6 +169,14 @@ def _batched(fn: Callable[[slice], Tensor], n: int, bs: int) -> Tensor:
     return torch.cat([fn(slice(a, min(n, a + bs))).cpu() for a in range(0, n, bs)])
 
 
+def guidance_identity(sp: StagePlan) -> dict:
+    """The guidance settings of a stage's plan that identify a point: none when they are the
+    defaults, so points scored before guidance existed keep their identity."""
+    d = StagePlan()
+    keys = ("guidance", "guidance_interval", "threshold")
+    return {k: getattr(sp, k) for k in keys} if any(getattr(sp, k) != getattr(d, k) for k in keys) else {}
+
+
 def ground_truth_inputs(data, split: str, n: int, resolution: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Real low-resolution inputs for an SR stage (the paper's ground-truth conditioning): a
     seeded, class-stratified random subset of ``n`` images of ``split`` of the data set ``data``,
@@ -197,6 +205,8 @@ class _LowerSamples:
         self.identity = {"lower_fingerprints": [stage_fingerprint(s) for s in cascade.stages[:i]],
                          "lower_steps": [s.steps for s in st[:i]], "lower_levels": [s.level for s in st[:i]],
                          "lower_samplers": [[s.sampler, s.spacing] for s in st[:i]]}
+        if any(guidance_identity(s) for s in st[:i]):
+            self.identity["lower_guidance"] = [guidance_identity(s) for s in st[:i]]
         manifest = {**self.identity, "n": cfg.n, "seed": cfg.seed}
         mpath = out / "lower.json"
         try:
