@@ -130,3 +130,34 @@ def test_the_plan_carries_guidance_per_stage_and_from_the_command_line():
     assert [st.guidance for st in SamplingPlan.uniform(3).override(guidance=[1.0]).stages] == [1.0] * 3
     with pytest.raises(CascadeError, match="guidance needs 1 or 2 values"):
         SamplingPlan.uniform(2).override(guidance=[1.0, 2.0, 3.0])
+
+
+def test_the_sweep_searches_level_and_weight_jointly_and_old_points_keep_their_identity(tmp_path):
+    from cdm.eval.ledger import Judge
+    from cdm.eval.report import heatmap_svg
+    from cdm.eval.sweep import SweepConfig, _decide, run_sweep, weight
+
+    torch.manual_seed(0)
+    stages = [Stage(tiny_config(resolution=4, name="base", p_uncond=0.1)),
+              Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", p_uncond=0.1))]
+    with torch.no_grad():
+        for p in stages[1].net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for s in stages:
+        s.net.eval()
+    cascade, plan = Cascade(stages), SamplingPlan.uniform(2, steps=2)
+    judge = Judge(lambda x, labels: float(x.abs().mean()), "m")
+    plain = run_sweep(cascade, plan, SweepConfig(levels=[0, 10], n=4, modes=["non-truncated"]), judge, tmp_path,
+                      progress=lambda s: None)
+    joint = run_sweep(cascade, plan, SweepConfig(levels=[0, 10], n=4, modes=["non-truncated"], weights=[0.0, 2.0]),
+                      judge, tmp_path, progress=lambda s: None)
+    assert sorted((r["level"], weight(r)) for r in joint) == [(0, 0.0), (0, 2.0), (10, 0.0), (10, 2.0)]
+    assert all("guidance" not in r for r in plain)  # w = 0 points are the unguided ones, scored once
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    by = {(r["level"], weight(r)): r["value"] for r in joint}
+    assert by[(10, 2.0)] != by[(10, 0.0)]
+    rows = [{**r, "metrics": {"m": r["value"], "m_se": 0.0}} for r in joint]
+    best, cur, write, why = _decide(rows, "m", "non-truncated", 0, 0.0)
+    assert cur is not None and write == (best is not cur)  # no noise here: any gain wins
+    assert (f"w = {weight(best):g}" in why) == (write and weight(best) != 0)
+    assert "<svg" in heatmap_svg({(s, w): v for (s, w), v in by.items()}, "s", "w")

@@ -155,7 +155,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     paths, plan = _plan(a)
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
                       ground_truth_split=a.ground_truth_split, n=a.n, seed=a.seed, batch_size=a.batch_size,
-                      keep_samples=a.keep_samples, metric=a.metric, write_best=not a.no_write)
+                      keep_samples=a.keep_samples, metric=a.metric, write_best=not a.no_write, weights=a.weights)
     s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade)
     b = s["best"]
     se = b.get("metrics", {}).get(f"{a.metric}_se", float("nan"))
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--stage-index", type=int, default=-1, help="the SR stage to sweep (default: the last)")
     w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500],
                    help="candidate levels s (default 0,50,100,200,300,500; the current level is always added)")
+    w.add_argument("--weights", type=_floats, metavar="W,W,...",
+                   help="also search the SR stage's guidance weight jointly with s over these (e.g. 0,1,2,4; "
+                        "the current weight is always added); default: the plan's weight only")
     w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v],
                    help="comma-separated: non-truncated, truncated (default: both; ground-truth inputs: "
                         "non-truncated)")

@@ -74,6 +74,33 @@ def line_plot_svg(series: dict[str, list[tuple[float, float]]], xlabel: str, yla
     return "\n".join(out)
 
 
+def heatmap_svg(values: dict[tuple[float, float], float], xlabel: str, ylabel: str, title: str = "",
+                cell: int = 56) -> str:
+    """A minimal SVG heat map of ``{(x, y): value}`` (lower is darker), each cell labelled with its value."""
+    xs, ys = sorted({x for x, _ in values}), sorted({y for _, y in values})
+    finite = [v for v in values.values() if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    L, T = 70, 40
+    w, h = L + cell * len(xs) + 20, T + cell * len(ys) + 50
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">{html.escape(title)}</text>']
+    for j, y in enumerate(reversed(ys)):
+        out.append(f'<text x="{L - 6}" y="{T + j * cell + cell / 2 + 4}" text-anchor="end">{_fmt(y)}</text>')
+        for i, x in enumerate(xs):
+            v = values.get((x, y), float("nan"))
+            g = 255 if not math.isfinite(v) else int(60 + 195 * ((v - lo) / (hi - lo) if hi > lo else 0.5))
+            out.append(f'<rect x="{L + i * cell}" y="{T + j * cell}" width="{cell}" height="{cell}" '
+                       f'fill="rgb({g},{g},255)" stroke="white"/>')
+            out.append(f'<text x="{L + i * cell + cell / 2}" y="{T + j * cell + cell / 2 + 4}" '
+                       f'text-anchor="middle">{"" if not math.isfinite(v) else _fmt(v)}</text>')
+    for i, x in enumerate(xs):
+        out.append(f'<text x="{L + i * cell + cell / 2}" y="{T + len(ys) * cell + 16}" text-anchor="middle">{_fmt(x)}</text>')
+    out.append(f'<text x="{L + cell * len(xs) / 2}" y="{h - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text x="14" y="{T + cell * len(ys) / 2}" transform="rotate(-90 14 {T + cell * len(ys) / 2})" '
+               f'text-anchor="middle">{html.escape(ylabel)}</text></svg>')
+    return "\n".join(out)
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"

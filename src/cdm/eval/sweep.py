@@ -53,7 +53,7 @@ from ..checkpoint import atomic_write
 from ..config import ConfigError
 from ..data import to_uint8
 from ..metrics import fid_bootstrap_se
-from .report import Report, line_plot_svg
+from .report import Report, heatmap_svg, line_plot_svg
 from .features import make_extractor, reference_features
 from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_point, stage_fingerprint, \
     tensor_fingerprint
@@ -78,6 +78,7 @@ class SweepConfig:
     seed: int = 0  # sample j uses seed + j; also seeds the choice of ground-truth images
     batch_size: int = 250
     keep_samples: bool = False  # save each point's samples (samples/*.npz, uint8) before scoring
+    weights: list[float] | None = None  # guidance weights searched jointly with s (None: the plan's weight only)
     metric: str = "fid"  # sweep_cascade ranks by fid or kid (each with its error bar)
     write_best: bool = True  # sweep_cascade writes a level into the cascade file only when it wins clearly
 
@@ -136,7 +137,7 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     seeds = list(range(cfg.seed, cfg.seed + cfg.n))
     ident = {**(tags or {}), "stage": i, "conditioning": cond.value, "metric": judge.name, "n": cfg.n,
              "seed": cfg.seed, "steps": sp.steps, "sampler": sp.sampler, "spacing": sp.spacing,
-             **guidance_identity(sp), "fingerprint": stage_fingerprint(cascade.stages[i])}
+             "fingerprint": stage_fingerprint(cascade.stages[i])}
     if cond is Conditioning.GROUND_TRUTH:
         z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
         if len(z_gt) != cfg.n or len(labels) != cfg.n:
@@ -149,9 +150,9 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
         lower = _LowerSamples(cascade, plan, cfg, i, labels, seeds, out, progress)
         ident.update(lower.identity)
 
-    def sample(mode: Mode, s: int) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(mode: Mode, s: int, w: float) -> tuple[Tensor, Tensor, Tensor]:
         z, corrupt = (z_gt, True) if lower is None else lower.inputs(mode, s)
-        at_s = replace(sp, level=s)
+        at_s = replace(sp, level=s, guidance=w)
         x = _batched(lambda sl: cascade.sample_stage(i, labels[sl], seeds[sl], at_s, lowres=z[sl], corrupt=corrupt)[0],
                      cfg.n, cfg.batch_size)
         return x.clamp(-1, 1), labels, z
@@ -159,9 +160,11 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     named = [v for v in (tags or {}).values() if isinstance(v, str)]  # readable sample file names
     for mode in modes:
         for s in cfg.levels:
-            score_point(out, {**ident, "mode": mode.value, "level": s}, lambda: sample(mode, s), judge,
-                        keep_samples=cfg.keep_samples, name="-".join([*named, cond.value, mode.value, f"s{s}"]),
-                        progress=progress)
+            for w in cfg.weights or [sp.guidance]:
+                gid = guidance_identity(replace(sp, guidance=w))  # none at the defaults: older rows still match
+                score_point(out, {**ident, "mode": mode.value, "level": s, **gid}, lambda: sample(mode, s, w), judge,
+                            keep_samples=cfg.keep_samples, progress=progress,
+                            name="-".join([*named, cond.value, mode.value, f"s{s}", *([f"w{w:g}"] if gid else [])]))
     return [r for r in read_rows(out / "results.jsonl") if matches(r, ident)]
 
 
@@ -293,23 +296,35 @@ def _standard_error(metric: str, feats: np.ndarray, ref, resamples: int = 30) ->
     return float(np.std(vals, ddof=1))
 
 
-def _decide(rows: list[dict], metric: str, mode: str, level: int) -> tuple[dict, dict | None, bool, str]:
-    """``(best row, current row, write?, why)``: the best level wins only beyond the noise."""
+def weight(row: dict) -> float:
+    """A row's guidance weight (rows without one were sampled unguided)."""
+    return row.get("guidance", 0.0)
+
+
+def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
+            ) -> tuple[dict, dict | None, bool, str]:
+    """``(best row, current row, write?, why)``: the best setting wins only beyond the noise."""
     best = best_level(rows)
-    cur = next((r for r in rows if r["mode"] == mode and r["level"] == level), None)
+    cur = next((r for r in rows if r["mode"] == mode and r["level"] == level and weight(r) == w), None)
+    now = _setting(mode, level, w)
     if cur is None:
-        return best, None, False, (f"the cascade's current setting ({mode}, s = {level}) was not swept, so "
-                                   f"nothing was compared with it; the file is left as it was")
+        return best, None, False, (f"the cascade's current setting ({now}) was not swept, so nothing was compared "
+                                   f"with it; the file is left as it was")
     if best is cur:
-        return best, cur, False, f"the current setting ({mode}, s = {level}) is the best; nothing to change"
+        return best, cur, False, f"the current setting ({now}) is the best; nothing to change"
     se = math.hypot(best["metrics"].get(f"{metric}_se", 0.0), cur["metrics"].get(f"{metric}_se", 0.0))
     gain = cur["value"] - best["value"]
+    won = _setting(best["mode"], best["level"], weight(best))
     if gain > 2 * se:
-        return best, cur, True, (f"{best['mode']}, s = {best['level']} beats the current {mode}, s = {level} by "
-                                 f"{gain:.4g} (> 2 x {se:.3g}, twice the standard error of the difference)")
-    return best, cur, False, (f"{best['mode']}, s = {best['level']} is lower than the current {mode}, s = {level} "
-                              f"by {gain:.4g}, within the noise (2 x {se:.3g}): the file is left as it was; "
-                              f"sweep with more samples (--n) to tell them apart")
+        return best, cur, True, (f"{won} beats the current {now} by {gain:.4g} (> 2 x {se:.3g}, twice the "
+                                 f"standard error of the difference)")
+    return best, cur, False, (f"{won} is lower than the current {now} by {gain:.4g}, within the noise "
+                              f"(2 x {se:.3g}): the file is left as it was; sweep with more samples (--n) to tell "
+                              f"them apart")
+
+
+def _setting(mode: str, level: int, w: float) -> str:
+    return f"{mode}, s = {level}" + (f", w = {w:g}" if w else "")
 
 
 def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Path, cfg: SweepConfig,
@@ -325,9 +340,11 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
     out = Path(out_dir)
     cascade = load_cascade(checkpoints, ev.device, ev.precision)
     i = cfg.stage % len(cascade.stages)
-    mode, level = plan.mode, plan.stages[i].level
+    mode, level, w = plan.mode, plan.stages[i].level, plan.stages[i].guidance
     if generated and Mode(mode) in cfg.resolved_modes() and level not in cfg.levels:
         cfg = replace(cfg, levels=sorted({*cfg.levels, level}))  # the current setting is a candidate too
+    if cfg.weights and w not in cfg.weights:
+        cfg = replace(cfg, weights=sorted({*cfg.weights, w}))
     ex = make_extractor(ev.features[0], ev.classifier, ev.device)
     ref_set = load_reference(cascade.stages[i].config.data, ev.reference)
     overlap = check_overlap(cascade, ref_set, log)
@@ -340,7 +357,7 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
         return {cfg.metric: value, f"{cfg.metric}_se": _standard_error(cfg.metric, feats["features"], ref)}
 
     rows = run_sweep(cascade, plan, cfg, Judge(score, name, cfg.metric), out, progress=log)
-    best, cur, write, why = _decide(rows, cfg.metric, mode, level)
+    best, cur, write, why = _decide(rows, cfg.metric, mode, level, w)
     if not generated:
         write, why = False, "ground-truth inputs are an ablation, not a way to sample: no cascade file is written"
     elif not cfg.write_best:
@@ -349,7 +366,8 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
     if write:
         paths, saved = read_cascade_file(target) if cascade_file else (checkpoints, plan)
         saved = replace(saved, mode=Mode(best["mode"]).value)
-        saved.stages = [replace(st, level=int(best["level"])) if j == i else st for j, st in enumerate(saved.stages)]
+        saved.stages = [replace(st, level=int(best["level"]), guidance=weight(best)) if j == i else st
+                        for j, st in enumerate(saved.stages)]
         write_cascade_file(target, paths, saved)
         why += f"; written into {target}"
     summary = {"metric": name, "reference": ref.source, "reference_overlap": overlap, "stage": i,
@@ -372,9 +390,13 @@ def _sweep_report(summary: dict, cfg: SweepConfig, plan: SamplingPlan, out: Path
              f"(reference images a stage trained on: {summary['reference_overlap']}); stage {i} sampled with "
              f"{sp.sampler}, {sp.steps} steps, {sp.spacing} grid.")
     rep.svg(sweep_plot(rows, name, i), "sweep.svg", "metric against the augmentation level")
+    for m in sorted({r["mode"] for r in rows} if len({weight(r) for r in rows}) > 1 else ()):
+        grid = {(r["level"], weight(r)): r["value"] for r in rows if r["mode"] == m}
+        rep.svg(heatmap_svg(grid, "augmentation level s", "guidance weight w", f"{name}, {m} (lower is better)"),
+                f"heatmap-{m}.svg", f"{name} over (s, w), {m}")
     se = f"{cfg.metric}_se"
-    rep.table([{**r, "± se": r.get("metrics", {}).get(se)} for r in sorted(rows, key=lambda r: (r["mode"], r["level"]))],
-              ["conditioning", "mode", "level", "value", "± se", "n", "steps", "sampler"])
+    rep.table([{**r, "guidance": weight(r), "± se": r.get("metrics", {}).get(se)} for r in sorted(rows, key=lambda r: (r["mode"], r["level"]))],
+              ["conditioning", "mode", "level", "guidance", "value", "± se", "n", "steps", "sampler"])
     b = summary["best"]
     rep.text(f"Lowest: {condition_label(b)} at s = {b['level']} ({name} = {b['value']:.4f} ± "
              f"{b.get('metrics', {}).get(se, float('nan')):.2g}, one bootstrap standard error). {summary['decision']}.")
