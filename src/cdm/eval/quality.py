@@ -25,7 +25,7 @@ from ..config import ConfigError, to_dict
 from ..data import to_uint8
 from ..generate import balanced_labels, sample_batched, write_samples
 from ..images import save_grid
-from ..metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
+from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, precision_recall
 from .report import Report
 from .classifier import ClassifierConfig, classification_accuracy_score
 from .features import ReferenceFeatures, make_extractor, reference_features
@@ -68,6 +68,16 @@ def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] 
         p, rc = precision_recall(r, f, k=3)
         out["precision"], out["recall"] = float(p), float(rc)
     return out
+
+
+def standard_error(metric: str, feats: np.ndarray, ref, resamples: int = 30) -> float:
+    """Bootstrap standard error of ``metric`` over the generated samples (reference held fixed)."""
+    if metric == "fid":
+        return fid_bootstrap_se(feats, ref.mu, ref.sigma, num_resamples=resamples)
+    rng = np.random.default_rng(0)
+    vals = [quality_scores({"features": feats[rng.integers(0, len(feats), len(feats))]}, ref, ("kid",))["kid"]
+            for _ in range(resamples)]
+    return float(np.std(vals, ddof=1))
 
 
 def _load_samples(path: Path, k: int) -> tuple[list[Tensor], Tensor]:

@@ -52,12 +52,11 @@ from ..cascade_file import CASCADE_FILE, load_cascade, read_cascade_file, write_
 from ..checkpoint import atomic_write
 from ..config import ConfigError
 from ..data import to_uint8
-from ..metrics import fid_bootstrap_se
 from .report import Report, heatmap_svg, line_plot_svg
 from .features import make_extractor, reference_features
 from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_point, stage_fingerprint, \
     tensor_fingerprint
-from .quality import EvalConfig, check_overlap, quality_scores
+from .quality import EvalConfig, check_overlap, quality_scores, standard_error
 from .reference import ReferenceSpec, load_reference
 
 
@@ -280,22 +279,13 @@ def condition_label(row: dict) -> str:
 def sweep_plot(rows: list[dict], metric_name: str, stage: int) -> str:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        series.setdefault(condition_label(r), []).append((r["level"], r["value"]))
+        key = condition_label(r) + (f", w = {weight(r):g}" if weight(r) else "")
+        series.setdefault(key, []).append((r["level"], r["value"]))
     return line_plot_svg(series, "augmentation level s", metric_name,
                          f"stage {stage}: {metric_name} against s (lower is better)")
 
 
 # ----------------------------------------------------------------------------- cdm sweep
-def _standard_error(metric: str, feats: np.ndarray, ref, resamples: int = 30) -> float:
-    """Bootstrap standard error of ``metric`` over the generated samples (reference held fixed)."""
-    if metric == "fid":
-        return fid_bootstrap_se(feats, ref.mu, ref.sigma, num_resamples=resamples)
-    rng = np.random.default_rng(0)
-    vals = [quality_scores({"features": feats[rng.integers(0, len(feats), len(feats))]}, ref, ("kid",))["kid"]
-            for _ in range(resamples)]
-    return float(np.std(vals, ddof=1))
-
-
 def weight(row: dict) -> float:
     """A row's guidance weight (rows without one were sampled unguided)."""
     return row.get("guidance", 0.0)
@@ -354,7 +344,7 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
     def score(x: Tensor, labels: Tensor) -> dict:
         feats = ex(to_uint8(x))
         value = quality_scores(feats, ref, (cfg.metric,))[cfg.metric]
-        return {cfg.metric: value, f"{cfg.metric}_se": _standard_error(cfg.metric, feats["features"], ref)}
+        return {cfg.metric: value, f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref)}
 
     rows = run_sweep(cascade, plan, cfg, Judge(score, name, cfg.metric), out, progress=log)
     best, cur, write, why = _decide(rows, cfg.metric, mode, level, w)
@@ -394,10 +384,10 @@ def _sweep_report(summary: dict, cfg: SweepConfig, plan: SamplingPlan, out: Path
         grid = {(r["level"], weight(r)): r["value"] for r in rows if r["mode"] == m}
         rep.svg(heatmap_svg(grid, "augmentation level s", "guidance weight w", f"{name}, {m} (lower is better)"),
                 f"heatmap-{m}.svg", f"{name} over (s, w), {m}")
-    se = f"{cfg.metric}_se"
-    rep.table([{**r, "guidance": weight(r), "± se": r.get("metrics", {}).get(se)} for r in sorted(rows, key=lambda r: (r["mode"], r["level"]))],
+    se, b = f"{cfg.metric}_se", summary["best"]
+    rep.table([{**r, "guidance": weight(r), "± se": r.get("metrics", {}).get(se)}
+               for r in sorted(rows, key=lambda r: (r["mode"], r["level"], weight(r)))],
               ["conditioning", "mode", "level", "guidance", "value", "± se", "n", "steps", "sampler"])
-    b = summary["best"]
-    rep.text(f"Lowest: {condition_label(b)} at s = {b['level']} ({name} = {b['value']:.4f} ± "
+    rep.text(f"Lowest: {_setting(condition_label(b), b['level'], weight(b))} ({name} = {b['value']:.4f} ± "
              f"{b.get('metrics', {}).get(se, float('nan')):.2g}, one bootstrap standard error). {summary['decision']}.")
     return rep.write(out)
