@@ -247,6 +247,7 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         assert "consistency_psnr" in res["per_stage"][0]["ground_truth"]
         assert 0 <= res["cas"]["generated"]["top1"] <= 100
         assert (tmp_path / "ev" / "report.html").exists()
+        assert "guidance w" in (tmp_path / "ev" / "report.md").read_text()  # the report says how it sampled
         # scoring against the training split is reported, not silent
         assert res["reference_overlap"]["sr"] == 24 and "trained on" in capsys.readouterr().out
         before = casc.read_text()
