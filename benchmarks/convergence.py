@@ -54,7 +54,7 @@ from cdm.eval.ledger import append_row, read_rows, stage_fingerprint
 from cdm.eval.quality import quality_scores
 from cdm.eval.reference import ReferenceSpec, load_reference
 from cdm.flops import train_flops_per_image
-from cdm.generate import balanced_labels
+from cdm.generate import cycle_labels
 from cdm.metrics import consistency_psnr, fid_bootstrap_se
 from cdm.train import train_stage
 
@@ -188,7 +188,7 @@ def lower_inputs(out: Path, lower: str, n: int) -> tuple[torch.Tensor, torch.Ten
     stage = load_stage(lower)
     fp = stage_fingerprint(stage)
     path = out / f"lower-{fp}-n{n}.npy"
-    labels = balanced_labels(n, stage.num_classes)
+    labels = cycle_labels(n, stage.num_classes)
     if path.exists():
         return torch.from_numpy(np.load(path)), labels, fp
     z0 = draw(stage, 0, labels, list(range(n)))
@@ -202,7 +202,7 @@ def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: in
     n = scorer.n
     seeds = list(range(seed0, seed0 + n))
     if kind in ("base", "single"):
-        return [{"condition": kind, **scorer(draw(stage, 0, balanced_labels(n, stage.num_classes), seeds))}]
+        return [{"condition": kind, **scorer(draw(stage, 0, cycle_labels(n, stage.num_classes), seeds))}]
     rows = []
     if gt is not None:
         z_gt, lab_gt = gt

@@ -32,7 +32,7 @@ from cdm.checkpoint import load_stage
 from cdm.data import to_uint8
 from cdm.eval.features import make_extractor, reference_features
 from cdm.eval.quality import quality_scores
-from cdm.generate import balanced_labels, sample_batched
+from cdm.generate import cycle_labels, sample_batched
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import load_average, machine_facts  # noqa: E402
@@ -43,7 +43,7 @@ def draw(cascade: Cascade, mode: str, level: int, seed0: int, n: int) -> tuple[t
     """``n`` 32x32 cascade outputs with seeds seed0.., balanced labels; and the seconds it took."""
     plan = SamplingPlan.uniform(2, steps=SAMPLE_STEPS, levels=[0, level], mode=mode, sampler=SAMPLER, spacing=SPACING)
     t = time.time()
-    out = sample_batched(cascade, balanced_labels(n, cascade.num_classes), list(range(seed0, seed0 + n)), plan)
+    out = sample_batched(cascade, cycle_labels(n, cascade.num_classes), list(range(seed0, seed0 + n)), plan)
     return out.images[-1], round(time.time() - t, 1)
 
 

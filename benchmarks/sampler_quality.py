@@ -30,7 +30,7 @@ from cdm.data import to_uint8
 from cdm.eval.features import make_extractor, reference_features
 from cdm.eval.quality import quality_scores
 from cdm.eval.reference import ReferenceSpec, load_reference
-from cdm.generate import balanced_labels, sample_batched
+from cdm.generate import cycle_labels, sample_batched
 
 DEFAULT_CONFIGS = "ancestral:25,50,100,250;ddim:10,25,50;ddim-eta1:25;dpmpp-2m:10,15,25;dpmpp-2m-sde:10,15,25,50"
 
@@ -63,7 +63,7 @@ def main() -> None:
     last = cascade.stages[-1]
     ref = reference_features(ex, load_reference(last.config.data, ReferenceSpec(split="test", n=a.n_ref)),
                              last.resolution)
-    labels = balanced_labels(a.n, cascade.num_classes)
+    labels = cycle_labels(a.n, cascade.num_classes)
     seeds = list(range(a.n))
 
     out = Path(a.out)

@@ -32,7 +32,7 @@ from cdm.data import DataConfig, load_dataset
 from cdm.distributed import pick_device
 from cdm.data import to_float
 from cdm.eval.ledger import Judge, load_samples, score_point, stage_fingerprint
-from cdm.generate import balanced_labels, sample_batched
+from cdm.generate import cycle_labels, sample_batched
 from cdm.eval.sweep import SweepConfig, run_sweep
 
 from .ledger import Ledger, machine_info
@@ -71,18 +71,17 @@ HEADLINES = {
 }
 
 
-def reference_budget(profile: Profile, device: str, data_path: str) -> int:
-    """B: the training FLOPs of the base and Gaussian SR presets at the profile's scale."""
-    plans = plan_stages(profile, device, data_path)
-    return plans[BASE].train_flops + plans["sr-gaussian"].train_flops
+def reference_budget(stages: dict[str, StagePlan]) -> int:
+    """B: the training FLOPs of the base and Gaussian SR presets (``stages``: :func:`plan_stages`'s)."""
+    return stages[BASE].train_flops + stages["sr-gaussian"].train_flops
 
 
 def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StagePlan]:
     """Every stage the study trains, keyed ``b{b}/seed{k}/single`` and ``b{b}/seed{k}/f{f}/{row}``
     (row: base, sr-none, sr-gaussian), each trained for its share of ``b * B`` FLOPs."""
-    profile = replace(profile, steps_scale=h.steps_scale)
-    total = reference_budget(profile, device, data_path)
-    single_template = plan_stages(profile, device, data_path)["single"].config  # the SR stage's U-Net, 32 px
+    stages = plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path)
+    total = reference_budget(stages)
+    single_template = stages["single"].config  # the SR stage's U-Net, 32 px
     plans: dict[str, StagePlan] = {}
     for b in h.budgets:
         for k in h.seeds:
@@ -169,8 +168,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
         inception_pass(aggregate(rows, h), rows, scorer, points, ledger, log)
     ledger.finish()
     table = aggregate(rows, h)
-    summary = {"headline": asdict(h), "profile": asdict(profile), "reference_budget_flops": reference_budget(
-        profile, str(dev), data_path), "command": command, "metric": metric, "rows": rows, "table": table, "claims": claims(table),
+    summary = {"headline": asdict(h), "profile": asdict(profile),
+               "reference_budget_flops": reference_budget(plan_stages(profile, str(dev), data_path)), "command": command, "metric": metric, "rows": rows, "table": table, "claims": claims(table),
         "timings": ledger.data, "total_seconds": ledger.total_seconds}
     _write_json(out / "headline.json", summary)
     return summary
@@ -190,7 +189,7 @@ def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline,
         plan = SamplingPlan.uniform(3, steps=st.steps, levels=levels, sampler=st.sampler, spacing=st.spacing)
 
         def sample():
-            labels = balanced_labels(n, cascade.num_classes)
+            labels = cycle_labels(n, cascade.num_classes)
             res = sample_batched(cascade, labels, list(range(seed, seed + n)), plan, profile.sample_batch)
             return res.images[-1], labels, res.inputs[-1]
 

@@ -35,7 +35,7 @@ from cdm.eval.features import make_extractor, reference_features
 from cdm.eval.ledger import Judge, append_row, load_samples, read_rows, score_point, stage_fingerprint
 from cdm.eval.reference import ReferenceSpec, load_reference
 from cdm.eval.sweep import SweepConfig, ground_truth_inputs, run_sweep
-from cdm.generate import balanced_labels, sample_batched
+from cdm.generate import cycle_labels, sample_batched
 from cdm.train import train_stage
 from cdm.unet import UNet
 
@@ -191,7 +191,7 @@ def single_point(ckpt: Path, sampling: SamplingPlan, p: Profile, scorer, points_
              "sampler": st.sampler, "spacing": st.spacing, "fingerprint": stage_fingerprint(stage)}
 
     def sample():
-        labels = balanced_labels(p.n, stage.num_classes)
+        labels = cycle_labels(p.n, stage.num_classes)
         res = sample_batched(Cascade([stage]), labels, list(range(p.seed, p.seed + p.n)), one, p.sample_batch)
         return res.images[0], labels, None
 

@@ -24,11 +24,6 @@ def cycle_labels(n: int, num_classes: int, classes: list[int] | None = None) -> 
     return torch.arange(n) % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.long)
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """``[n]`` labels cycling through the classes (all zeros when unconditional)."""
-    return cycle_labels(n, num_classes)
-
-
 def sample_batched(cascade: Cascade, labels: torch.Tensor, seeds: list[int], plan: SamplingPlan,
                    batch_size: int = 64) -> CascadeOutput:
     """:meth:`Cascade.sample` in batches; the result does not depend on ``batch_size``."""

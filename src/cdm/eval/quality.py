@@ -23,7 +23,7 @@ from ..cascade_file import load_cascade
 from ..checkpoint import atomic_write
 from ..config import ConfigError, to_dict
 from ..data import to_uint8
-from ..generate import balanced_labels, sample_batched, write_samples
+from ..generate import cycle_labels, sample_batched, write_samples
 from ..images import save_grid
 from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, precision_recall
 from .report import Report
@@ -94,7 +94,13 @@ def _load_samples(path: Path, k: int) -> tuple[list[Tensor], Tensor]:
 
 def check_overlap(cascade: Cascade, ref: ReferenceSet, log=print) -> dict[str, int]:
     """Per stage name, how many reference images it trained on; warns when it is a real share."""
-    counts = {st.config.name: training_overlap(st.config.data, ref) for st in cascade.stages}
+    seen: dict[str, int] = {}  # stages of one cascade mostly share their data set: read each once
+    counts = {}
+    for st in cascade.stages:
+        key = repr(st.config.data)
+        if key not in seen:
+            seen[key] = training_overlap(st.config.data, ref)
+        counts[st.config.name] = seen[key]
     worst = max(counts.values(), default=0)
     if worst > OVERLAP_WARN * len(ref):
         msg = (f"{worst} of the {len(ref)} reference images ({ref.source}) are images a stage trained on: "
@@ -122,7 +128,7 @@ def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfi
         images, labels = [im[:n] for im in images], labels[:n]
         source = str(samples)
     else:
-        labels = balanced_labels(n, cascade.num_classes)
+        labels = cycle_labels(n, cascade.num_classes)
         log(f"sampling {n} images through the cascade")
         res = sample_batched(cascade, labels, list(range(cfg.seed, cfg.seed + n)), plan, cfg.batch_size)
         write_samples(res, cascade, out / "samples")
