@@ -13,7 +13,7 @@ import pytest
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
-from cdmrepro.headline import HEADLINES, Headline, aggregate, claims, plan_headline  # noqa: E402
+from cdmrepro.headline import HEADLINES, Headline, aggregate, chosen_split, claims, plan_headline  # noqa: E402
 from cdmrepro.profiles import get_profile  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -24,7 +24,9 @@ needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's data
 def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
     h = HEADLINES["smoke"]
     plans = plan_headline(get_profile("smoke"), h, "cpu")
-    assert len(plans) == len(h.budgets) * len(h.seeds) * (1 + 3 * len(h.splits)) + 3 * len(h.seeds)  # + 8->16->32
+    rows_per_split = sum(1 + len(h.rows(b)) for b in h.budgets)  # base + SR rows (blur at 1 x B)
+    assert len(plans) == len(h.seeds) * (len(h.budgets) + len(h.splits) * rows_per_split) + 3 * len(h.seeds)
+    assert "b1/seed0/f0.3/sr-blur" in plans and "b0.5/seed0/f0.3/sr-blur" not in plans
     for b in h.budgets:
         single = plans[f"b{b:g}/seed0/single"].train_flops
         for f in h.splits:
@@ -37,29 +39,39 @@ def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
     assert sum(p.train_flops for p in three) == pytest.approx(plans["b1/seed0/single"].train_flops, rel=0.25)
 
 
-def rows_for(fids: dict) -> list[dict]:
-    return [{"budget": 1.0, "seed": k, "split": split, "row": row, "level": 0, "select_fid": sel,
-             "fid": fid, "fid_se": 0.1, "inception_fid": None}
-            for (row, split, sel), per_seed in fids.items() for k, fid in enumerate(per_seed)]
+def rows_for(fids: dict) -> tuple[list[dict], list[dict]]:
+    """Report rows and selection entries: ``{(row, split, select_fid): report FIDs per seed}``."""
+    rows, selected = [], []
+    for (row, split, sel), per_seed in fids.items():
+        for k, fid in enumerate(per_seed):
+            e = {"budget": 1.0, "seed": k, "split": split, "row": row, "level": 0, "select_fid": sel}
+            if row != "single":
+                selected.append(e)
+            rows.append({**e, "fid": fid, "fid_se": 0.1, "inception_fid": None})
+    return rows, selected
 
 
 def test_the_split_is_chosen_on_selection_fids_and_claims_need_the_seed_spread():
     h = Headline(seeds=(0, 1, 2), budgets=(1.0,), splits=(0.1, 0.2))
-    rows = rows_for({("single", None, None): [5.0, 5.2, 4.8],
-                     ("sr-none", 0.1, 9.0): [3.0, 3.1, 2.9], ("sr-none", 0.2, 8.0): [9.0, 9.5, 8.5],
-                     ("sr-gaussian", 0.1, 2.0): [2.0, 2.1, 1.9], ("sr-gaussian", 0.2, 3.0): [1.0, 1.0, 1.0]})
-    table = {e["row"]: e for e in aggregate(rows, h)}
+    rows, selected = rows_for({("single", None, None): [5.0, 5.2, 4.8],
+                               ("sr-none", 0.1, 9.0): [3.0, 3.1, 2.9], ("sr-none", 0.2, 8.0): [9.0, 9.5, 8.5],
+                               ("sr-gaussian", 0.1, 2.0): [2.0, 2.1, 1.9], ("sr-gaussian", 0.2, 3.0): [1.0, 1.0, 1.0],
+                               ("sr-blur", 0.1, 4.0): [4.0, 4.1, 3.9]})
+    assert chosen_split(selected, 1.0, "sr-none") == 0.2
+    table = {e["row"]: e for e in aggregate(rows, selected, h)}
     # chosen by selection FID (8.0 < 9.0), not by the reported FIDs it is then reported with
     assert table["sr-none"]["split"] == 0.2 and table["sr-none"]["fid_mean"] == pytest.approx(9.0)
+    assert table["sr-none"]["select_fid_by_split"] == {0.1: 9.0, 0.2: 8.0}
     assert table["sr-gaussian"]["split"] == 0.1 and table["sr-gaussian"]["fid_sd"] == pytest.approx(0.1)
     got = {c["claim"]: c for c in claims(list(table.values()))}
     assert got["a"]["verdict"] == "holds" and got["a"]["difference"] == pytest.approx(7.0)
     assert got["b"]["verdict"] == "holds"
+    assert got["d"]["verdict"] == "holds" and got["d"]["difference"] == pytest.approx(2.0)
     se = math.sqrt(0.2 ** 2 / 3 + 0.1 ** 2 / 3)
     assert got["b"]["se"] == pytest.approx(se)
     # a gap inside twice the standard error over seeds is not resolved
     close = rows_for({("single", None, None): [2.0, 2.6, 1.4], ("sr-gaussian", 0.1, 1.0): [1.9, 1.5, 2.3]})
-    verdict = claims(aggregate(close, Headline(seeds=(0, 1, 2), budgets=(1.0,), splits=(0.1,))))
+    verdict = claims(aggregate(*close, Headline(seeds=(0, 1, 2), budgets=(1.0,), splits=(0.1,))))
     assert [c["verdict"] for c in verdict if c["claim"] == "b"] == ["not resolved"]
 
 
@@ -71,11 +83,17 @@ def test_the_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     assert main(["--out", str(out), "--profile", "smoke", "--publish", str(tmp_path / "docs")]) == 0
     s = json.loads((out / "headline.json").read_text())
     h = HEADLINES["smoke"]
-    assert len(s["rows"]) == len(h.budgets) * len(h.seeds) * (1 + 2 * len(h.splits)) + len(h.seeds)
+    # every cascade row selected at every split, reported at its chosen one only
+    assert len(s["selected"]) == len(h.seeds) * len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)
+    assert len(s["rows"]) == len(h.seeds) * (sum(1 + len(h.rows(b)) for b in h.budgets) + 1)  # + 3-stage
     assert all(math.isfinite(r["fid"]) for r in s["rows"])
     assert {(e["budget"], e["row"]) for e in s["table"]} == {(b, r) for b in h.budgets
                                                              for r in ("single", "sr-none", "sr-gaussian")} | {
-        (1.0, "3-stage")}
+        (1.0, "3-stage"), (1.0, "sr-blur")}
+    for e in s["table"]:
+        if e["split"] is not None:
+            reported = {r["split"] for r in s["rows"] if (r["budget"], r["row"]) == (e["budget"], e["row"])}
+            assert reported == {e["split"]}
     three = [r for r in s["rows"] if r["row"] == "3-stage"]
     assert all(len(r["level"]) == 2 and set(r["level"]) <= set(h.levels) for r in three)
     assert (tmp_path / "docs" / "HEADLINE.md").read_text().count("| (a)") == len(h.budgets)

@@ -6,13 +6,16 @@ training FLOPs at the profile's scale) and each training seed:
 
 - a single 32x32 stage trained for ``b * B`` FLOPs;
 - for each split ``f`` (the base stage's share): a base stage trained for ``f * b * B`` FLOPs and
-  each SR row (no augmentation, Gaussian augmentation) for ``(1 - f) * b * B`` — the base stage is
-  retrained for every budget, split and seed, never shared.
+  each SR row (no augmentation, Gaussian augmentation; blur too at the budgets ``blur_budgets``)
+  for ``(1 - f) * b * B`` — the base stage is retrained for every budget, split and seed, never
+  shared.
 
-Every SR stage's level ``s`` (Gaussian: among ``levels``; none: 0) and every row's split are chosen
-on *selection* samples (seeds from ``select_seed``), and the chosen setting is then scored on the
-*report* samples (seeds from the profile's ``seed``), so no number is chosen on the samples it is
-reported on. A headline number is a mean ± standard deviation over training seeds; a claim holds
+Every SR stage's level ``s`` (Gaussian: among ``levels``; none and blur: 0) and every row's split are
+chosen on *selection* samples (seeds from ``select_seed``, ``n_select`` per candidate): the split
+with the lowest selection FID averaged over the seeds trained so far. Only the chosen setting is then
+scored on the *report* samples (seeds from the profile's ``seed``, ``n_report`` each), so no number
+is chosen on the samples it is reported on, and the expensive report sampling is spent once per
+seed and row. A headline number is a mean ± standard deviation over training seeds; a claim holds
 when the difference of the means exceeds twice its standard error over seeds
 (``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``). Everything is resumable: stages train once, every scored
 sample set is a row of ``points/results.jsonl`` (``cdm.eval.ledger``).
@@ -41,7 +44,8 @@ from .profiles import Profile
 from .run import Log, _write_json, build_scorer, single_point, train
 from .scoring import PRIMARY
 
-CASCADE_ROWS = ("sr-none", "sr-gaussian")
+CASCADE_ROWS = ("sr-none", "sr-gaussian")  # at every budget
+BLUR = "sr-blur"  # at the budgets Headline.blur_budgets
 THREE, THREE_STAGES = "3-stage", ("base", "sr8to16", "sr16to32")
 Z = 2.0  # a claim holds beyond Z standard errors over seeds
 
@@ -61,6 +65,11 @@ class Headline:
     # the three-stage cascade 8 -> 16 -> 32 at budget 1 x B: the shares of base, 8->16 and 16->32 (both
     # Gaussian-augmented; their levels chosen jointly on the selection samples among `levels`)
     three_stage: tuple[float, float, float] = (0.15, 0.3, 0.55)
+    blur_budgets: tuple[float, ...] = (1.0,)  # budgets with a blur-augmented SR row too (every split)
+
+    def rows(self, b: float) -> tuple[str, ...]:
+        """The cascade rows trained at budget ``b``."""
+        return CASCADE_ROWS + ((BLUR,) if b in self.blur_budgets else ())
 
 
 HEADLINES = {
@@ -78,7 +87,7 @@ def reference_budget(stages: dict[str, StagePlan]) -> int:
 
 def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StagePlan]:
     """Every stage the study trains, keyed ``b{b}/seed{k}/single`` and ``b{b}/seed{k}/f{f}/{row}``
-    (row: base, sr-none, sr-gaussian), each trained for its share of ``b * B`` FLOPs."""
+    (row: base, sr-none, sr-gaussian, sr-blur at ``h.blur_budgets``), each trained for its share of ``b * B`` FLOPs."""
     stages = plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path)
     total = reference_budget(stages)
     single_template = stages["single"].config  # the SR stage's U-Net, 32 px
@@ -94,7 +103,7 @@ def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "
                 base = _load(profile, "fmnist-base8", "base", f"base-b{b:g}-f{f:g}-seed{k}", device, data_path,
                              None, seed)
                 plans[f"{key}/{BASE}"] = _match_flops(_plan(BASE, base, 1, 10), round(f * b * total))
-                for row in CASCADE_ROWS:
+                for row in h.rows(b):
                     sr = _load(profile, "fmnist-sr8to32", "sr", f"{row}-b{b:g}-f{f:g}-seed{k}", device, data_path,
                                {"augment": {"kind": AUGMENT[row]}}, seed)
                     plans[f"{key}/{row}"] = _match_flops(_plan(row, sr, 1, 10), round((1 - f) * b * total))
@@ -132,47 +141,70 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     scoring = {"n_ref": profile.n_ref, "bootstrap": profile.bootstrap, **refs}
     plan = SamplingPlan.uniform(2, steps=profile.sample_steps, sampler=profile.sampler, spacing=profile.spacing)
     points = out / "points"
-    rows = []
+
+    def cascade_points(key: str, levels, n: int, seed: int, phase: str) -> list[dict]:
+        """The cascade ``key`` (``b{b}/seed{k}/f{f}/{row}``) sampled at ``levels``, scored in classifier space."""
+        base = load_stage(ckpt(f"{key.rsplit('/', 1)[0]}/{BASE}"), dev)
+        cascade = Cascade([base, load_stage(ckpt(key), dev)])
+        judge = Judge(scorer.for_row(key, ()), metric, PRIMARY)
+        cfg = SweepConfig(levels=list(levels), modes=["non-truncated"], n=n, seed=seed,
+                          batch_size=profile.sample_batch, keep_samples=phase == "report")
+        with ledger.task(f"{phase} {key}"):
+            return run_sweep(cascade, plan, cfg, judge, points, log, tags={"row": key, "phase": phase, "scoring": scoring})
+
+    selected: list[dict] = []  # every (budget, seed, split, cascade row): its level and FID on the selection samples
+    singles: list[dict] = []  # single-stage and three-stage rows (report samples)
     for k in h.seeds:  # a whole seed first: a partial run already has every budget and split once
         for b in h.budgets:
             key = f"b{b:g}/seed{k}/single"
             r = single_point(ckpt(key), plan, profile, scorer.for_row(key, ()), points, metric, scoring, dev,
                              ledger, log, key=key)
-            rows.append({"budget": b, "seed": k, "split": None, "row": "single", "level": 0, "select_fid": None,
-                         "samples": r["samples"], **_metrics(r)})
+            singles.append({"budget": b, "seed": k, "split": None, "row": "single", "level": 0, "select_fid": None,
+                            "samples": r["samples"], **_metrics(r)})
             for f in h.splits:
-                base = load_stage(ckpt(f"b{b:g}/seed{k}/f{f:g}/{BASE}"), dev)
-                for row in CASCADE_ROWS:
+                for row in h.rows(b):
                     key = f"b{b:g}/seed{k}/f{f:g}/{row}"
-                    cascade = Cascade([base, load_stage(ckpt(key), dev)])
-                    judge = Judge(scorer.for_row(key, ()), metric, PRIMARY)  # classifier space only
-
-                    def sweep(levels, n, seed, phase):
-                        cfg = SweepConfig(levels=list(levels), modes=["non-truncated"], n=n, seed=seed,
-                                          batch_size=profile.sample_batch, keep_samples=phase == "report")
-                        with ledger.task(f"{phase} {key}"):
-                            return run_sweep(cascade, plan, cfg, judge, points, log,
-                                             tags={"row": key, "phase": phase, "scoring": scoring})
-
-                    sel = sweep(h.levels if row == "sr-gaussian" else (0,), h.n_select, h.select_seed, "select")
+                    sel = cascade_points(key, h.levels if row == "sr-gaussian" else (0,), h.n_select,
+                                         h.select_seed, "select")
                     pick = min(sel, key=lambda r: (r["value"], r["level"]))
-                    rep = sweep((pick["level"],), h.n_report, profile.seed, "report")[0]
-                    rows.append({"budget": b, "seed": k, "split": f, "row": row, "level": pick["level"],
-                                 "select_fid": pick["value"], "samples": rep["samples"], **_metrics(rep)})
+                    selected.append({"budget": b, "seed": k, "split": f, "row": row, "level": pick["level"],
+                                     "select_fid": pick["value"]})
             if b == 1.0 and h.three_stage:
-                rows.append(three_stage_row(k, [ckpt(f"b1/seed{k}/{THREE}/{n}") for n in THREE_STAGES], plan, h,
-                                            profile, Judge(scorer.for_row(THREE, ()), metric, PRIMARY), scoring,
-                                            points, dev, ledger, log))
-        _write_json(out / "rows.json", rows)  # the rows so far, seed by seed
+                singles.append(three_stage_row(k, [ckpt(f"b1/seed{k}/{THREE}/{n}") for n in THREE_STAGES], plan,
+                                               h, profile, Judge(scorer.for_row(THREE, ()), metric, PRIMARY),
+                                               scoring, points, dev, ledger, log))
+        # report every seed so far at each row's split as chosen so far (earlier reports are reused)
+        rows = list(singles)
+        for b in h.budgets:
+            for row in h.rows(b):
+                f = chosen_split(selected, b, row)
+                for e in (e for e in selected if (e["budget"], e["row"], e["split"]) == (b, row, f)):
+                    rep = cascade_points(f"b{b:g}/seed{e['seed']}/f{f:g}/{row}", (e["level"],), h.n_report,
+                                         profile.seed, "report")[0]
+                    rows.append({**e, "samples": rep["samples"], **_metrics(rep)})
+        _write_json(out / "rows.json", {"rows": rows, "selected": selected})  # seed by seed
     if h.inception:
-        inception_pass(aggregate(rows, h), rows, scorer, points, ledger, log)
+        inception_pass(aggregate(rows, selected, h), rows, scorer, points, ledger, log)
     ledger.finish()
-    table = aggregate(rows, h)
+    table = aggregate(rows, selected, h)
     summary = {"headline": asdict(h), "profile": asdict(profile),
-               "reference_budget_flops": reference_budget(plan_stages(profile, str(dev), data_path)), "command": command, "metric": metric, "rows": rows, "table": table, "claims": claims(table),
-        "timings": ledger.data, "total_seconds": ledger.total_seconds}
+               "reference_budget_flops": reference_budget(plan_stages(profile, str(dev), data_path)),
+               "command": command, "metric": metric, "rows": rows, "selected": selected, "table": table,
+               "claims": claims(table), "timings": ledger.data, "total_seconds": ledger.total_seconds}
     _write_json(out / "headline.json", summary)
     return summary
+
+
+def chosen_split(selected: list[dict], b: float, row: str) -> float:
+    """The split of ``row`` at budget ``b`` with the lowest selection FID averaged over the seeds
+    selected so far (``selected``: :func:`run_headline`'s entries)."""
+    by_split: dict[float, list[float]] = {}
+    for e in selected:
+        if e["budget"] == b and e["row"] == row:
+            by_split.setdefault(e["split"], []).append(e["select_fid"])
+    if not by_split:
+        raise ValueError(f"no selection FIDs for {row} at budget {b:g}")
+    return min(by_split, key=lambda f: (statistics.fmean(by_split[f]), f))
 
 
 def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline, profile: Profile, judge: Judge,
@@ -240,24 +272,27 @@ def _mean_sd(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if k > 1 else float("nan")), k
 
 
-def aggregate(rows: list[dict], h: Headline) -> list[dict]:
-    """Per budget: the single stage, and each cascade row at the split with the lowest mean
-    *selection* FID over seeds; each with its mean ± sd over seeds of the report FIDs."""
+def aggregate(rows: list[dict], selected: list[dict], h: Headline) -> list[dict]:
+    """Per budget: the single stage (and the three-stage cascade), and each cascade row at its
+    chosen split (:func:`chosen_split`); each with the mean ± sd over seeds of its report FIDs, and
+    for cascade rows the mean selection FID of every split."""
     out = []
     for b in h.budgets:
         for one in ("single", THREE):
             got = [r for r in rows if r["budget"] == b and r["row"] == one]
             if got:
                 out.append(_entry(b, one, None, got))
-        for row in CASCADE_ROWS:
-            by_split = {f: [r for r in rows if r["budget"] == b and r["row"] == row and r["split"] == f]
-                        for f in h.splits}
-            by_split = {f: rs for f, rs in by_split.items() if rs}
-            if not by_split:
+        for row in h.rows(b):
+            if not any(e["budget"] == b and e["row"] == row for e in selected):
                 continue
-            f = min(by_split, key=lambda f: statistics.fmean(r["select_fid"] for r in by_split[f]))
-            out.append(_entry(b, row, f, by_split[f], {g: _mean_sd([r["fid"] for r in rs])[0]
-                                                        for g, rs in by_split.items()}))
+            f = chosen_split(selected, b, row)
+            got = [r for r in rows if (r["budget"], r["row"], r["split"]) == (b, row, f)]
+            if not got:
+                continue
+            sel = {g: statistics.fmean(e["select_fid"] for e in selected
+                                       if (e["budget"], e["row"], e["split"]) == (b, row, g))
+                   for g in h.splits if any((e["budget"], e["row"], e["split"]) == (b, row, g) for e in selected)}
+            out.append(_entry(b, row, f, got, sel))
     return out
 
 
@@ -266,7 +301,7 @@ def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: d
     incep = [r["inception_fid"] for r in rs if r["inception_fid"] is not None]
     return {"budget": b, "row": row, "split": split, "fid_mean": m, "fid_sd": sd, "seeds": k,
             "levels": [r["level"] for r in rs], "inception_mean": statistics.fmean(incep) if incep else None,
-            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "fid_by_split": per_split}
+            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split}
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -277,13 +312,16 @@ def _gap(a: dict, b: dict) -> tuple[float, float]:
 
 def claims(table: list[dict]) -> list[dict]:
     """Per budget: (a) Gaussian-augmented cascade better than unaugmented; (b) the best cascade
-    better than the single stage; (c) the three-stage cascade better than the best two-stage one. ``holds`` / ``does not hold`` / ``not resolved`` (within Z SE)."""
+    better than the single stage; (c) the three-stage cascade better than the best two-stage one;
+    (d) Gaussian augmentation better than blur. ``holds`` / ``does not hold`` / ``not resolved``
+    (within Z SE)."""
     out = []
     for b in sorted({e["budget"] for e in table}):
         got = {e["row"]: e for e in table if e["budget"] == b}
         pairs = [("a", "sr-none", "sr-gaussian", "the Gaussian-augmented cascade beats the unaugmented one"),
                  ("b", "single", "sr-gaussian", "the best cascade beats the single stage at equal training FLOPs"),
-                 ("c", "sr-gaussian", THREE, "the three-stage cascade beats the two-stage one")]
+                 ("c", "sr-gaussian", THREE, "the three-stage cascade beats the two-stage one"),
+                 ("d", BLUR, "sr-gaussian", "Gaussian augmentation beats blur augmentation")]
         for tag, worse, better, text in pairs:
             if worse in got and better in got:
                 d, se = _gap(got[worse], got[better])
@@ -298,16 +336,17 @@ def markdown(summary: dict) -> str:
     h = summary["headline"]
     lines = [f"Training seeds {h['seeds']}; budgets {h['budgets']} x B (B = "
              f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {h['splits']}; metric "
-             f"{summary['metric']} (mean ± sd over seeds; the split and each SR level chosen on "
-             f"{h['n_select']} selection samples, reported on others).", "",
-             "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID |",
-             "|---|---|---|---|---|---|---|"]
+             f"{summary['metric']} (mean ± sd over seeds of {h['n_report']} report samples each; the split and each "
+             f"SR level chosen on {h['n_select']} other, selection samples).", "",
+             "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID "
+             "| selection FID by split |", "|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
             f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "")
         split = "" if e["split"] is None else f"{e['split']:g}"
+        by = ", ".join(f"{float(g):g}: {v:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
         lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {e['fid_sd']:.3f} | "
-                     f"{e['seeds']} | {e['levels']} | {inc} |")
+                     f"{e['seeds']} | {e['levels']} | {inc} | {by} |")
     lines += ["", "| claim | budget | difference | SE over seeds | verdict |", "|---|---|---|---|---|"]
     for c in summary["claims"]:
         lines.append(f"| ({c['claim']}) {c['text']} | {c['budget']:g}B | {c['difference']:+.3f} | {c['se']:.3f} | "
