@@ -81,12 +81,13 @@ class SyntheticBatch:
     labels: torch.Tensor
 
     @classmethod
-    def for_config(cls, cfg: StageConfig, batch: int | None = None) -> "SyntheticBatch":
+    def for_config(cls, cfg: StageConfig, batch: int | None = None, device: str = "cpu") -> "SyntheticBatch":
         b, c = batch or cfg.train.batch_size, cfg.unet.in_channels
         x0 = torch.rand(b, c, cfg.resolution, cfg.resolution) * 2 - 1
         z0 = (torch.rand(b, c, cfg.lowres_resolution, cfg.lowres_resolution) * 2 - 1
               if cfg.is_super_resolution else None)
-        return cls(x0, z0, torch.randint(0, max(cfg.unet.num_classes, 1), (b,)))
+        labels = torch.randint(0, max(cfg.unet.num_classes, 1), (b,))
+        return cls(x0.to(device), None if z0 is None else z0.to(device), labels.to(device))
 
 
 @dataclass
@@ -109,16 +110,17 @@ def optimizer_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) 
     return step
 
 
-def cdm_train_step(preset: str, precision: str, channels_last: bool = False) -> TrainStep:
-    """The training step of ``preset`` at its batch size on synthetic inputs: cdm's own
-    :func:`cdm.train.training_step_loss` (times, noise, augmentation levels drawn from one
-    seeded generator), in ``precision`` (``fp32`` or ``bf16`` autocast)."""
-    cfg = resolved_config(preset, [f"train.precision={precision}", f"train.channels_last={channels_last}"])
+def cdm_train_step(preset: str, precision: str, channels_last: bool = False, overrides: Sequence[str] = (),
+                   device: str = "cpu") -> TrainStep:
+    """The training step of ``preset`` (with ``overrides``) at its batch size on synthetic inputs on
+    ``device``: cdm's own :func:`cdm.train.training_step_loss` (times, noise, augmentation levels
+    drawn from one seeded generator), in ``precision`` (``fp32`` or ``bf16`` autocast)."""
+    cfg = resolved_config(preset, [*overrides, f"train.precision={precision}", f"train.channels_last={channels_last}"])
     torch.manual_seed(0)
-    stage = Stage(cfg)
+    stage = Stage(cfg).to(device)
     if channels_last:
         stage.net.to(memory_format=torch.channels_last)
-    batch = SyntheticBatch.for_config(cfg)
+    batch = SyntheticBatch.for_config(cfg, device=device)
     g = torch.Generator().manual_seed(0)
     step = optimizer_step(stage.net, lambda: training_step_loss(stage, batch.x0, batch.z0, batch.labels, g))
     return TrainStep(step, cfg.train.batch_size)

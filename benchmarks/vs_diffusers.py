@@ -109,25 +109,27 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def diffusers_train_step(cfg: StageConfig, groups: int, precision: str, channels_last: bool) -> TrainStep:
+def diffusers_train_step(cfg: StageConfig, groups: int, precision: str, channels_last: bool,
+                         device: str = "cpu") -> TrainStep:
     """The training step of :func:`cdm.train.training_step_loss` with diffusers' network: the same
-    random draws in the same order, the same augmentation, upsampling, x_t and loss."""
-    model = build_diffusers(cfg, groups)
+    random draws in the same order (from a CPU generator, moved to ``device`` as cdm's are), the
+    same augmentation, upsampling, x_t and loss."""
+    model = build_diffusers(cfg, groups).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     diffusion, aug = GaussianDiffusion(cfg.diffusion), ConditioningAugmentation(cfg.augment)
-    batch = SyntheticBatch.for_config(cfg)
+    batch = SyntheticBatch.for_config(cfg, device=device)
     g = torch.Generator().manual_seed(0)
     n, res = cfg.train.batch_size, cfg.resolution
     labels = batch.labels if cfg.unet.num_classes else None
 
     def loss() -> torch.Tensor:
         if cfg.is_super_resolution:
-            levels = aug.draw_levels(n, g)
-            z = aug.apply(batch.z0, levels, torch.randn(batch.z0.shape, generator=g))
+            levels = aug.draw_levels(n, g).to(device)
+            z = aug.apply(batch.z0, levels, torch.randn(batch.z0.shape, generator=g).to(device))
             lowres_up = F.interpolate(z, size=(res, res), mode=cfg.unet.lowres_upsample, align_corners=False)
-        t = diffusion.sample_t(n, g)
-        eps = torch.randn(batch.x0.shape, generator=g)
+        t = diffusion.sample_t(n, g).to(device)
+        eps = torch.randn(batch.x0.shape, generator=g).to(device)
         x = diffusion.q_sample(batch.x0, t, eps)
         if cfg.is_super_resolution:
             x = torch.cat([x, lowres_up], dim=1)
@@ -155,15 +157,15 @@ def diffusers_train_flops_per_image(cfg: StageConfig, model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- one preset
-def compare(preset: str, steps: int, repeats: int, warmup: int) -> dict:
-    cfg = resolved_config(preset)
+def compare(preset: str, steps: int, repeats: int, warmup: int, overrides: list[str], device: str) -> dict:
+    cfg = resolved_config(preset, overrides)
     default = cfg.train.precision
     cdm_net = Stage(cfg).net
     groups = matched_groups(cdm_net)
-    cases: dict[str, TrainStep] = {"cdm fp32": cdm_train_step(preset, "fp32")}
-    cases[f"cdm {default} (default)"] = cdm_train_step(preset, default, cfg.train.channels_last)
+    cases: dict[str, TrainStep] = {"cdm fp32": cdm_train_step(preset, "fp32", False, overrides, device)}
+    cases[f"cdm {default} (default)"] = cdm_train_step(preset, default, cfg.train.channels_last, overrides, device)
     for mode, (prec, cl) in DIFFUSERS_MODES.items():
-        cases[f"diffusers {mode}"] = diffusers_train_step(cfg, groups, prec, cl)
+        cases[f"diffusers {mode}"] = diffusers_train_step(cfg, groups, prec, cl, device)
     rates = interleaved_rates({k: (s.step, s.batch_size) for k, s in cases.items()}, steps, repeats, warmup)
     stats = {k: summary(v) for k, v in rates.items()}
 
@@ -181,7 +183,8 @@ def compare(preset: str, steps: int, repeats: int, warmup: int) -> dict:
         (f"fastest modes: cdm {default} / {fastest}", med[cdm_default] / med[fastest], 2.0),
     ]
     return {
-        "preset": preset, "batch_size": cfg.train.batch_size, "resolution": cfg.resolution,
+        "preset": preset, "overrides": overrides, "device": device, "batch_size": cfg.train.batch_size,
+        "resolution": cfg.resolution,
         "img_per_s": stats, "diffusers_fastest_mode": fastest,
         "targets": [{"comparison": c, "ratio": r, "target": t, "pass": r >= t} for c, r, t in targets],
         "params": {"cdm": n_cdm, "diffusers": n_diff, "difference_pct": 100 * (n_cdm - n_diff) / n_diff,
@@ -201,6 +204,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every preset's config, e.g. --set resolution=64 (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     facts = {**machine_facts(), "diffusers": diffusers.__version__}
@@ -209,7 +215,7 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for preset in a.presets.split(","):
-            r = compare(preset, a.steps, a.repeats, a.warmup)
+            r = compare(preset, a.steps, a.repeats, a.warmup, a.set, a.device)
             results.append(r)
             print(f"{preset}: " + ", ".join(f"{k} {fmt(s, 1)}" for k, s in r["img_per_s"].items()) + " img/s",
                   flush=True)
