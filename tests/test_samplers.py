@@ -3,13 +3,15 @@ data, against ancestral sampling, and for seeding, truncation and learned-varian
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from cdm.cascade import Cascade, CascadeError, SamplingPlan, StagePlan
 from cdm.cli import build_parser
-from cdm.diffusion import DiffusionConfig, GaussianDiffusion, time_grid
-from cdm.samplers import SAMPLERS, SeededNoise, ancestral, ddim, dpmpp_2m, dpmpp_2m_sde
+from cdm.diffusion import DiffusionConfig, GaussianDiffusion, log_snr, time_grid
+from cdm.samplers import SAMPLERS, Churn, SeededNoise, ancestral, ddim, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from cdm.stage import Stage
 
 from conftest import SIGMA, exact_model, tiny_config, tiny_stage
@@ -229,3 +231,120 @@ def test_cascade_and_cli_expose_samplers_and_spacing():
     assert (a.sampler, a.spacing) == ("dpmpp-2m", "quadratic")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "euler"])
+
+
+# ------------------------------------------------------------------------------ few-step options (#18)
+def test_logsnr_and_edm_grids():
+    d = GaussianDiffusion(DiffusionConfig(steps=1000))
+    lam = log_snr(d.alpha_bar.double())
+    for spacing in ("logsnr", "edm"):
+        for steps, stop in [(4, 0), (10, 0), (25, 0), (4, 200), (10, 300), (999, 1), (1000, 0)]:
+            g = time_grid(1000, steps, stop=stop, spacing=spacing, alpha_bar=d.alpha_bar)
+            assert g[0] == 1000 and g[-1] == stop and len(g) == min(steps, 1000 - stop) + 1
+            assert all(a > b for a, b in zip(g, g[1:]))
+        with pytest.raises(ValueError, match="alpha_bar"):
+            time_grid(1000, 10, spacing=spacing)
+    # logsnr: equal log-SNR steps between sigma = 80 and t = 1 (up to rounding to integer times)
+    g = time_grid(1000, 10, spacing="logsnr", alpha_bar=d.alpha_bar)
+    gaps = [(lam[b] - lam[a]).item() for a, b in zip(g[1:-2], g[2:-1])]
+    assert max(gaps) - min(gaps) < 0.1 * sum(gaps) / len(gaps)
+    # edm: sigma^(1/7) evenly spaced
+    s7 = [math.exp(-lam[t].item() / 7) for t in g]
+    e = time_grid(1000, 10, spacing="edm", alpha_bar=d.alpha_bar)
+    s7 = [math.exp(-lam[t].item() / 7) for t in e[1:-1]]
+    gaps = [a - b for a, b in zip(s7, s7[1:])]
+    assert max(gaps) - min(gaps) < 0.1 * sum(gaps) / len(gaps)
+
+
+def test_dpmpp_3m_is_exact_for_a_quadratic_data_prediction():
+    """Where x0_hat is a quadratic in log-SNR, the third multistep update integrates the ODE
+    exactly: x_p - (sigma_p / sigma_t) x_t = sigma_p * integral of e^lambda x0(lambda) dlambda."""
+    d = GaussianDiffusion(DiffusionConfig(steps=1000))
+    lam = log_snr(d.alpha_bar.double())
+    a, b, c = 0.3, -0.2, 0.05
+
+    def q(l):
+        return a + b * l + c * l * l
+
+    def model(x, t):  # eps-prediction whose x0 estimate is q(lambda_t), whatever x is
+        ab = d.alpha_bar[t].double().view(-1, 1, 1, 1)
+        return ((x.double() - ab.sqrt() * q(lam[t].view(-1, 1, 1, 1))) / (1 - ab).sqrt()).float()
+
+    x = torch.zeros(1, 1, 1, 1)
+    grid = [900, 700, 500, 300]
+    x2, _ = dpmpp_3m(model, d, x, grid[:3], NoNoise(), clip_x0=False)
+    x3, _ = dpmpp_3m(model, d, x, grid, NoNoise(), clip_x0=False)
+    t, p = grid[2], grid[3]
+    prim = lambda l: math.exp(l) * (a + b * (l - 1) + c * (l * l - 2 * l + 2))  # noqa: E731  antiderivative
+    sig = lambda t: math.sqrt(1 - d.alpha_bar[t].item())  # noqa: E731
+    exact = sig(p) * (prim(lam[p].item()) - prim(lam[t].item()))
+    got = (x3 - sig(p) / sig(t) * x2).item()
+    assert got == pytest.approx(exact, rel=1e-4)
+
+
+def test_dpmpp_3m_beats_2m_and_reaches_the_marginal_variance():
+    d = GaussianDiffusion(DiffusionConfig(steps=1000))
+    for n in (10, 20):
+        grid = time_grid(1000, n, stop=400)
+        err3 = abs(ode_gain(dpmpp_3m, d, "eps", grid) - marginal_var(d, 400))
+        err2 = abs(ode_gain(dpmpp_2m, d, "eps", grid) - marginal_var(d, 400))
+        assert err3 < 0.7 * err2
+    dv = GaussianDiffusion(DiffusionConfig(steps=1000, prediction="v"))
+    assert ode_gain(dpmpp_3m, dv, "v", time_grid(1000, 20)) == pytest.approx(marginal_var(dv, 0), rel=0.05)
+
+
+def test_churn_raises_the_noise_level_to_that_of_t_hat():
+    """Churn on x_t ~ q(x_t) of N(0, SIGMA^2) data gives a sample of q(x_t_hat)."""
+    d = GaussianDiffusion(DiffusionConfig(steps=1000))
+    t = 300
+    v = lambda t: d.alpha_bar[t].item() * SIGMA ** 2 + 1 - d.alpha_bar[t].item()  # noqa: E731
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * math.sqrt(v(t))
+    x_hat, t_hat = Churn(s_churn=4.0, steps=10)(d, x, t, BatchNoise(64, seed=1))
+    ab = d.alpha_bar.double()
+    sigma = lambda t: math.sqrt((1 - ab[t].item()) / ab[t].item())  # noqa: E731
+    assert t_hat > t and sigma(t_hat) >= 1.4 * sigma(t) > sigma(t_hat - 1)  # gamma = min(0.4, sqrt 2 - 1)
+    assert x_hat.var().item() == pytest.approx(v(t_hat), rel=0.03)
+    for off in (Churn(0.0, 10), Churn(4.0, 10, (0.5, 1.0))):  # no churn; t outside its interval
+        x_same, t_same = off(d, x, t, NoNoise())
+        assert x_same is x and t_same == t
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "dpmpp-3m"])
+def test_churned_deterministic_samplers_converge_to_the_marginal(name):
+    """Churn trades ODE accuracy for error correction: with the exact denoiser it only adds
+    discretisation error (a churned step is first order and longer), which vanishes as the steps
+    grow at a fixed total churn (gamma = S_churn / steps)."""
+    d = GaussianDiffusion(DiffusionConfig(steps=1000))
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    err = []
+    for n in (25, 100):
+        grid = time_grid(1000, n, spacing="quadratic")
+        out, _ = SAMPLERS[name](exact_model(d, "eps"), d, x, grid, BatchNoise(64), clip_x0=False,
+                                churn=Churn(s_churn=2.0, steps=n, interval=(0.05, 0.8)))
+        err.append(abs(out.var().item() / SIGMA ** 2 - 1))
+    assert err[1] < 0.06 and err[1] < err[0]
+
+
+def test_the_plan_refuses_churn_for_stochastic_samplers():
+    with pytest.raises(CascadeError, match="churn"):
+        StagePlan(sampler="dpmpp-2m-sde", churn=5.0).check()
+    with pytest.raises(CascadeError, match="churn"):
+        StagePlan(sampler="ddim", churn=-1.0).check()
+    StagePlan(sampler="dpmpp-3m", churn=5.0, churn_interval=[0.1, 0.9], spacing="edm").check()
+
+
+def test_cascade_file_and_cli_carry_churn_and_the_new_grids(tmp_path):
+    from cdm.cascade_file import read_cascade_file, write_cascade_file
+
+    base = Stage(tiny_config(resolution=4, steps=50, name="base"))
+    sr = Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", steps=50, name="sr"))
+    plan = SamplingPlan.uniform(2, steps=6, levels=[0, 10], sampler="dpmpp-3m", spacing="edm").override(
+        churn=5.0, churn_interval=[0.1, 0.9])
+    out = Cascade([base, sr]).sample(torch.tensor([0, 1]), [3, 4], plan)
+    assert torch.isfinite(out.images[1]).all()
+    f = tmp_path / "cascade.json"
+    write_cascade_file(f, ["a", "b"], plan)
+    assert read_cascade_file(f)[1] == plan
+    a = build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "dpmpp-3m", "--spacing", "logsnr",
+                                   "--churn", "3", "--churn-interval", "0.2,0.8"])
+    assert (a.sampler, a.spacing, a.churn, a.churn_interval) == ("dpmpp-3m", "logsnr", 3.0, [0.2, 0.8])

@@ -14,9 +14,10 @@ A cascade is validated when it is built; errors say what to change.
 from __future__ import annotations
 
 import enum
-import warnings
 import math
+import warnings
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch import Tensor
 from .augment import AugKind
 from .diffusion import Spacing, time_grid
 from .guidance import Threshold, guided_model
-from .samplers import SAMPLERS, SeededNoise, derive_seed
+from .samplers import CHURN_SAMPLERS, SAMPLERS, Churn, SeededNoise, derive_seed
 from .stage import Stage
 
 
@@ -47,6 +48,8 @@ class StagePlan:
     guidance: float = 0.0  # classifier-free guidance weight w (0: unguided; cdm.guidance)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guided where lo <= t/T <= hi
     threshold: str = "static"  # x0 estimate: static (clip to [-1, 1]), dynamic (Imagen) or none
+    churn: float = 0.0  # EDM's S_churn for the deterministic samplers (samplers.Churn; 0: none)
+    churn_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # churn where lo <= t/T <= hi
 
     def check(self, where: str = "") -> None:
         """Raise :class:`CascadeError` unless the fields name things that exist."""
@@ -65,6 +68,14 @@ class StagePlan:
         if self.threshold not in {th.value for th in Threshold}:
             raise CascadeError(f"{where}unknown threshold {self.threshold!r} (choose from "
                                f"{', '.join(th.value for th in Threshold)})")
+        if not (self.churn >= 0 and math.isfinite(self.churn)):
+            raise CascadeError(f"{where}churn must be a number >= 0 (0: none), got {self.churn}")
+        if self.churn and self.sampler not in CHURN_SAMPLERS:
+            raise CascadeError(f"{where}churn applies to the deterministic samplers ({', '.join(CHURN_SAMPLERS)}); "
+                               f"{self.sampler!r} draws its own noise: use churn 0 with it")
+        iv = self.churn_interval
+        if len(iv) != 2 or not 0 <= iv[0] <= iv[1] <= 1:
+            raise CascadeError(f"{where}the churn interval must be two fractions of T, 0 <= lo <= hi <= 1, got {iv}")
 
 
 @dataclass
@@ -92,8 +103,8 @@ class SamplingPlan:
                  **every_stage) -> "SamplingPlan":
         """A copy with the given settings replaced: ``steps`` one value or one per stage, ``levels``
         one per stage (0 for the base); ``guidance`` one value or one per stage; any other
-        :class:`StagePlan` field (``sampler``, ``spacing``, ``guidance_interval``, ``threshold``)
-        for every stage. ``None`` keeps a setting."""
+        :class:`StagePlan` field (``sampler``, ``spacing``, ``guidance_interval``, ``threshold``,
+        ``churn``, ``churn_interval``) for every stage. ``None`` keeps a setting."""
         k = len(self.stages)
         per_stage = {"steps": steps, "level": levels, "guidance": every_stage.pop("guidance", None)}
         for name, v in per_stage.items():
@@ -171,10 +182,13 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
         uncond = conditioning(torch.full_like(lab, stage.num_classes))  # the "no class" label
     model = guided_model(stage, cond, uncond, stage.diffusion, plan.guidance, tuple(plan.guidance_interval),
                          plan.threshold)
-    grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing)
+    grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing,
+                     alpha_bar=stage.diffusion.alpha_bar)
     x = noise.randn(stage.channels, stage.resolution, stage.resolution)
-    x, x0 = SAMPLERS[plan.sampler](model, stage.diffusion, x, grid, noise,
-                                   clip_x0=Threshold(plan.threshold) is not Threshold.NONE)
+    sampler = SAMPLERS[plan.sampler]
+    if plan.churn:
+        sampler = partial(sampler, churn=Churn(plan.churn, len(grid) - 1, tuple(plan.churn_interval)))
+    x, x0 = sampler(model, stage.diffusion, x, grid, noise, clip_x0=Threshold(plan.threshold) is not Threshold.NONE)
     if not (torch.isfinite(x).all() and torch.isfinite(x0).all()):
         raise CascadeError(f"stage {i} ({stage.config.name!r}) produced non-finite values: its weights have "
                            f"diverged (a run stopped on a NaN loss?); sample from an earlier checkpoint of it")

@@ -187,7 +187,8 @@ def cmd_presets(a: argparse.Namespace) -> int:
     return 0
 
 
-PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing", "guidance", "guidance_interval", "threshold")
+PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing", "guidance", "guidance_interval", "threshold", "churn",
+              "churn_interval")
 
 
 def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> None:
@@ -206,8 +207,8 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
         "sampler": dict(choices=list(SAMPLERS),
                         help="reverse-process sampler of every stage (default: the cascade file's, else ancestral)"),
         "spacing": dict(choices=[sp.value for sp in Spacing],
-                        help="time-grid spacing of every stage (default: the cascade file's, else uniform); "
-                             "quadratic suits few-step ddim / dpmpp-2m"),
+                        help="time-grid spacing of every stage (default: the cascade file's, else uniform): "
+                             "uniform in t, quadratic (DDIM's), logsnr (DPM-Solver's) or edm (Karras et al.'s)"),
         "guidance": dict(type=_floats, help="classifier-free guidance weight w, one value or one per stage: the "
                                             "prediction is (1 + w) cond - w uncond, so 0 is unguided (Imagen's "
                                             "scale is 1 + w); needs stages trained with train.p_uncond > 0"),
@@ -215,7 +216,11 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
                                   help="guide only where LO <= t/T <= HI (default 0,1: every step)"),
         "threshold": dict(choices=["static", "dynamic", "none"],
                           help="the x0 estimate: static clips to [-1, 1] (default), dynamic is Imagen's "
-                               "(for high guidance weights), none leaves it")}
+                               "(for high guidance weights), none leaves it"),
+        "churn": dict(type=float, help="EDM's stochastic churn S_churn for the deterministic samplers (ddim, "
+                                       "dpmpp-2m, dpmpp-3m): fresh noise before each step, gamma = S_churn / "
+                                       "steps (default 0: none)"),
+        "churn_interval": dict(type=_floats, metavar="LO,HI", help="churn only where LO <= t/T <= HI (default 0,1)")}
     for name in plan_flags:
         p.add_argument(f"--{name.replace('_', '-')}", **flags[name])
     p.set_defaults(plan_flags=plan_flags)

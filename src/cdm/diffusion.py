@@ -257,6 +257,13 @@ class GaussianDiffusion:
 class Spacing(str, enum.Enum):
     UNIFORM = "uniform"  # evenly spaced in t (Ho et al. 2020; Nichol & Dhariwal 2021 respacing)
     QUADRATIC = "quadratic"  # t - stop grows quadratically (Song et al. 2021, DDIM, app. D.2)
+    LOGSNR = "logsnr"  # evenly spaced in log-SNR lambda_t (Lu et al. 2022, DPM-Solver's default)
+    EDM = "edm"  # sigma_t^(1/rho) evenly spaced, rho = 7 (Karras et al. 2022, eq. 5)
+
+
+EDM_RHO = 7.0  # Karras et al. 2022, eq. 5: rho = 7 balances the steps' errors at high and low noise
+GRID_SIGMA_MAX = 80.0  # EDM's sigma_max: the logsnr and edm grids are spaced from here (a cosine schedule's
+# sigma_T is ~2e4; spacing from there would spend most steps where the sample is pure noise)
 
 
 def log_snr(alpha_bar: Tensor) -> Tensor:
@@ -265,20 +272,24 @@ def log_snr(alpha_bar: Tensor) -> Tensor:
     return 0.5 * (torch.log(alpha_bar) - torch.log1p(-alpha_bar))
 
 
-def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "uniform") -> list[int]:
+def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "uniform",
+              alpha_bar: Tensor | None = None) -> list[int]:
     """A descending grid of distinct integer times from ``T`` down to ``stop``: the respaced
     reverse process runs ``grid[i] -> grid[i + 1]``. ``stop > 0`` truncates it at ``stop``.
 
     ``spacing="uniform"``: ``steps + 1`` evenly spaced times (fewer if the range is short).
     ``spacing="quadratic"``: ``t_i = stop + (T - stop) (1 - i/steps)^2``, DDIM's quadratic grid
     (Song et al. 2021, app. D.2, used there for CIFAR-10) made to start at ``T``. It puts the steps
-    where the image is nearly clean and takes large steps through the noisy end, which suits
-    few-step deterministic samplers (``ddim``, ``dpmpp_2m``) on full runs. Times that round onto
-    each other near ``stop`` are pushed up one step, so the grid has exactly
-    ``min(steps, T - stop) + 1`` points. Why not uniform in log-SNR (DPM-Solver's choice)? With
-    exact denoisers on this project's cosine schedule it did worse: the schedule's clipped last
-    step spans ~3.5 in log-SNR, so such a grid spends several steps in ``t > 0.97 T``. For
-    truncated grids, uniform spacing did as well as or better than quadratic.
+    where the image is nearly clean and takes large steps through the noisy end.
+    ``spacing="logsnr"``: evenly spaced in ``lambda_t`` (DPM-Solver's grid) and ``spacing="edm"``:
+    evenly spaced in ``sigma_t^(1/7)``, ``sigma_t = sqrt((1 - abar_t) / abar_t)`` (EDM's grid) —
+    both need the schedule, ``alpha_bar`` ``[T + 1]``. They are spaced from ``sigma = 80`` (EDM's
+    ``sigma_max``; a cosine schedule's ``sigma_T`` is ~2e4, and spacing from there would spend most
+    steps on pure noise) down to ``t = 1`` with ``steps`` points, their first point moved to ``T``,
+    and end with the step ``1 -> 0`` (lambda and sigma are infinite and zero at ``t = 0``); a
+    truncated grid ends at ``stop`` instead, with ``steps + 1`` points. Which grid suits which
+    stage is measured, not assumed (docs/BENCHMARKS.md). Every non-uniform grid is rounded to integer times, and times that round
+    onto each other are pushed apart, so it has exactly ``min(steps, T - stop) + 1`` points.
     """
     if not 0 <= stop < T:
         raise ValueError(f"truncation level must lie in [0, {T - 1}], got {stop}")
@@ -286,15 +297,43 @@ def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "unifo
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
     spacing = Spacing(spacing)
     steps = min(steps, T - stop)
+    if spacing is Spacing.UNIFORM:
+        pts = torch.linspace(T, stop, steps + 1, dtype=torch.float64).round().long().tolist()
+        out: list[int] = []
+        for p in pts:
+            if not out or p < out[-1]:
+                out.append(int(p))
+        return out
     if spacing is Spacing.QUADRATIC:
         u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)  # ascending, from stop up to T
-        up: list[int] = []
-        for p in (stop + (T - stop) * u ** 2).round().long().tolist():
-            up.append(p if not up or p > up[-1] else up[-1] + 1)
-        return up[::-1]
-    pts = torch.linspace(T, stop, steps + 1, dtype=torch.float64).round().long().tolist()
+        return _distinct_descending((stop + (T - stop) * u ** 2).round().long().tolist(), T, stop)
+    if alpha_bar is None:
+        raise ValueError(f"the {spacing.value!r} grid needs the noise schedule (alpha_bar)")
+    lo = max(stop, 1)  # the grid's noisiest-to-cleanest span with finite lambda and sigma
+    n = steps if stop == 0 else steps + 1  # a full run appends the step 1 -> 0
+    lam = log_snr(alpha_bar.double())  # [T + 1], descending in t
+    noisy = max(lam[T].item(), -math.log(GRID_SIGMA_MAX))
+    if spacing is Spacing.LOGSNR:
+        target = torch.linspace(noisy, lam[lo].item(), n, dtype=torch.float64)
+    else:  # EDM: sigma = exp(-lambda)
+        a, b = math.exp(-noisy / EDM_RHO), math.exp(-lam[lo].item() / EDM_RHO)
+        target = -EDM_RHO * torch.log(torch.linspace(a, b, n, dtype=torch.float64))
+    # each target lambda to the integer time in [lo, T] whose lambda is nearest; the first is T
+    times = ((lam[lo:T + 1].view(1, -1) - target.view(-1, 1)).abs().argmin(dim=1) + lo).tolist()
+    times[0] = T
+    times = times[::-1] + ([0] if stop == 0 else [])  # ascending
+    return _distinct_descending(sorted(times), T, stop)
+
+
+def _distinct_descending(up: list[int], T: int, stop: int) -> list[int]:
+    """``up`` (ascending integer times from ``stop`` to ``T``, possibly repeated) made strictly
+    increasing by pushing repeats up one step (then down, if they overshot ``T``), returned descending."""
     out: list[int] = []
-    for p in pts:
-        if not out or p < out[-1]:
-            out.append(int(p))
-    return out
+    for p in up:
+        out.append(p if not out or p > out[-1] else out[-1] + 1)
+    out[0], out[-1] = stop, max(out[-1], T)
+    if out[-1] > T:  # pushed past T: push down from the top instead
+        out[-1] = T
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1] - 1)
+    return out[::-1]

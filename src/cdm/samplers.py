@@ -12,13 +12,15 @@ and the model's last estimate of ``x_0``.
 
 Samplers with options are configured with :func:`functools.partial` and keep the one signature
 (``SAMPLERS["ddim-eta1"] = partial(ddim, eta=1.0)``). A learned-variance output works with every
-sampler; ``ddim`` and ``dpmpp_2m`` use only its mean channels. Grids are made separately
-(:func:`time_grid`, with its ``spacing``), as in k-diffusion.
+sampler; ``ddim``, ``dpmpp_2m`` and ``dpmpp_3m`` use only its mean channels. Grids are made
+separately (:func:`time_grid`, with its ``spacing``), as in k-diffusion. The deterministic
+samplers take ``churn`` (:class:`Churn`, EDM's stochastic churn), which :data:`CHURN_SAMPLERS` lists.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Protocol
 
@@ -30,7 +32,8 @@ from .diffusion import GaussianDiffusion, log_snr, time_grid
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["Sampler", "SeededNoise", "ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "time_grid", "SAMPLERS"]
+__all__ = ["Churn", "Sampler", "SeededNoise", "ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
+           "time_grid", "SAMPLERS", "CHURN_SAMPLERS"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -78,6 +81,39 @@ def _denoise(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, t: int,
     return x0, eps
 
 
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochastic churn (Karras et al. 2022, Algorithm 2, lines 5-6) for a deterministic
+    sampler on an integer-time VP grid: before a step from ``t`` with ``lo <= t/T <= hi``, the
+    state's noise level is raised from ``sigma_t`` to ``sigma_hat = (1 + gamma) sigma_t``,
+    ``gamma = min(s_churn / steps, sqrt(2) - 1)``, by adding fresh noise, and the step starts from
+    ``t_hat``, the first integer time at or above ``sigma_hat`` (``sigma = sqrt((1 - abar) / abar)``)::
+
+        x_hat = sqrt(abar_hat / abar_t) x_t + sqrt(abar_hat) sqrt(sigma_hat^2 - sigma_t^2) z
+
+    (in ``x / sqrt(abar)``, the variance-exploding variable, it is EDM's ``x + sqrt(s_hat^2 - s^2) z``).
+    The injected noise corrects the network's accumulated errors where they are large, and the
+    solver keeps its ODE accuracy elsewhere; it costs no network evaluations."""
+    s_churn: float  # EDM's S_churn: the total churn over the run
+    steps: int  # the run's steps (gamma = s_churn / steps per step)
+    interval: tuple[float, float] = (0.0, 1.0)  # churn only where lo <= t/T <= hi
+
+    def __call__(self, diffusion: GaussianDiffusion, x: Tensor, t: int, noise: SeededNoise) -> tuple[Tensor, int]:
+        """``(x_hat, t_hat)``: ``x`` ``[N, C, H, W]`` at ``t`` moved up to ``t_hat >= t``."""
+        lo, hi = self.interval
+        if self.s_churn <= 0 or not lo <= t / diffusion.T <= hi or t >= diffusion.T:
+            return x, t
+        gamma = min(self.s_churn / self.steps, math.sqrt(2) - 1)
+        ab = diffusion.alpha_bar.double()
+        sigma = ((1 - ab) / ab).sqrt()  # [T + 1], ascending in t
+        t_hat = min(int(torch.searchsorted(sigma, sigma[t] * (1 + gamma)).item()), diffusion.T)
+        if t_hat == t:
+            return x, t
+        ab_t, ab_hat = ab[t].item(), ab[t_hat].item()
+        extra = math.sqrt(max(sigma[t_hat].item() ** 2 - sigma[t].item() ** 2, 0.0))
+        return math.sqrt(ab_hat / ab_t) * x + math.sqrt(ab_hat) * extra * noise.randn(*x.shape[1:]), t_hat
+
+
 @torch.no_grad()
 def ancestral(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int],
               noise: SeededNoise, clip_x0: bool = True) -> tuple[Tensor, Tensor]:
@@ -95,16 +131,19 @@ def ancestral(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: lis
 
 @torch.no_grad()
 def ddim(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
-         clip_x0: bool = True, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+         clip_x0: bool = True, eta: float = 0.0, churn: Churn | None = None) -> tuple[Tensor, Tensor]:
     """DDIM (Song et al. 2021, eq. 12) between consecutive grid times ``t -> p``:
     ``x_p = sqrt(abar_p) x0_hat + sqrt(1 - abar_p - sigma^2) eps_hat + sigma z`` with
     ``sigma^2 = eta^2 (1 - abar_p)/(1 - abar_t) (1 - abar_t/abar_p)`` (eq. 16). ``eta = 0`` is
     deterministic and draws no noise; ``eta = 1`` makes sigma^2 the posterior variance of the step,
-    i.e. :func:`ancestral` without a learned variance. ``x`` ``[N, C, H, W]``."""
+    i.e. :func:`ancestral` without a learned variance. ``churn`` (with ``eta = 0``): :class:`Churn`.
+    ``x`` ``[N, C, H, W]``."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
     x0 = x
     for t, p in zip(grid[:-1], grid[1:]):
+        if churn is not None:
+            x, t = churn(diffusion, x, t, noise)
         x0, eps = _denoise(model, diffusion, x, t, clip_x0)
         ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
         var = eta ** 2 * (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)  # eq. 16; 0 at p = 0
@@ -116,7 +155,7 @@ def ddim(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int
 
 @torch.no_grad()
 def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
-             clip_x0: bool = True, sde: bool = False) -> tuple[Tensor, Tensor]:
+             clip_x0: bool = True, sde: bool = False, churn: Churn | None = None) -> tuple[Tensor, Tensor]:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): the multistep second-order
     solver in data prediction, with ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``,
     ``lambda_t = log(alpha_t / sigma_t)``, ``h = lambda_p - lambda_t`` for a step ``t -> p``, and
@@ -135,12 +174,17 @@ def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list
     (its first step is the ancestral / DDIM-eta=1 step); the fresh noise corrects the network's
     errors the way ancestral sampling does, which the ODE cannot. A step to ``t = 0`` (sigma = 0,
     lambda = inf) lands on x0_hat; a grid ending at ``s > 0`` stops at the noisy ``z_s``.
-    ``x`` ``[N, C, H, W]``."""
+    ``churn`` (ODE only): :class:`Churn`; a churned step starts from ``t_hat`` and restarts the
+    multistep history (the noise moved the sample off the path the history lies on), so it is a
+    first-order step. ``x`` ``[N, C, H, W]``."""
     lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
     x0 = x
     x0_prev: Tensor | None = None
     h_prev = 0.0
     for t, p in zip(grid[:-1], grid[1:]):
+        if churn is not None:
+            x, t_hat = churn(diffusion, x, t, noise)
+            x0_prev, t = (None if t_hat != t else x0_prev), t_hat
         x0, _ = _denoise(model, diffusion, x, t, clip_x0)
         if p == 0:
             x = x0
@@ -162,10 +206,57 @@ def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list
 dpmpp_2m_sde = partial(dpmpp_2m, sde=True)
 
 
+@torch.no_grad()
+def dpmpp_3m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
+             clip_x0: bool = True, churn: Churn | None = None) -> tuple[Tensor, Tensor]:
+    """DPM-Solver++(3M): the multistep third-order solver of the probability-flow ODE in data
+    prediction (Lu et al. 2022, arXiv 2211.01095, sec. 3.2 and app. B). With ``u = lambda -
+    lambda_t``, ``x0_hat`` is extrapolated by the quadratic through the last three estimates
+    (at ``u = 0, -h_1, -h_1 - h_2``; divided differences ``d1``, ``d2``), and the exponential
+    integral is exact for that quadratic::
+
+        x_p = (sigma_p / sigma_t) x_t + alpha_p [ phi_1 D + phi_2 (d1 + d2 h_1) + 2 phi_3 d2 ]
+
+    with ``phi_1 = 1 - e^-h``, ``phi_2 = h - 1 + e^-h``, ``phi_3 = h^2/2 - h + 1 - e^-h``. The first
+    step is DDIM and the second uses the linear extrapolation (second order); a step to ``t = 0``
+    lands on x0_hat. ``churn``: :class:`Churn`; a churned step restarts the history, as in
+    :func:`dpmpp_2m`. ``x`` ``[N, C, H, W]``."""
+    lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
+    x0 = x
+    hist: list[tuple[Tensor, float]] = []  # (x0_hat, lambda) of the last two steps, newest first
+    for t, p in zip(grid[:-1], grid[1:]):
+        if churn is not None:
+            x, t_hat = churn(diffusion, x, t, noise)
+            hist, t = (hist if t_hat == t else []), t_hat
+        x0, _ = _denoise(model, diffusion, x, t, clip_x0)
+        if p == 0:
+            x = x0
+            continue
+        ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
+        lt = lam[t].item()
+        h = lam[p].item() - lt
+        em = math.expm1(-h)  # e^-h - 1
+        phi1, phi2, phi3 = -em, h + em, h * h / 2 - h - em
+        d = phi1 * x0
+        if hist:
+            h1 = lt - hist[0][1]
+            d1 = (x0 - hist[0][0]) / h1
+            d2 = 0.0
+            if len(hist) == 2:
+                h2 = hist[0][1] - hist[1][1]
+                d2 = (d1 - (hist[0][0] - hist[1][0]) / h2) / (h1 + h2)
+            d = d + phi2 * (d1 + d2 * h1) + 2 * phi3 * d2
+        x = math.sqrt((1 - ab_p) / (1 - ab_t)) * x + math.sqrt(ab_p) * d
+        hist = [(x0, lt), *hist[:1]]
+    return x, x0
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": ancestral,
     "ddim": ddim,  # eta = 0: deterministic
     "ddim-eta1": partial(ddim, eta=1.0),
     "dpmpp-2m": dpmpp_2m,
     "dpmpp-2m-sde": dpmpp_2m_sde,
+    "dpmpp-3m": dpmpp_3m,
 }
+CHURN_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")  # the deterministic ones, which take Churn

@@ -180,7 +180,8 @@ def _eval_report(results: dict, images: list[Tensor], cascade: Cascade, out: Pat
              f"{results['reference_overlap']}. Took {results['seconds']} s.")
     rep.table([{"stage": i, "steps": st["steps"], "level s": st["level"], "sampler": st["sampler"],
                 "spacing": st["spacing"], "guidance w": st.get("guidance", 0.0),
-                "guidance interval": st.get("guidance_interval", [0.0, 1.0]), "threshold": st.get("threshold", "static")}
+                "guidance interval": st.get("guidance_interval", [0.0, 1.0]), "threshold": st.get("threshold", "static"),
+                "churn": st.get("churn", 0.0), "churn interval": st.get("churn_interval", [0.0, 1.0])}
                for i, st in enumerate(results["sampling"]["stages"])])
     rep.text(f"Sampling mode: {results['sampling']['mode']}. Guidance: the prediction is (1 + w) cond - w uncond "
              f"(w = 0 unguided) at the steps with t/T inside the interval.")

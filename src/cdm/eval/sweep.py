@@ -160,7 +160,7 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     for mode in modes:
         for s in cfg.levels:
             for w in cfg.weights or [sp.guidance]:
-                gid = guidance_identity(replace(sp, guidance=w))  # none at the defaults: older rows still match
+                gid = plan_identity(replace(sp, guidance=w))  # none at the defaults: older rows still match
                 score_point(out, {**ident, "mode": mode.value, "level": s, **gid}, lambda: sample(mode, s, w), judge,
                             keep_samples=cfg.keep_samples, progress=progress,
                             name="-".join([*named, cond.value, mode.value, f"s{s}", *([f"w{w:g}"] if gid else [])]))
@@ -171,11 +171,11 @@ def _batched(fn: Callable[[slice], Tensor], n: int, bs: int) -> Tensor:
     return torch.cat([fn(slice(a, min(n, a + bs))).cpu() for a in range(0, n, bs)])
 
 
-def guidance_identity(sp: StagePlan) -> dict:
-    """The guidance settings of a stage's plan that identify a point: none when they are the
-    defaults, so points scored before guidance existed keep their identity."""
+def plan_identity(sp: StagePlan) -> dict:
+    """The guidance (and churn) settings of a stage's plan that identify a point: none when they
+    are the defaults, so points scored before these settings existed keep their identity."""
     d = StagePlan()
-    keys = ("guidance", "guidance_interval", "threshold")
+    keys = ("guidance", "guidance_interval", "threshold", "churn", "churn_interval")
     return {k: getattr(sp, k) for k in keys} if any(getattr(sp, k) != getattr(d, k) for k in keys) else {}
 
 
@@ -207,8 +207,8 @@ class _LowerSamples:
         self.identity = {"lower_fingerprints": [stage_fingerprint(s) for s in cascade.stages[:i]],
                          "lower_steps": [s.steps for s in st[:i]], "lower_levels": [s.level for s in st[:i]],
                          "lower_samplers": [[s.sampler, s.spacing] for s in st[:i]]}
-        if any(guidance_identity(s) for s in st[:i]):
-            self.identity["lower_guidance"] = [guidance_identity(s) for s in st[:i]]
+        if any(plan_identity(s) for s in st[:i]):
+            self.identity["lower_guidance"] = [plan_identity(s) for s in st[:i]]
         manifest = {**self.identity, "n": cfg.n, "seed": cfg.seed}
         mpath = out / "lower.json"
         try:
