@@ -42,15 +42,19 @@ def save_tiny(path: Path, step: int = 0, **kw) -> Path:
 
 
 def cli_error(capsys, argv: list[str]) -> str:
-    """Run the CLI, expect exit status 2 and one clear line on stderr; return it."""
+    """Run the CLI, expect exit status 2 and one clear line on stderr (after the start-up summary, if
+    training had begun); return it."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cdm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+    *summary, last = err.splitlines()
+    assert last.startswith("cdm: error: ") and err.endswith("\n") and "Traceback" not in err, err
+    assert not summary or (summary[0].startswith("cdm train ") and "cdm: error" not in "".join(summary)), err
+    return last + "\n"
 
 
 def log_steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    """The steps of a run's loss lines (not of its config-change lines)."""
+    return [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 # ----------------------------------------------------------------------------- killed runs

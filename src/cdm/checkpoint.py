@@ -292,9 +292,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int, protect: Path | None = Non
             p.unlink(missing_ok=True)
 
 
-def newest_intact(run_dir: str | Path) -> tuple[Path, Checkpoint] | None:
+def newest_intact(run_dir: str | Path, hint: str = "pass --fresh to start over") -> tuple[Path, Checkpoint] | None:
     """The newest checkpoint of a run that loads and passes its checksum, and its contents; a newer
-    one that is truncated or corrupt is skipped with a warning. None if the run has none."""
+    one that is truncated or corrupt is skipped with a warning. None if the run has none; if none
+    is intact, a :class:`CheckpointError` ending in ``hint`` (what to do)."""
     found = list_checkpoints(run_dir)
     first: CheckpointError | None = None
     for i, (_, p) in enumerate(reversed(found)):
@@ -305,8 +306,7 @@ def newest_intact(run_dir: str | Path) -> tuple[Path, Checkpoint] | None:
             if i + 1 < len(found):
                 warnings.warn(f"skipping {p}: {e}; trying the checkpoint before it")
     if first is not None:
-        raise CheckpointError(f"{first} (no checkpoint in {Path(run_dir) / 'checkpoints'} is intact: pass --fresh "
-                              f"to start over)")
+        raise CheckpointError(f"{first} (no checkpoint in {Path(run_dir) / 'checkpoints'} is intact: {hint})")
     return None
 
 

@@ -39,13 +39,16 @@ _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import resolve_config, train_stage
+    from .train import InitFrom, resolve_config, train_stage
 
+    if a.init_weights and not a.init:
+        raise ConfigError("--init-weights picks the weights --init takes: pass --init RUN_OR_CHECKPOINT too")
     cfg = load_stage_config(a.config, a.set)
     if a.dry_run:
         print(json.dumps(to_dict(resolve_config(cfg)), indent=2))
         return 0
-    last = train_stage(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
+    init = InitFrom(a.init, a.init_weights or "ema") if a.init else None
+    last = train_stage(cfg, a.out, fresh=a.fresh, progress=not a.no_progress, init=init)
     print(f"checkpoint: {last}")
     return 0
 
@@ -250,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     t.add_argument("--fresh", action="store_true", help="discard the run directory's checkpoints and start over")
+    t.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
+                   help="fine-tune: start a fresh run from these weights (a run directory's newest intact checkpoint, "
+                        "or a checkpoint file) at step 0 with a fresh optimiser; a run directory that has its own "
+                        "checkpoints resumes from them instead (with --fresh it starts over from these weights)")
+    t.add_argument("--init-weights", choices=["ema", "raw"],
+                   help="which weights --init takes: ema (default) or raw (the trained network's)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

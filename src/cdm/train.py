@@ -16,7 +16,8 @@ gradient stops every process with a message naming the last good checkpoint. A r
 holds::
 
     config.json            the resolved stage config
-    log.jsonl              one line per log_every steps
+    log.jsonl              one line per log_every steps (and one per config change on resume)
+    init.json              where a run started with --init took its weights (cdm.start)
     checkpoints/step-*.safetensors
     samples/step-*.png
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -45,21 +47,12 @@ from .metrics import consistency_psnr
 from .recipe import loss_weight, lr_factor
 from .samplers import derive_seed
 from .stage import Stage
+from .start import (InitFrom, change_lines, check_resume, describe_start, load_init_weights, record_start,
+                    startup_summary)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
-
-
-# Parts of a stage config that define the model; a run directory can only be resumed with the same.
-_MODEL_KEYS = ("resolution", "lowres_resolution", "class_conditional", "unet", "diffusion", "augment")
-
-
-def _check_same_model(saved: dict, new: dict, run_dir: Path) -> None:
-    diffs = [k for k in _MODEL_KEYS if saved.get(k) != new.get(k)]
-    if diffs:
-        raise CheckpointError(f"{run_dir} holds a run of a different stage (its {', '.join(diffs)} "
-                              f"differ); pass another --out, or --fresh to start over there")
 
 
 class Batcher:
@@ -201,8 +194,12 @@ def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfi
 
 
 def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, progress: bool = True,
-                data: ImageSet | None = None) -> Path:
+                data: ImageSet | None = None, init: InitFrom | None = None) -> Path:
     """Train (or resume) one stage into ``out_dir``; returns the last checkpoint's path.
+
+    A fresh run (no checkpoint in ``out_dir``, or ``fresh``) starts from ``init``'s weights if given
+    (:mod:`cdm.start`); a run with checkpoints resumes from its own and ignores ``init``. Rank 0
+    prints a short summary of the run to stderr before the first step.
 
     Under ``torchrun`` every process calls this with the same arguments (``train.batch_size`` is
     the global batch, split evenly among them); ``out_dir`` must be on a file system they share."""
@@ -211,10 +208,11 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, prog
         resolve_config(cfg, data)
         # one writer per run directory: a second `cdm train --out` the same directory is refused
         with run_lock(out_dir, "training", enabled=w.is_main, agree=w.all_true):
-            return _train(cfg, Path(out_dir), fresh, progress, data, w)
+            return _train(cfg, Path(out_dir), fresh, progress, data, w, init)
 
 
-def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: ImageSet, w: World) -> Path:
+def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: ImageSet, w: World,
+           init: InitFrom | None = None) -> Path:
     from tqdm.auto import tqdm
 
     tc = cfg.train
@@ -224,6 +222,11 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
 
     stage = Stage(cfg).to(w.device)
     net = stage.net  # the bare network: its weights are what checkpoints hold
+    # the newest checkpoint that loads and passes its checksum (a damaged newer one is skipped, with a warning)
+    intact = None if fresh else newest_intact(out)
+    origin = None  # where the run's starting weights came from (--init), kept in init.json and checkpoints
+    if init is not None and intact is None:  # before the EMAs are copied from net: they start at these weights
+        origin = load_init_weights(net, init, cfg)
     if tc.channels_last:
         net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -233,18 +236,16 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     ema_gamma = sigma_rel_to_gamma(tc.ema_sigma_rel) if tc.ema_sigma_rel > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     step = 0
+    changes: dict[str, list] = {}  # config keys changed on resume: {key: [old, new]}
+    changed: list[str] = []  # ... as lines for the start-up summary
 
-    # the newest checkpoint that loads and passes its checksum (a damaged newer one is skipped, with a warning)
-    intact = None if fresh else newest_intact(out)
     if intact:
         ckpt = intact[1]
-        _check_same_model(to_dict(ckpt.config), to_dict(cfg), out)
+        changes = check_resume(ckpt.config, cfg, out)  # refuses what a resume cannot change
+        changed = change_lines(changes, ckpt.step, ckpt.config, cfg)
+        origin = (ckpt.extra or {}).get("init")
         net.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
-        if len(ckpt.ema_profiles or []) != len(profiles):
-            raise CheckpointError(f"{out} was trained with {len(ckpt.ema_profiles or [])} post-hoc EMA profiles, "
-                                  f"this config asks for {len(profiles)}: keep train.ema_profiles as it was, or "
-                                  f"pass --fresh to start over")
         for prof, sd in zip(profiles, ckpt.ema_profiles or []):
             prof.load_state_dict(sd)
         opt.load_state_dict(ckpt.optimizer)
@@ -265,6 +266,12 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         remove_snapshots_after(out, step)
         trim_log(out / "log.jsonl", step)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
+        record_start(out, step, origin, changes)
+        device = f"{w.device}" + (f" x {w.size} processes" if w.size > 1 else "")
+        start = describe_start(intact[0] if intact else None, step, init, origin) + \
+            ("; the run is already done" if step >= tc.steps else "")
+        print("\n".join(startup_summary(cfg, data, out, device, sum(p_.numel() for p_ in net.parameters()), start,
+                                        changed)), file=sys.stderr, flush=True)
     w.barrier()
     if w.size > 1:  # forward passes go through DDP, which averages the gradients over the processes
         from torch.nn.parallel import DistributedDataParallel
@@ -294,7 +301,8 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             save_checkpoint(p, Checkpoint(
                 config=cfg, step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                 rng={"torch": torch.get_rng_state(), "data": g.get_state()},
-                ema_profiles=[prof.state_dict() for prof in profiles] or None))
+                ema_profiles=[prof.state_dict() for prof in profiles] or None,
+                extra={"init": origin} if origin else None))
             if last is not None:  # every step since the previous checkpoint was finite: it is proven good
                 atomic_write(out / GOOD, lambda tmp: Path(tmp).write_text(json.dumps({"path": last.name})))
             prune_checkpoints(out, tc.keep_checkpoints, protect=proven_good(out))
