@@ -47,11 +47,11 @@ def write_samples(result: CascadeOutput, cascade: Cascade, out_dir: str | Path, 
     m = GRID_MAX
     paths = []
     for i, (st, imgs, inp) in enumerate(zip(cascade.stages, result.images, result.inputs)):
-        name, scale = f"stage{i}-{st.resolution}px.png", max(1, 64 // st.resolution)
+        name = f"stage{i}-{st.resolution}px.png"
         if inp is None:
-            paths.append(save_grid(imgs[:m], out / name, nrow=nrow, scale=scale))
+            paths.append(save_grid(imgs[:m], out / name, nrow=nrow))
         else:
-            paths.append(save_grid(imgs[:m], out / name, nrow=2 * nrow, inputs=inp[:m], scale=scale))
+            paths.append(save_grid(imgs[:m], out / name, nrow=2 * nrow, inputs=inp[:m]))
     save_npz(out / "samples.npz", sample_arrays(result))
     return paths
 

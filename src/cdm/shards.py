@@ -186,7 +186,7 @@ def merge_shards(out: str | Path) -> Path:
     for key in sorted(k for k in merged if k.startswith("stage")):
         imgs = merged[key][:PREVIEW]
         res = imgs.shape[-1]
-        save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10, scale=max(1, 64 // res))
+        save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10)
     return path
 
 

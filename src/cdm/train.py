@@ -364,7 +364,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 if not all(torch.isfinite(p_).all() for p_ in net.parameters()):  # finite loss, broken weights
                     raise stop("a weight", float("nan"), at=step)
                 last = save(step)
-            if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+            if w.is_main and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
                 ema.eval()
                 grid = out / "samples" / f"step-{step:08d}.png"
                 follow = write_sample_grid(ema_stage, data, grid)
