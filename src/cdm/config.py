@@ -63,6 +63,7 @@ class TrainConfig:
     sample_steps: int = 50  # sampler steps for the grids
     sample_level: int = 0  # augmentation level s for SR grids (ground-truth low-res inputs)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    tensorboard: bool = True  # live logs in RUN/tb/ (cdm.livelog), if the tensorboard package is installed
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
