@@ -32,7 +32,8 @@ def config_keys() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"": []}
     for name, tp in typing.get_type_hints(StageConfig).items():
         if dataclasses.is_dataclass(tp):
-            out[name] = [f.name for f in dataclasses.fields(tp) if not (name == "unet" and f.name in DERIVED_UNET_FIELDS)]
+            derived = DERIVED_UNET_FIELDS if name == "unet" else ()
+            out[name] = [f.name for f in dataclasses.fields(tp) if f.name not in derived]
         else:
             out[""].append(name)
     return out
