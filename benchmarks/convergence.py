@@ -116,7 +116,7 @@ def stage_config(stage: str, recipe: str, seed: int, steps: int, eval_every: int
         cfg.train.steps = steps
     cfg.train.ckpt_every = eval_every
     cfg.train.keep_checkpoints = cfg.train.steps // eval_every + 1
-    cfg.train.sample_every = 0  # one grid, at the end
+    cfg.train.sample_every = cfg.train.steps  # one grid, at the end (0 would write none)
     return cfg.resolve(channels=1, num_classes=10)  # Fashion-MNIST
 
 

@@ -1,18 +1,22 @@
-"""Sample quality against the number of network evaluations, per sampler, on a trained cascade.
+"""Sample quality against the number of network evaluations (NFE), per sampler, grid and stage.
 
-For each (sampler, steps) the whole cascade is sampled with that many steps in every stage, on
-the same labels and seeds, and the final stage's samples are scored in the domain classifier's
-feature space (FID and KID against real test images). The run is resumable: each finished
-configuration is appended to ``<out>.jsonl`` and skipped when the script is run again.
+``--stage cascade`` samples the whole cascade with the same setting in every stage (the first
+version of this benchmark). ``--stage base`` samples the base stage alone and scores its own
+output (at its resolution). ``--stage sr`` holds the base stage's output fixed (its samples under
+the cascade file's own plan, drawn once and cached beside ``--out``) and samples the last SR
+stage with each setting, at the cascade file's level and mode, scoring the final images; so an SR
+stage's curve shows what its own steps cost. Every point uses the same labels and seeds (sample
+``j``: seed ``j``); scores are in the domain classifier's feature space, FID with its bootstrap
+standard error, against real test images. Resumable: each finished point is appended to
+``<out>.jsonl`` and skipped when the script runs again.
 
-    .venv/bin/python benchmarks/sampler_quality.py --cascade runs/demo/cascade.json \
-        --classifier runs/classifier --n 500 --out docs/bench/sampler_quality.json
+A configuration is ``sampler[@churn]:steps,steps,...``, ``;``-separated: ``dpmpp-2m@5:4,6,10`` is
+DPM-Solver++(2M) with EDM's churn S_churn = 5 (over ``--churn-interval``). Each runs on every grid of
+``--spacings``. Every sampler here evaluates the network once per step, so NFE = steps.
 
-Target (issue "Speed"): DPM-Solver++(2M) with <= 25 steps per stage within 10% of the FID of
-250-step ancestral sampling; checked for its deterministic (``dpmpp-2m``) and stochastic
-(``dpmpp-2m-sde``) forms. At 500 samples differences of a few percent are not resolved: 250-step
-ancestral sampling on quadratic and uniform grids (which should barely differ at 250 steps) scored
-11.30 and 11.60 on the demo cascade.
+    B=".venv/bin/python benchmarks/sampler_quality.py --cascade runs/demo/cascade.json --classifier C --n 1000"
+    $B --stage sr --configs "ancestral:250;dpmpp-2m-sde:4,6,10,25;dpmpp-3m:3,4,6,10" --spacings uniform,edm \
+       --out docs/bench/few_step_sr.json
 """
 
 from __future__ import annotations
@@ -20,27 +24,31 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from _common import cpu_model
+from _common import cpu_model, load_average
+from cdm.cascade import SamplingPlan
 from cdm.cascade_file import load_cascade, read_cascade_file
 from cdm.data import to_uint8
 from cdm.eval.features import make_extractor, reference_features
-from cdm.eval.quality import quality_scores
+from cdm.eval.quality import quality_scores, standard_error
 from cdm.eval.reference import ReferenceSpec, load_reference
 from cdm.generate import cycle_labels, sample_batched
 
 DEFAULT_CONFIGS = "ancestral:25,50,100,250;ddim:10,25,50;ddim-eta1:25;dpmpp-2m:10,15,25;dpmpp-2m-sde:10,15,25,50"
 
 
-def parse_configs(text: str) -> list[tuple[str, int]]:
-    """``"ancestral:50,250;dpmpp-2m:10,25"`` -> ``[("ancestral", 50), ...]``."""
+def parse_configs(text: str) -> list[tuple[str, float, int]]:
+    """``"ancestral:50,250;dpmpp-2m@5:10,25"`` -> ``[("ancestral", 0.0, 50), ..., ("dpmpp-2m", 5.0, 10), ...]``."""
     out = []
     for part in filter(None, text.split(";")):
         name, steps = part.split(":")
-        out += [(name.strip(), int(s)) for s in steps.split(",")]
+        sampler, _, churn = name.strip().partition("@")
+        out += [(sampler, float(churn or 0), int(s)) for s in steps.split(",")]
     return out
 
 
@@ -48,71 +56,107 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cascade", required=True, help="cascade file (cdm demo writes runs/demo/cascade.json)")
     p.add_argument("--classifier", required=True, help="domain classifier dir (cdm train-classifier)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"sampler:steps,... ;-separated (default {DEFAULT_CONFIGS})")
-    p.add_argument("--spacing", default="quadratic", help="time-grid spacing for every configuration")
-    p.add_argument("--n", type=int, default=500, help="samples per configuration")
+    p.add_argument("--stage", choices=["cascade", "base", "sr"], default="cascade",
+                   help="what the settings apply to and what is scored (module docstring)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"sampler[@churn]:steps,... ;-separated "
+                                                              f"(default {DEFAULT_CONFIGS})")
+    p.add_argument("--spacings", default="quadratic", help="time-grid spacings, comma-separated")
+    p.add_argument("--churn-interval", default="0,1", help="LO,HI: churn where LO <= t/T <= HI")
+    p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--n-ref", type=int, default=10000, help="real test images in the reference")
+    p.add_argument("--bootstrap", type=int, default=30, help="resamples for the FID's standard error")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default="docs/bench/sampler_quality.json")
     a = p.parse_args()
+    interval = [float(v) for v in a.churn_interval.split(",")]
 
     paths, saved = read_cascade_file(a.cascade)
     cascade = load_cascade(paths, "cpu")
     k = len(cascade.stages)
+    scored = 0 if a.stage == "base" else k - 1  # the stage whose output is scored
     ex = make_extractor("classifier", a.classifier)
-    last = cascade.stages[-1]
-    ref = reference_features(ex, load_reference(last.config.data, ReferenceSpec(split="test", n=a.n_ref)),
-                             last.resolution)
+    st = cascade.stages[scored]
+    ref = reference_features(ex, load_reference(st.config.data, ReferenceSpec(split="test", n=a.n_ref)),
+                             st.resolution)
     labels = cycle_labels(a.n, cascade.num_classes)
     seeds = list(range(a.n))
-
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    lower = lower_output(cascade, saved, labels, seeds, a, out) if a.stage == "sr" else None
+
     log = out.with_suffix(".jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    done = {(r["sampler"], r["steps"]) for r in rows if r["n"] == a.n and r["spacing"] == a.spacing}
-    for sampler, steps in parse_configs(a.configs):
-        if (sampler, steps) in done:
-            continue
-        sampling = saved.override(steps=[steps], sampler=sampler, spacing=a.spacing)  # every stage alike
-        t0 = time.perf_counter()
-        result = sample_batched(cascade, labels, seeds, sampling, batch_size=a.batch_size)
-        seconds = time.perf_counter() - t0
-        scores = quality_scores(ex(to_uint8(result.images[-1])), ref, metrics=("fid", "kid"))
-        row = {"sampler": sampler, "steps": steps, "nfe_per_stage": steps, "nfe_total": steps * k,
-               "spacing": a.spacing, "n": a.n, "fid": scores["fid"], "kid": scores["kid"],
-               "kid_std": scores["kid_std"], "sample_s": round(seconds, 1)}
-        rows.append(row)
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{sampler:10s} {steps:4d} steps/stage  FID {row['fid']:7.3f}  KID {row['kid']:.4f}  {seconds:6.1f} s",
-              flush=True)
+    key = lambda r: (r.get("stage", "cascade"), r["sampler"], r.get("churn", 0.0), r["spacing"], r["steps"])  # noqa: E731
+    done = {key(r) for r in rows if r["n"] == a.n}
+    load = load_average()
+    for spacing in a.spacings.split(","):
+        for sampler, churn, steps in parse_configs(a.configs):
+            if (a.stage, sampler, churn, spacing, steps) in done:
+                continue
+            setting = dict(steps=steps, sampler=sampler, spacing=spacing, churn=churn, churn_interval=interval)
+            t0 = time.perf_counter()
+            images = sample_setting(cascade, saved, a.stage, setting, labels, seeds, lower, a.batch_size)
+            seconds = time.perf_counter() - t0
+            feats = ex(to_uint8(images))
+            scores = quality_scores(feats, ref, metrics=("fid", "kid"))
+            row = {"stage": a.stage, "sampler": sampler, "churn": churn, "churn_interval": interval if churn else None,
+                   "spacing": spacing, "steps": steps, "nfe_per_stage": steps,
+                   "nfe_total": steps * (k if a.stage == "cascade" else 1), "n": a.n, "fid": scores["fid"],
+                   "fid_se": standard_error("fid", np.asarray(feats["features"], np.float64), ref, a.bootstrap),
+                   "kid": scores["kid"], "kid_std": scores["kid_std"], "sample_s": round(seconds, 1),
+                   "load_average": load}
+            rows.append(row)
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{a.stage} {sampler}{f'@{churn:g}' if churn else ''} {spacing} {steps:4d} steps  "
+                  f"FID {row['fid']:7.3f} ± {row['fid_se']:.3f}  {seconds:6.1f} s", flush=True)
+    write_summary(rows, a, saved, ref, out)
 
-    rows = [r for r in rows if r["n"] == a.n and r["spacing"] == a.spacing]
+
+def lower_output(cascade, saved: SamplingPlan, labels, seeds, a, out: Path) -> torch.Tensor:
+    """The base (lower) stages' final output under the cascade file's own plan, cached."""
+    cache = out.with_name(out.stem + f".lower-n{a.n}.npy")
+    if cache.exists():
+        return torch.from_numpy(np.load(cache))
+    bs, last = a.batch_size, len(cascade.stages) - 2
+    z0 = torch.cat([cascade.sample(labels[i:i + bs], seeds[i:i + bs], saved, last_stage=last).images[-1]
+                    for i in range(0, len(labels), bs)])
+    np.save(cache, z0.numpy())
+    return z0
+
+
+def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int):
+    """The scored images ``[n, C, R, R]`` of one setting (see the module docstring)."""
+    if stage == "cascade":
+        return sample_batched(cascade, labels, seeds, saved.override(**setting), bs).images[-1]
+    if stage == "base":
+        plan = replace(saved.stages[0], **setting)
+        return torch.cat([cascade.sample_stage(0, labels[i:i + bs], seeds[i:i + bs], plan)[0].clamp(-1, 1).cpu()
+                          for i in range(0, len(labels), bs)])
+    i = len(cascade.stages) - 1
+    plan = replace(saved.stages[i], **setting)
+    if saved.mode != "non-truncated":
+        raise SystemExit("--stage sr holds the lower output fixed as z_0: use a non-truncated cascade file")
+    return torch.cat([cascade.sample_stage(i, labels[j:j + bs], seeds[j:j + bs], plan, lowres=lower[j:j + bs],
+                                           corrupt=True)[0].clamp(-1, 1).cpu() for j in range(0, len(labels), bs)])
+
+
+def write_summary(rows: list[dict], a, saved: SamplingPlan, ref, out: Path) -> None:
+    """A Markdown table (printed) and the JSON summary, with each row's FID relative to the
+    ancestral run with the most steps on any grid (the reference)."""
+    rows = [r for r in rows if r["n"] == a.n and r.get("stage", "cascade") == a.stage]
     anc = [r for r in rows if r["sampler"] == "ancestral"]
     ref_row = max(anc, key=lambda r: r["steps"]) if anc else None
-    print(f"\n| sampler | steps/stage | NFE (cascade) | classifier FID | KID x1000 | vs {ref_row and ref_row['steps']}-step ancestral | sampling s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["steps"])):
+    print(f"\n| sampler | churn | grid | NFE/stage | classifier FID ± SE | vs {ref_row and ref_row['steps']}-step "
+          f"ancestral | sampling s |\n|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["sampler"], r.get("churn", 0), r["spacing"], r["steps"])):
         rel = f"{r['fid'] / ref_row['fid']:.2f}x" if ref_row else "-"
-        print(f"| {r['sampler']} | {r['steps']} | {r['nfe_total']} | {r['fid']:.2f} | "
-              f"{1000 * r['kid']:.1f} ± {1000 * r['kid_std']:.1f} | {rel} | {r['sample_s']} |")
-    summary = {"cascade": a.cascade, "sampling_levels": [st.level for st in saved.stages], "mode": saved.mode,
-               "feature_space": ref.space, "reference": ref.source, "rows": rows,
-               "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
-    if ref_row:
-        summary["targets"] = {}
-        for name in ("dpmpp-2m", "dpmpp-2m-sde"):  # the DPM-Solver++ family: ODE and SDE forms
-            dpm = [r for r in rows if r["sampler"] == name and r["steps"] <= 25]
-            if not dpm:
-                continue
-            best = min(dpm, key=lambda r: r["fid"])
-            t = {"reference": ref_row, "best_le25": best, "ratio": best["fid"] / ref_row["fid"],
-                 "pass": best["fid"] <= 1.1 * ref_row["fid"]}
-            summary["targets"][name] = t
-            print(f"{name} <= 25 steps: best FID {best['fid']:.2f} at {best['steps']} steps = {t['ratio']:.2f}x the "
-                  f"{ref_row['steps']}-step ancestral FID {ref_row['fid']:.2f} -> "
-                  f"{'PASS' if t['pass'] else 'MISS'} (target <= 1.10x)")
+        print(f"| {r['sampler']} | {r.get('churn', 0):g} | {r['spacing']} | {r['steps']} | {r['fid']:.2f} ± "
+              f"{r.get('fid_se', float('nan')):.2f} | {rel} | {r['sample_s']} |")
+    summary = {"cascade": a.cascade, "stage": a.stage, "sampling_levels": [s.level for s in saved.stages],
+               "mode": saved.mode, "feature_space": ref.space, "reference": ref.source, "reference_row": ref_row,
+               "rows": rows, "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+                                         "torch": torch.__version__, "load_average_at_end": load_average()}}
     out.write_text(json.dumps(summary, indent=2))
 
 

@@ -58,6 +58,9 @@ def test_run_directory_and_checkpoint_round_trip(tmp_path):
     assert [(r["step"], r["samples"]) for r in grids] == [(2, "samples/step-00000002.png"),
                                                          (4, "samples/step-00000004.png")]
     assert all(0 < r["consistency_psnr_db"] < r["copy_psnr_db"] < 100 for r in grids)  # untrained: far from copying
+    from PIL import Image
+    # 8px tiles (each input left of its output, 4 per class: 8 columns) enlarged to 64px, so a person can judge them
+    assert Image.open(run / "samples" / "step-00000004.png").size == ((8 * 10 + 2) * 8, (3 * 10 + 2) * 8)
 
     # A loaded stage reproduces the EMA network's outputs exactly.
     ckpt = load_checkpoint(last)
@@ -68,6 +71,12 @@ def test_run_directory_and_checkpoint_round_trip(tmp_path):
     x, t, lo = torch.randn(2, 1, 8, 8), torch.tensor([3, 40]), torch.randn(2, 1, 4, 4)
     cond = stage.conditioning(torch.tensor([0, 2]), lo, torch.tensor([0.0, 10.0]), torch.randn(2, 1, 4, 4))
     torch.testing.assert_close(stage(x, t, cond), ref(x, t, cond))
+
+
+def test_sample_every_zero_writes_no_grids(tmp_path):
+    train_stage(make_cfg(3, sample_every=0), tmp_path / "run", progress=False, data=toy_images(16, 16))
+    assert not (tmp_path / "run" / "samples").exists()
+    assert not any("samples" in json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())
 
 
 def test_resume_is_exact(tmp_path):

@@ -204,6 +204,14 @@ class Cascade:
     def num_classes(self) -> int:
         return max(s.num_classes for s in self.stages)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the classes (label ``k`` is ``class_names[k]``), from the first stage whose
+        config carries one per class; ``[]`` if none does."""
+        nc = self.num_classes
+        return next((list(s.config.data.class_names) for s in self.stages
+                     if nc and len(s.config.data.class_names) == nc), [])
+
     def validate(self, mode: Mode | str | None = None, levels: list[int] | None = None) -> None:
         """Check that consecutive stages fit; with ``mode='truncated'`` also that each SR stage's
         augmentation is its lower stage's forward process; with ``levels``, that they are valid."""

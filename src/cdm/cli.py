@@ -20,6 +20,15 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _classes(text: str) -> list[int | str]:
+    """``7,8`` or ``sneaker,bag`` (or both): integers are class indices, the rest class names, which
+    the library resolves against the cascade's (:func:`cdm.generate.resolve_classes`)."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names or indices, got {text!r}")
+    return [int(v) if v.lstrip("-").isdigit() else v for v in items]
+
+
 def _checked(cast, ok, want: str):
     """An argparse type: ``cast(text)``, refused with one message unless ``ok`` of it holds."""
     def parse(text: str):
@@ -268,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--n", "--num-samples", dest="n", type=_positive, default=100,
                    help="number of samples (default 100); under torchrun write --num-samples")
-    s.add_argument("--classes", type=_ints, help="class labels to cycle through (default: all classes)")
+    s.add_argument("--classes", type=_classes, metavar="C,C,...",
+                   help="classes to cycle through, by name or index: e.g. sneaker,bag or 7,8 (default: all "
+                        "classes; an unknown name lists the valid ones)")
     s.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
     s.add_argument("--batch-size", type=_positive, default=64)
     s.add_argument("--num-shards", type=_positive, metavar="K",

@@ -59,10 +59,11 @@ class TrainConfig:
     log_every: int = 25  # steps between JSONL log lines
     ckpt_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
-    sample_every: int = 500  # steps between sample grids (0 = only at the end)
+    sample_every: int = 500  # steps between sample grids, and one at the end (0 = no grids at all)
     sample_steps: int = 50  # sampler steps for the grids
     sample_level: int = 0  # augmentation level s for SR grids (ground-truth low-res inputs)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    tensorboard: bool = True  # live logs in RUN/tb/ (cdm.livelog), if the tensorboard package is installed
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):

@@ -293,11 +293,15 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
     else:
         if not cfg.path:
-            raise DataError(f"data.source = {cfg.source!r} needs data.path")
+            what = ("a folder of images with one sub-folder per class" if cfg.source == "folder" else
+                    "an .npz file with an 'images' array")
+            raise DataError(f"data.source = {cfg.source!r} needs data.path, {what}: pass --set data.path=PATH "
+                            f"(cdm train-classifier: --data path=PATH; or path in the config's [data] section)")
+        path = Path(cfg.path).expanduser()  # `--set data.path=~/pets`: the shell leaves that ~ alone
         if cfg.source == "folder":
-            x, y, names, keys = load_folder(cfg.path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
+            x, y, names, keys = load_folder(path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
         else:
-            x, y = load_npz(cfg.path)
+            x, y = load_npz(path)
             keys = [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in x]
             x = fit_to(x, cfg.resolution, cfg.fit)
             if y is None:

@@ -3,12 +3,14 @@ and a preview grid per stage of the first :data:`GRID_MAX` samples."""
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cascade import Cascade, CascadeOutput, SamplingPlan
+from .cascade import Cascade, CascadeError, CascadeOutput, SamplingPlan
 from .checkpoint import atomic_write
 from .data import to_uint8
 from .images import save_grid
@@ -22,6 +24,44 @@ def cycle_labels(n: int, num_classes: int, classes: list[int] | None = None) -> 
     if classes:  # checked against the cascade by Cascade.check_labels
         return torch.tensor(classes, dtype=torch.long).repeat((n + len(classes) - 1) // len(classes))[:n]
     return torch.arange(n) % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.long)
+
+
+def _name_key(name: str) -> str:
+    """How names are compared: case, and spaces / underscores / hyphens between words, do not matter."""
+    return re.sub(r"[\s_-]+", "-", name.strip().casefold())
+
+
+def resolve_classes(classes: list[int | str] | None, class_names: list[str]) -> list[int] | None:
+    """Class indices from ``classes``, each an index or a name of ``class_names`` (``"sneaker"``,
+    ``"Ankle boot"``, ``"ankle_boot"``; a name with parts, ``"T-shirt/top"``, also by a part, ``"top"``).
+    An integer (or a string of digits) is always an index; indices are checked later, against the
+    cascade (:meth:`Cascade.check_labels`). An unknown name raises :class:`CascadeError` listing
+    the valid ones."""
+    if not classes:
+        return None
+    lookup: dict[str, set[int]] = {}
+    for k, name in enumerate(class_names):
+        for key in {_name_key(name), *(_name_key(p) for p in name.split("/") if p.strip())}:
+            lookup.setdefault(key, set()).add(k)
+    out = []
+    for c in classes:
+        if isinstance(c, int) or c.strip().isdigit():
+            out.append(int(c))
+            continue
+        found = sorted(lookup.get(_name_key(c), ()))
+        if len(found) == 1:
+            out.append(found[0])
+            continue
+        if found:
+            raise CascadeError(f"class {c!r} names several classes ({', '.join(class_names[k] for k in found)}); "
+                               f"give their indices ({', '.join(map(str, found))})")
+        if not class_names:
+            raise CascadeError(f"unknown class {c!r}: this cascade's stages carry no class names; give class indices")
+        near = difflib.get_close_matches(_name_key(c), list(lookup), n=1)
+        hint = f"did you mean {class_names[min(lookup[near[0]])]!r}? " if near else ""
+        raise CascadeError(f"unknown class {c!r}; {hint}the classes are "
+                           f"{', '.join(f'{k}={n!r}' for k, n in enumerate(class_names))} (give names or indices)")
+    return out
 
 
 def sample_batched(cascade: Cascade, labels: torch.Tensor, seeds: list[int], plan: SamplingPlan,
@@ -47,11 +87,11 @@ def write_samples(result: CascadeOutput, cascade: Cascade, out_dir: str | Path, 
     m = GRID_MAX
     paths = []
     for i, (st, imgs, inp) in enumerate(zip(cascade.stages, result.images, result.inputs)):
-        name, scale = f"stage{i}-{st.resolution}px.png", max(1, 64 // st.resolution)
+        name = f"stage{i}-{st.resolution}px.png"
         if inp is None:
-            paths.append(save_grid(imgs[:m], out / name, nrow=nrow, scale=scale))
+            paths.append(save_grid(imgs[:m], out / name, nrow=nrow))
         else:
-            paths.append(save_grid(imgs[:m], out / name, nrow=2 * nrow, inputs=inp[:m], scale=scale))
+            paths.append(save_grid(imgs[:m], out / name, nrow=2 * nrow, inputs=inp[:m]))
     save_npz(out / "samples.npz", sample_arrays(result))
     return paths
 

@@ -10,6 +10,14 @@ from torch import Tensor
 
 from .data import to_uint8
 
+MIN_TILE = 64  # px: grids enlarge smaller images to at least this (nearest neighbour), so that a person can judge them
+
+
+def grid_scale(size: int) -> int:
+    """The whole-number enlargement that makes a ``size``-px image at least :data:`MIN_TILE` px
+    (8 for 8 px, 2 for 32 px, 1 from 64 px on)."""
+    return max(1, -(-MIN_TILE // size))
+
 
 def make_grid(images: Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> Tensor:
     """``[N, C, H, W]`` in [-1, 1] -> uint8 ``[C, rows*(H+pad)+pad, nrow*(W+pad)+pad]``."""
@@ -43,8 +51,10 @@ def save_png(grid: Tensor, path: str | Path, scale: int = 1) -> Path:
     return path
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int, inputs: Tensor | None = None, scale: int = 2) -> Path:
-    """A PNG grid of ``images``; with ``inputs``, each input stands left of its output (so use an
-    even ``nrow``)."""
+def save_grid(images: Tensor, path: str | Path, nrow: int, inputs: Tensor | None = None,
+              scale: int | None = None) -> Path:
+    """A PNG grid of ``images`` ``[N, C, H, W]`` in [-1, 1]; with ``inputs``, each input stands left
+    of its output (so use an even ``nrow``). Enlarged ``scale`` times (default :func:`grid_scale`
+    of the images' size: small images are shown at least :data:`MIN_TILE` px)."""
     x = images if inputs is None else pair_with_inputs(images, inputs)
-    return save_png(make_grid(x, nrow), path, scale=scale)
+    return save_png(make_grid(x, nrow), path, scale=scale or grid_scale(images.shape[-1]))

@@ -42,7 +42,7 @@ from .data import to_float
 from .images import save_grid
 from .distributed import env_rank
 from .runlock import run_lock
-from .generate import cycle_labels, sample_arrays, sample_batched, save_npz, write_samples
+from .generate import cycle_labels, resolve_classes, sample_arrays, sample_batched, save_npz, write_samples
 
 MANIFEST = "manifest.json"
 FORMAT = "cdm-sample-shards"
@@ -186,7 +186,7 @@ def merge_shards(out: str | Path) -> Path:
     for key in sorted(k for k in merged if k.startswith("stage")):
         imgs = merged[key][:PREVIEW]
         res = imgs.shape[-1]
-        save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10, scale=max(1, 64 // res))
+        save_grid(to_float(torch.from_numpy(imgs)), out / f"{key}-{res}px.png", nrow=10)
     return path
 
 
@@ -194,7 +194,7 @@ def merge_shards(out: str | Path) -> Path:
 class SampleRequest:
     """What ``cdm sample`` is asked for (the cascade and its plan come separately)."""
     n: int = 100  # samples
-    classes: list[int] | None = None  # labels to cycle through (default: every class)
+    classes: list[int | str] | None = None  # classes (indices or names) to cycle through (default: every class)
     seed: int = 0  # sample j uses seed + j
     batch_size: int = 64
     device: str = "auto"
@@ -212,7 +212,7 @@ def sample_run(checkpoints: list[Path], plan: SamplingPlan, request: SampleReque
     if r.shard is not None and r.num_shards is None:
         raise ShardError("--shard I needs --num-shards K")
     cascade = load_cascade(checkpoints, r.device, r.precision)
-    labels = cycle_labels(r.n, cascade.num_classes, r.classes)
+    labels = cycle_labels(r.n, cascade.num_classes, resolve_classes(r.classes, cascade.class_names))
     out = Path(out)
     rank, size, _ = env_rank()
     sharded = r.num_shards is not None or size > 1

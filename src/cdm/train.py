@@ -17,6 +17,7 @@ holds::
 
     config.json            the resolved stage config
     log.jsonl              one line per log_every steps (and one per config change on resume)
+    tb/                    the same as TensorBoard event files, and the grids (cdm.livelog; optional)
     init.json              where a run started with --init took its weights (cdm.start)
     checkpoints/step-*.safetensors
     samples/step-*.png
@@ -43,6 +44,7 @@ from .data import ImageSet, load_dataset, random_flip, stage_input
 from .distributed import DistributedError, World, world
 from .ema import classic_decay, ema_update, power_decay, remove_snapshots_after, save_snapshot, sigma_rel_to_gamma
 from .images import save_grid
+from .livelog import NoLiveLog, open_live_log
 from .metrics import consistency_psnr
 from .recipe import loss_weight, lr_factor
 from .samplers import derive_seed
@@ -329,6 +331,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
     if step >= tc.steps:
         return last
     net.train()
+    live = open_live_log(out, tc.tensorboard, step, fresh) if w.is_main else NoLiveLog()
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and w.is_main), desc=cfg.name,
                dynamic_ncols=True, unit="step", mininterval=1.0)
     log = open(out / "log.jsonl", "a") if w.is_main else None
@@ -363,6 +366,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                        "lr": opt.param_groups[0]["lr"], "img_per_s": n_win / dt, "time": time.time()}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                live.scalars(step, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
             if step % tc.log_every == 0 or step == tc.steps:
                 t_win, n_win, k_win, loss_win, gn_win = time.perf_counter(), 0, 0, 0.0, 0.0
@@ -372,13 +376,15 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 if not all(torch.isfinite(p_).all() for p_ in net.parameters()):  # finite loss, broken weights
                     raise stop("a weight", float("nan"), at=step)
                 last = save(step)
-            if w.is_main and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+            if w.is_main and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
                 ema.eval()
                 grid = out / "samples" / f"step-{step:08d}.png"
                 follow = write_sample_grid(ema_stage, data, grid)
+                live.image(step, "samples", grid)
                 if follow is not None:  # does the SR stage follow its input? (logged beside the loss)
                     log.write(json.dumps({"step": step, "samples": str(grid.relative_to(out)), **follow}) + "\n")
                     log.flush()
+                    live.scalars(step, follow)
                     if not bar.disable:
                         bar.write(f"{cfg.name} step {step}: {grid}; its outputs follow their inputs to "
                                   f"{follow['consistency_psnr_db']:.1f} dB (copying the input: "
@@ -387,6 +393,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
                 n_win = 0
     finally:
         bar.close()
+        live.close()
         if log:
             log.close()
     return last

@@ -216,7 +216,6 @@ def _eval_report(results: dict, images: list[Tensor], cascade: Cascade, out: Pat
     nc = max(cascade.num_classes, 1)
     for i, im in enumerate(images):
         f = out / f"grid-stage{i}.png"
-        save_grid(im[:min(len(im), 4 * nc)].float() / 127.5 - 1, f, nrow=nc if nc > 1 else 8,
-                  scale=max(1, 64 // im.shape[-1]))
+        save_grid(im[:min(len(im), 4 * nc)].float() / 127.5 - 1, f, nrow=nc if nc > 1 else 8)
         rep.image(f, f.name, f"stage {i} samples ({im.shape[-1]}px)")
     return rep.write(out)
