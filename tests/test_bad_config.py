@@ -126,6 +126,26 @@ CASES = [
     (base("train.lr_schedule=step"), 2, "train.lr_schedule must be one of constant, cosine, linear"),
     (base("train.sample_level=3"), 2, "train.sample_level (3) applies to super-resolution stages only"),
     (sr("train.sample_level=51"), 2, "train.sample_level: augmentation level s must be an integer in [0, 50]"),
+    # --- memory levers: micro-batches, activation checkpointing, crops (the tiny SR stage is 8 -> 16)
+    (base("train.grad_accum=0"), 2, "train.grad_accum must be >= 1, got 0"),
+    (base("train.grad_accum=3"), 2, "train.batch_size (4) must be divisible by train.grad_accum (3)"),
+    (base("unet.checkpoint=sometimes"), 2, "unet.checkpoint must be true or false"),
+    (base("train.crop=-4"), 2, "train.crop must be >= 0, got -4 (0 = off)"),
+    (base("train.crop=4"), 2, "train.crop (4) applies to super-resolution stages only; set it to 0"),
+    (sr("train.crop=16", "unet.mid_attention=false"), 2, "train.crop (16) must be below the stage's resolution (16)"),
+    (sr("train.crop=8", "lowres_resolution=6"), 2,
+     "train.crop needs resolution (16) to be a multiple of lowres_resolution (6)"),
+    (sr("train.crop=3", "unet.mid_attention=false"), 2,
+     "train.crop (3) must be a multiple of resolution / lowres_resolution = 2"),
+    (sr("train.crop=6", "unet.channel_mult=1,2,2", "unet.mid_attention=false"), 2,
+     "train.crop (6) is not divisible by 2^2 = 4"),
+    (sr("train.crop=8", "unet.attention_resolutions=8,16", "unet.mid_attention=false"), 2,
+     "unet.attention_resolutions includes 16, which train.crop = 8 changes (to 8px); attention-free levels are "
+     "needed for crop training: set unet.attention_resolutions = []"),
+    (sr("train.crop=2", "unet.mid_attention=false", "augment.kind=blur"), 2,
+     "train.crop (2) must be at least 4 with augment.kind = 'blur'"),
+    (sr("train.crop=8"), 2, "the U-Net's middle block attends over its whole 8px feature map, which train.crop = 8 "
+                            "changes (to 4px); set unet.mid_attention = false"),
     # --- the stage
     (base("resolution=0"), 2, "resolution must be >= 1, got 0"),
     (base("resolution=-8"), 2, "resolution must be >= 1, got -8"),
@@ -296,8 +316,9 @@ def test_what_dry_run_accepts_trains(files, tmp_path, capsys):
     sr_edges = ["train.steps=1", "lowres_resolution=1", "resolution=14", "data.resolution=14",
                 "unet.channel_mult=1,2", "unet.attention_resolutions=7", "augment.steps=1", "augment.s_max=1",
                 "augment.p_zero=1", "train.sample_level=1"]
-    for cfg, sets in ((files["{base}"], edges), (files["{sr}"], sr_edges)):
-        argv = ["train", cfg, "--out", str(tmp_path / Path(cfg).stem), "--no-progress",
+    levers = ["train.steps=1", "train.crop=2", "unet.mid_attention=false", "train.grad_accum=4", "unet.checkpoint=true"]
+    for i, (cfg, sets) in enumerate(((files["{base}"], edges), (files["{sr}"], sr_edges), (files["{sr}"], levers))):
+        argv = ["train", cfg, "--out", str(tmp_path / f"run{i}"), "--no-progress",
                 *[a for kv in sets for a in ("--set", kv)]]
         assert main(argv + ["--dry-run"]) == 0, capsys.readouterr().err
         capsys.readouterr()

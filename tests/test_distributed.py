@@ -79,6 +79,8 @@ def free_port() -> int:
 
 
 def test_torchrun_two_processes_train_what_one_process_does(tmp_path, toy_npz, one_thread):
+    """... in two micro-batches each (train.grad_accum, DDP's no_sync before the last one) and with
+    activation checkpointing (unet.checkpoint), against one process in one pass without it."""
     cfg = write_tiny(tmp_path, toy_npz, "sr", 16, 8, "gaussian")
     sets = [f"--set={kv}" for kv in ("train.steps=2", "train.ckpt_every=1", "train.warmup_steps=0", "train.lr=3e-3",
                                      "train.p_uncond=0.25", "data.flip=true", "train.batch_size=4",
@@ -88,7 +90,8 @@ def test_torchrun_two_processes_train_what_one_process_does(tmp_path, toy_npz, o
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cdm.cli", "train", str(cfg),
-                        "--out", str(tmp_path / "ddp"), "--no-progress", *sets],
+                        "--out", str(tmp_path / "ddp"), "--no-progress", *sets, "--set=train.grad_accum=2",
+                        "--set=unet.checkpoint=true"],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--no-progress", *sets]) == 0

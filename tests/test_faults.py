@@ -140,13 +140,13 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(wha
             "--set=train.ckpt_every=2", "--set=train.log_every=1", "--set=train.keep_checkpoints=1"]
     calls = []
     if what == "loss":
-        real = train_module.training_step_loss
+        real = train_module.batch_loss
 
         def poisoned(*a, **k):
             calls.append(1)
             return real(*a, **k) * (float("nan") if len(calls) == 5 else 1.0)
 
-        monkeypatch.setattr(train_module, "training_step_loss", poisoned)
+        monkeypatch.setattr(train_module, "batch_loss", poisoned)
     else:
         real = torch.nn.utils.clip_grad_norm_
 

@@ -37,6 +37,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     steps: int = 10000  # optimiser steps
     batch_size: int = 64  # global batch
+    # Memory levers (issue #17): each optimiser step runs the batch as grad_accum micro-batches (the
+    # same gradient, a grad_accum-th of the activations); an SR stage trains on random crop x crop
+    # windows of its images and the matching windows of their low-res inputs (0 = whole images).
+    grad_accum: int = 1
+    crop: int = 0
     lr: float = 2e-4
     warmup_steps: int = 100  # linear learning-rate warm-up
     lr_schedule: str = "constant"  # recipe.LRSchedule after warm-up: constant, cosine or linear (to 0 at `steps`)
@@ -68,14 +73,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints", "sample_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints",
+                     "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "sample_every", "ema_snapshot_every", "sample_level",
-                     "weight_decay", "grad_clip"):
+                     "weight_decay", "grad_clip", "crop"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}"
-                                  + (" (0 = off)" if name in ("grad_clip", "sample_every") else ""))
+                                  + (" (0 = off)" if name in ("grad_clip", "sample_every", "crop") else ""))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                              f"({self.grad_accum}), the number of equal micro-batches per step; change either")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr} (e.g. 2e-4)")
         for name in ("ema_decay", "p_uncond"):
@@ -162,6 +171,41 @@ class StageConfig:
         if self.is_super_resolution and kind is not AugKind.GAUSSIAN and level:
             raise ConfigError(f"train.sample_level: augmentation level {level} given, but this stage's "
                               f"augmentation is {kind.value!r}, which applies none at sampling time; pass 0")
+        if self.train.crop:
+            self._check_crop()
+
+    def _check_crop(self) -> None:
+        """``train.crop``: an SR stage's training crop must have an exact low-resolution counterpart and
+        a network that computes on it what it computes on the whole image (no attention)."""
+        c, res, lo, u = self.train.crop, self.resolution, self.lowres_resolution, self.unet
+        if not self.is_super_resolution:
+            raise ConfigError(f"train.crop ({c}) applies to super-resolution stages only; set it to 0")
+        if c >= res:
+            raise ConfigError(f"train.crop ({c}) must be below the stage's resolution ({res}); 0 trains on "
+                              f"whole images")
+        if res % lo:
+            raise ConfigError(f"train.crop needs resolution ({res}) to be a multiple of lowres_resolution ({lo}), "
+                              f"so that a crop has an exact low-resolution counterpart; set train.crop = 0")
+        f, n_down = res // lo, len(u.channel_mult) - 1
+        if c % f:
+            raise ConfigError(f"train.crop ({c}) must be a multiple of resolution / lowres_resolution = {f}, "
+                              f"so that its low-resolution input is whole pixels")
+        if AugKind(self.augment.kind) is AugKind.BLUR and c < 2 * f:
+            raise ConfigError(f"train.crop ({c}) must be at least {2 * f} with augment.kind = 'blur', whose 3x3 blur "
+                              f"needs a low-resolution crop of 2 pixels or more")
+        if c % 2 ** n_down:
+            raise ConfigError(f"train.crop ({c}) is not divisible by 2^{n_down} = {2 ** n_down}: the U-Net halves "
+                              f"it once per unet.channel_mult level after the first; choose a multiple of "
+                              f"{2 ** n_down}")
+        if u.attention_resolutions:
+            a = max(u.attention_resolutions)
+            raise ConfigError(f"unet.attention_resolutions includes {a}, which train.crop = {c} changes (to "
+                              f"{a * c // res}px); attention-free levels are needed for crop training: set "
+                              f"unet.attention_resolutions = []")
+        if u.mid_attention:
+            raise ConfigError(f"the U-Net's middle block attends over its whole {res >> n_down}px feature map, "
+                              f"which train.crop = {c} changes (to {c >> n_down}px); set unet.mid_attention = false "
+                              f"for crop training")
 
     def lint(self) -> None:
         """Refuse settings that would be silently ignored: checked for configs a user writes

@@ -322,6 +322,12 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
     return ImageSet(x.contiguous(), y, names)
 
 
+def crop(x: Tensor, corners: Tensor, size: int) -> Tensor:
+    """``[N, C, H, W] -> [N, C, size, size]``: image ``i``'s window whose top-left pixel is
+    ``corners[i]`` = (row, column), ``corners`` ``[N, 2]``."""
+    return torch.stack([im[:, r:r + size, c:c + size] for im, (r, c) in zip(x, corners.tolist())])
+
+
 def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Flip each image ``[N, C, H, W]`` left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5

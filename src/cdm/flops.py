@@ -7,6 +7,10 @@ machine. One multiply-add counts as two FLOPs. Used to give a baseline the same 
 as a cascade, and to report achieved FLOP/s against a machine's matmul peak. Attention is counted
 on PyTorch's unfused (math) kernel, whose matmuls the counter sees; the fused CPU kernel that
 training and sampling use does the same arithmetic but is invisible to the counter.
+
+A stage trained on crops (``train.crop``) is counted on one crop, the image it trains on; gradient
+accumulation does not change the count, and activation checkpointing's recomputation is not counted
+(the network's FLOPs, as in model-FLOPs utilisation).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ __all__ = ["train_flops_per_image"]
 
 
 def _one_image_inputs(stage: Stage) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    c, r = stage.channels, stage.resolution
+    c, r = stage.channels, stage.config.train.crop or stage.resolution  # a training image's side
     x = torch.zeros(1, c, r, r)
     t = torch.full((1,), stage.diffusion.T // 2, dtype=torch.long)
     label = torch.zeros(1, dtype=torch.long) if stage.num_classes else None
     if stage.is_super_resolution:
-        lo = torch.zeros(1, c, stage.lowres_resolution, stage.lowres_resolution)
+        lo_side = r * stage.lowres_resolution // stage.resolution
+        lo = torch.zeros(1, c, lo_side, lo_side)
         cond = stage.conditioning(label, lo, torch.zeros(1, dtype=torch.long), torch.zeros_like(lo))
     else:
         cond = stage.conditioning(label)
@@ -39,6 +44,7 @@ def _one_image_inputs(stage: Stage) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def _stage_fp32(config: StageConfig) -> Stage:
     cfg = copy.deepcopy(config)
     cfg.train.precision = "fp32"  # count the network, not autocast's casts
+    cfg.unet.checkpoint = False  # ... nor the recomputation of checkpointed blocks
     torch.manual_seed(0)
     return Stage(cfg)
 

@@ -80,7 +80,9 @@ class Stage:
         With ``corrupt=True`` (training; non-truncated sampling) ``lowres`` is a clean ``z0`` that
         the stage's augmentation corrupts at ``level`` with ``noise``; with ``corrupt=False``
         (truncated sampling) it already is ``z_s``. The upsampled low-res image and the class and
-        level embedding (``cond_emb``) are computed here once, not at every sampling step.
+        level embedding (``cond_emb``) are computed here once, not at every sampling step. A stage
+        trained on crops (``train.crop``) also takes a crop's low-res input, ``[N, C, c, c]`` with
+        ``c = train.crop * lowres_resolution / resolution``, upsampled to the crop's size.
         """
         label = label if self.num_classes > 0 else None
         if not self.is_super_resolution:
@@ -88,12 +90,16 @@ class Stage:
         if lowres is None or level is None:
             raise ValueError("a super-resolution stage needs lowres and level")
         want = (self.channels, self.lowres_resolution, self.lowres_resolution)
-        if tuple(lowres.shape[1:]) != want:
+        crop = self.config.train.crop
+        small = crop * self.lowres_resolution // self.resolution  # a training crop's low-res side
+        if tuple(lowres.shape[1:]) != want and not (crop and tuple(lowres.shape[1:]) == (want[0], small, small)):
             raise ValueError(f"stage {self.config.name!r} expects low-resolution inputs [N, {want[0]}, "
-                             f"{want[1]}, {want[2]}], got {list(lowres.shape)}")
+                             f"{want[1]}, {want[2]}]" + (f" (or [N, {want[0]}, {small}, {small}], a training crop's)"
+                                                         if crop else "") + f", got {list(lowres.shape)}")
         z = self.augmentation.apply(lowres, level, noise) if corrupt else lowres
+        size = self.resolution if lowres.shape[-1] == self.lowres_resolution else crop
         return {"cond_emb": self.module.embed_condition(label, self.augmentation.network_level(level)),
-                "lowres_up": self.module.upsample_lowres(z)}
+                "lowres_up": self.module.upsample_lowres(z, size)}
 
     def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor | None]) -> Tensor:
         """The network's raw output at integer times ``t`` ``[N]`` (passed as ``t / T``)."""

@@ -125,7 +125,10 @@ def load_init_weights(net: nn.Module, init: InitFrom, cfg: StageConfig) -> dict:
 # settings, ... -- would make the run no longer what its config says: a resume refuses it.
 RESUMABLE = ("name", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
              "train.sample_every", "train.sample_steps", "train.sample_level", "train.ema_snapshot_every",
-             "train.device", "train.channels_last", "train.tensorboard")
+             "train.device", "train.channels_last", "train.tensorboard",
+             # memory levers: how a step runs, not what it computes (grad_accum: the same gradient up
+             # to float rounding; with dropout, other masks from the same stream)
+             "train.grad_accum", "unet.checkpoint")
 
 # Parts of a stage config that define the model: a change in one of them is "a different stage".
 _MODEL_KEYS = ("resolution", "lowres_resolution", "class_conditional", "unet", "diffusion", "augment")

@@ -14,6 +14,13 @@ inputs; the network knows nothing about diffusion:
   network's resolution and concatenated to ``x_t`` along channels.
 
 The four embeddings are summed and added to every residual block.
+
+Memory: with ``checkpoint`` the network keeps, while training, only each residual block's (and its
+attention's) input, and recomputes the block in the backward pass (activation checkpointing,
+Chen et al. 2016), which trades about one more forward pass for the block's activations. The
+network also takes square inputs smaller than ``resolution`` (random crops, ``train.crop``), whose
+side divides by ``2^(levels - 1)``; the stage's config checks that such a network has no attention,
+whose context a crop would change.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -34,6 +42,7 @@ class UNetConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level
     num_res_blocks: int = 2  # residual blocks per level
     attention_resolutions: list[int] = field(default_factory=lambda: [8])  # feature-map sizes with attention
+    mid_attention: bool = True  # attention in the middle block (off for crop training: train.crop)
     head_channels: int = 32  # channels per attention head
     dropout: float = 0.0
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 plus the "no class" label
@@ -41,6 +50,9 @@ class UNetConfig:
     lowres_upsample: str = "bilinear"  # "bilinear" or "bicubic"
     aug_level_embedding: bool = False  # embed the augmentation level s (Gaussian augmentation)
     learn_sigma: bool = False  # output 2C channels (prediction and variance interpolation)
+    # Training recomputes each block in the backward pass instead of keeping its activations: less
+    # memory for about a third more compute. How the network runs, not what it computes.
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("resolution", "in_channels", "base_channels", "head_channels"):
@@ -66,10 +78,10 @@ class UNetConfig:
             raise ValueError(f"unet.lowres_upsample must be 'bilinear' or 'bicubic', "
                              f"got {self.lowres_upsample!r}")
         # Attention splits a level's channels into heads of head_channels (at least one head):
-        # they must split evenly. The middle block always has attention.
+        # they must split evenly. The middle block has attention unless mid_attention is off.
         levels = [(self.resolution // 2 ** i, self.base_channels * m) for i, m in enumerate(self.channel_mult)]
         for res, ch in levels:
-            if res in self.attention_resolutions or (res, ch) == levels[-1]:
+            if res in self.attention_resolutions or (self.mid_attention and (res, ch) == levels[-1]):
                 heads = max(1, ch // self.head_channels)
                 if ch % heads:
                     raise ValueError(f"unet.head_channels = {self.head_channels} does not split the {ch} channels "
@@ -161,6 +173,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _block_step(block: ResBlock, attn: nn.Module, h: Tensor, emb: Tensor, skip: Tensor | None = None) -> Tensor:
+    """One residual block and its attention (or identity); a decoder block first takes its skip."""
+    if skip is not None:
+        h = torch.cat([h, skip], dim=1)
+    return attn(block(h, emb))
+
+
+def _mid_step(mid: "Level", attn: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+    return mid.blocks[1](attn(mid.blocks[0](h, emb)), emb)
+
+
 class Level(nn.Module):
     """One resolution level: residual blocks, each optionally followed by attention."""
 
@@ -204,7 +227,7 @@ class UNet(nn.Module):
                 skips.append(ch)
                 res //= 2
         self.mid = Level([(ch, ch), (ch, ch)], emb_dim, cfg.dropout, False, cfg.head_channels)
-        self.mid_attn = Attention(ch, cfg.head_channels)
+        self.mid_attn = Attention(ch, cfg.head_channels) if cfg.mid_attention else nn.Identity()
 
         # Decoder: num_res_blocks + 1 blocks per level, each eating one skip.
         self.up = nn.ModuleList()
@@ -251,14 +274,22 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t.float() * 1000.0, self.config.base_channels))
         return emb if cond_emb is None else emb + cond_emb
 
-    def upsample_lowres(self, lowres: Tensor) -> Tensor:
-        """``[N, C_lo, h, w] -> [N, C_lo, H, W]``, bilinear or bicubic."""
+    def upsample_lowres(self, lowres: Tensor, size: int | None = None) -> Tensor:
+        """``[N, C_lo, h, w] -> [N, C_lo, H, W]``, bilinear or bicubic; ``H = W = size``, by default
+        the network's resolution (a training crop's low-res input is upsampled to the crop's size)."""
         cfg = self.config
         if lowres.shape[1] != cfg.lowres_channels:
             raise ValueError(f"low-resolution input has {lowres.shape[1]} channels, "
                              f"the network expects {cfg.lowres_channels}")
-        return F.interpolate(lowres, size=(cfg.resolution, cfg.resolution), mode=cfg.lowres_upsample,
-                             align_corners=False)
+        size = size or cfg.resolution
+        return F.interpolate(lowres, size=(size, size), mode=cfg.lowres_upsample, align_corners=False)
+
+    def _run(self, step, *args: Tensor | nn.Module | None) -> Tensor:
+        """``step(*args)``, checkpointed when the config asks for it and autograd is recording."""
+        if self.config.checkpoint and self.training and torch.is_grad_enabled():
+            # use_reentrant=False: works with DDP and autocast, and replays dropout's random state
+            return checkpoint(step, *args, use_reentrant=False)
+        return step(*args)
 
     def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None, lowres: Tensor | None = None,
                 aug_level: Tensor | None = None, lowres_up: Tensor | None = None,
@@ -267,10 +298,11 @@ class UNet(nn.Module):
         ``cond_emb`` (:meth:`embed_condition` of ``label`` and ``aug_level``) instead of those two,
         so that a sampler computes neither at every step."""
         cfg = self.config
-        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.resolution \
-                or x.shape[-2] != cfg.resolution:
-            raise ValueError(f"x must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}], "
-                             f"got {list(x.shape)}")
+        side, unit = x.shape[-1], 2 ** (len(cfg.channel_mult) - 1)
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[-2] != side or side > cfg.resolution \
+                or side % unit:
+            raise ValueError(f"x must be [N, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}] (or a square "
+                             f"training crop whose side divides by {unit}), got {list(x.shape)}")
         if cond_emb is None:
             cond_emb = self.embed_condition(label, aug_level)
         elif label is not None or aug_level is not None:
@@ -280,23 +312,23 @@ class UNet(nn.Module):
             if lowres_up is None:
                 if lowres is None:
                     raise ValueError("this is a super-resolution network: pass lowres")
-                lowres_up = self.upsample_lowres(lowres)
+                lowres_up = self.upsample_lowres(lowres, side)
+            if lowres_up.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"lowres_up must have x's size {list(x.shape[-2:])}, got {list(lowres_up.shape)}")
             x = torch.cat([x, lowres_up.to(x.dtype)], dim=1)
         h = self.input_conv(x)
         hs = [h]
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, emb))
+                h = self._run(_block_step, block, attn, h, emb)
                 hs.append(h)
             if i < len(self.downsamplers):
                 h = self.downsamplers[i](h)
                 hs.append(h)
-        h = self.mid.blocks[0](h, emb)
-        h = self.mid_attn(h)
-        h = self.mid.blocks[1](h, emb)
+        h = self._run(_mid_step, self.mid, self.mid_attn, h, emb)
         for i, level in enumerate(self.up):
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+                h = self._run(_block_step, block, attn, h, emb, hs.pop())
             if i < len(self.upsamplers):
                 h = self.upsamplers[i](h)
         return self.out(h)
