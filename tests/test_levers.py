@@ -243,7 +243,7 @@ def test_a_crop_trained_sr_stage_trains_on_crops_and_samples_at_full_size(tmp_pa
     monkeypatch.setattr(cdm.train, "batch_loss", lambda stage, x0, z0, *a: seen.append((x0.shape, z0.shape))
                         or real(stage, x0, z0, *a))
     cfg = crop_config()
-    cfg.train.steps = 2
+    cfg.train.steps = cfg.train.sample_every = 2  # and one sample grid, at the end
     train_stage(cfg, tmp_path / "crop", progress=False, data=toy_images(16, 32))
     assert seen == [((8, 1, 8, 8), (8, 1, 2, 2))] * 2
     log = (tmp_path / "crop" / "log.jsonl").read_text()

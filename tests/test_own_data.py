@@ -58,6 +58,7 @@ def test_folder_presets_train_and_sample_by_class_name(tmp_path, capsys):
                  "--classes", "Dogs,0"]) == 0
     z = np.load(out / "samples.npz")
     assert z["labels"].tolist() == [1, 0, 1] and z["stage1"].shape == (3, 3, 64, 64)
+    capsys.readouterr()  # the training runs' start-up summaries
     err = cli_error(capsys, ["sample", *stages, "--out", str(out / "x"), "--classes", "dgos"])
     assert "unknown class 'dgos'; did you mean 'dogs'? the classes are 0='cats', 1='dogs'" in err
 

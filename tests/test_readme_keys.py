@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_key_table() -> dict[str, set[str]]:
     """``{section: names in backticks}`` of the table under "| section | what it sets |" ("" is the
-    top level)."""
+    top level); a row may name its key beside the section (``| `[train]` `crop` | ... |``)."""
     lines = README.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(r"\|\s*section\s*\|\s*what it sets", line))
     table = {}
@@ -22,8 +22,10 @@ def readme_key_table() -> dict[str, set[str]]:
         if not line.startswith("|"):
             break
         section, keys = [c.strip() for c in line.strip("|").split("|")][:2]
-        name = "" if section == "top level" else section.strip("`[]")
-        table[name] = set(re.findall(r"`([^`]+)`", keys))
+        m = re.match(r"`\[(\w+)\]`", section)
+        name = m.group(1) if m else ""
+        extra = section[m.end():] if m else ""
+        table.setdefault(name, set()).update(re.findall(r"`([^`]+)`", extra + keys))
     return table
 
 

@@ -37,7 +37,7 @@ def step0_weights(monkeypatch, n_emas: int) -> dict:
     """Record, in a run that trains next, the network's weights at its first step (before any
     update), and its ``n_emas`` EMAs' (the EMA, then each post-hoc profile) before their first update."""
     seen: dict = {"net": None, "emas": []}
-    loss, update = train_mod.training_step_loss, train_mod.ema_update
+    loss, update = train_mod.batch_loss, train_mod.ema_update
 
     def first_loss(stage, *a, **kw):
         if seen["net"] is None:
@@ -49,7 +49,7 @@ def step0_weights(monkeypatch, n_emas: int) -> dict:
             seen["emas"].append({k: v.clone() for k, v in ema.state_dict().items()})
         return update(ema, net, beta)
 
-    monkeypatch.setattr(train_mod, "training_step_loss", first_loss)
+    monkeypatch.setattr(train_mod, "batch_loss", first_loss)
     monkeypatch.setattr(train_mod, "ema_update", first_updates)
     return seen
 
@@ -184,7 +184,7 @@ def test_the_resume_rule_directly():
     b.unet.dropout, b.data.limit = 0.0, 0
     assert check_resume(a, b, "RUN") == {"train.ckpt_every": [2, 7], "train.device": ["auto", "cpu"],
                                          "train.steps": [100, 200]}
-    assert all(k.split(".")[0] in ("name", "train") for k in RESUMABLE)
+    assert all(k.split(".")[0] in ("name", "train") or k == "unet.checkpoint" for k in RESUMABLE)
     # a decaying learning rate: the summary line says how the lengthened schedule moves it
     a.train.lr_schedule = b.train.lr_schedule = "cosine"
     (line,) = change_lines({"train.steps": [100, 200]}, 50, a, b)
