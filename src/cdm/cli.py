@@ -39,11 +39,17 @@ _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import resolve_config, train_stage
+    from .train import train_stage
 
     cfg = load_stage_config(a.config, a.set)
-    if a.dry_run:
-        print(json.dumps(to_dict(resolve_config(cfg)), indent=2))
+    if a.dry_run or a.measure:
+        from .plan import format_plan, measure_throughput, resolve_for_plan, training_plan
+
+        cfg, data = resolve_for_plan(cfg)
+        plan = training_plan(cfg, processes=a.gpus, data=data)
+        rate = measure_throughput(cfg, a.measure, batch_size=plan.batch_size) if a.measure else None
+        print(format_plan(plan, gpu_tflops=a.gpu_tflops, measured_img_s=rate), file=sys.stderr)
+        print(json.dumps(to_dict(cfg), indent=2))
         return 0
     last = train_stage(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
     print(f"checkpoint: {last}")
@@ -245,7 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
     t.add_argument("--fresh", action="store_true", help="discard the run directory's checkpoints and start over")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FLOPs, estimated peak memory, GPU time) to stderr and the "
+                        "resolved config to stdout, and exit")
+    t.add_argument("--measure", type=_positive, default=0, metavar="N",
+                   help="with the plan, time N training steps (synthetic inputs, on train.device, at the batch per "
+                        "process) and print img/s; trains nothing")
+    t.add_argument("--gpus", type=_positive, default=1, metavar="N",
+                   help="plan for N processes/GPUs: memory per process at train.batch_size / N, hours on N GPUs")
+    t.add_argument("--gpu-tflops", type=_positive_float, metavar="X",
+                   help="achieved TFLOP/s per GPU for the plan's GPU-hours (default 124.8: 40%% of an A100's "
+                        "bf16 peak)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
