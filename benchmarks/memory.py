@@ -22,15 +22,28 @@ On CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus ``memory_
 after building; this path has not been run yet (the development machine has no GPU).
 
     .venv/bin/python benchmarks/memory.py --out docs/bench/memory.json
+
+``--plan``: the training plan's estimate against the measured peak (:mod:`cdm.plan`). For each
+config (a preset or a .toml file) and precision, a fresh process measures its RSS after importing
+torch and resolving the config, then builds what training holds (the network, its EMA copies, AdamW)
+and runs ``--train-steps`` full training steps (loss, backward, gradient clipping, AdamW, EMA
+update); the measured peak is the peak RSS minus that baseline, the same quantity the plan estimates
+(:attr:`cdm.plan.MemoryEstimate.total`). The comparison is merged into the ``--out`` JSON as
+``plan`` (the other rows are kept):
+
+    .venv/bin/python benchmarks/memory.py --plan --out docs/bench/memory.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import math
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +54,8 @@ import torch
 from _common import (PRESETS, SyntheticBatch, facts_line, fmt, load_average, machine_facts, print_table,
                      resolved_config, summary, write_json)
 from cdm.cascade import StagePlan, sample_stage
+from cdm.config import StageConfig, load_stage_config
+from cdm.ema import ema_update
 from cdm.stage import Stage
 from cdm.train import training_step_loss
 
@@ -116,6 +131,82 @@ def measure_one(spec: dict) -> dict:
     return out
 
 
+def plan_config(name: str, precision: str) -> StageConfig:
+    """A preset or config file, resolved as its plan is without data: its own ``data.channels`` and
+    ``data.classes`` where it states them, else Fashion-MNIST's (1 channel, 10 classes)."""
+    cfg = load_stage_config(name, [f"train.precision={precision}"])
+    return cfg.resolve(channels=cfg.data.channels or 1, num_classes=cfg.data.classes or 10)
+
+
+def measure_full_step(spec: dict) -> dict:
+    """``--plan``'s measurement: RSS before building anything, then the network, its EMA copies and
+    AdamW, and ``train_steps`` training steps as :mod:`cdm.train` runs them (synthetic inputs)."""
+    cfg = plan_config(spec["preset"], spec["precision"])
+    tc = cfg.train
+    batch = SyntheticBatch.for_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    gc.collect()
+    base = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    stage = Stage(cfg)
+    emas = [copy.deepcopy(stage.net).requires_grad_(False) for _ in range(1 + len(tc.ema_profiles))]
+    opt = torch.optim.AdamW(stage.net.parameters(), lr=1e-4)
+    for _ in range(spec["train_steps"]):
+        loss = training_step_loss(stage, batch.x0, batch.z0, batch.labels, g, tc.p_uncond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.net.parameters(), tc.grad_clip or math.inf)
+        opt.step()
+        for ema in emas:
+            ema_update(ema, stage.net, 0.999)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"batch": tc.batch_size, "params": sum(p.numel() for p in stage.net.parameters()),
+            "seconds": time.perf_counter() - t0, "baseline_mib": base / 1024, "peak_mib": peak / 1024,
+            "delta_mib": (peak - base) / 1024, "peak_reset": reset,
+            "method": "ru_maxrss after resetting the peak" if reset else "ru_maxrss (process lifetime)"}
+
+
+def plan_main(a: argparse.Namespace) -> None:
+    """``--plan``: the plan's CPU estimate against the measured peak, per config and precision."""
+    from cdm.plan import CPU_RUNTIME_BYTES, WORKSPACE_FRACTION, training_plan
+
+    facts = machine_facts()
+    print(facts_line(facts), flush=True)
+    rows = []
+    for name in a.configs.split(","):
+        for prec in a.precisions.split(","):
+            plan = training_plan(plan_config(name, prec))
+            got = [run_child({"preset": name, "precision": prec, "task": "train-full",
+                              "train_steps": a.train_steps}) for _ in range(a.repeats)]
+            measured = statistics.median(r["delta_mib"] for r in got)
+            m = plan.cpu
+            est = {k: getattr(m, k) / MIB for k in ("weights", "gradients", "optimizer", "ema", "activations",
+                                                     "workspace", "runtime", "state", "total")}
+            rows.append({"config": name, "precision": prec, "batch": plan.batch_size, "params": plan.params,
+                         "estimate_mib": est, "measured_mib": summary([r["delta_mib"] for r in got]),
+                         "ratio": est["total"] / measured, "runs": got})
+            print(f"{name} {prec}: estimate {est['total']:.0f} MiB, measured {measured:.0f} MiB "
+                  f"(ratio {est['total'] / measured:.2f}), {got[0]['seconds']:.1f} s", flush=True)
+    print(f"\nEstimated and measured peak of a training step ({a.train_steps} steps; RSS above the process "
+          f"baseline, MiB; median over {a.repeats} fresh processes):\n")
+    print_table(["config (batch)", "precision", "params", "state + runtime", "activations + workspace",
+                 "estimate", "measured", "estimate / measured"],
+                [[f"{r['config']} ({r['batch']})", r["precision"], f"{r['params'] / 1e6:.1f} M",
+                  f"{r['estimate_mib']['state'] + r['estimate_mib']['runtime']:.0f}",
+                  f"{r['estimate_mib']['activations']:.0f} + {r['estimate_mib']['workspace']:.0f}",
+                  f"{r['estimate_mib']['total']:.0f}", fmt(r["measured_mib"]), f"{r['ratio']:.2f}"] for r in rows])
+    meta = {**facts, "load_average_at_end": load_average(), "train_steps": a.train_steps, "repeats": a.repeats,
+            "workspace_fraction": WORKSPACE_FRACTION, "cpu_runtime_mib": CPU_RUNTIME_BYTES / MIB, "unit": "MiB",
+            "command": "benchmarks/memory.py " + " ".join(sys.argv[1:])}
+    if a.out:
+        path = Path(a.out)
+        payload = json.loads(path.read_text()) if path.exists() else {}
+        payload["plan"] = {"meta": meta, "rows": rows}
+        write_json(a.out, payload)
+
+
 def run_child(spec: dict) -> dict:
     """:func:`measure_one` in a fresh interpreter running this script."""
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
@@ -137,10 +228,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (peak allocated; untested)")
     p.add_argument("--out", default="")
+    p.add_argument("--plan", action="store_true", help="compare the training plan's estimate with the measured peak")
+    p.add_argument("--configs", default=PRESETS + ",folder-sr32to64", help="--plan: presets or .toml files")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
     a = p.parse_args()
     if a.one:
-        print(MARK + json.dumps(measure_one(json.loads(a.one))), flush=True)
+        spec = json.loads(a.one)
+        print(MARK + json.dumps(measure_full_step(spec) if spec["task"] == "train-full" else measure_one(spec)),
+              flush=True)
+        return
+    if a.plan:
+        plan_main(a)
         return
     facts = machine_facts()
     print(facts_line(facts), flush=True)

@@ -8,10 +8,10 @@ from cdm.config import ConfigError, list_presets, load_stage_config, read_preset
 
 
 def test_presets_load_and_resolve():
-    assert {"fmnist-base8", "fmnist-sr8to32", "fmnist-single32"} <= set(list_presets())
+    assert {"fmnist-base8", "fmnist-sr8to32", "fmnist-single32", "folder-sr32to64"} <= set(list_presets())
     for name in list_presets():
         cfg = load_stage_config(name).resolve(channels=1, num_classes=10)
-        assert cfg.unet.resolution == cfg.resolution and cfg.unet.num_classes == 10
+        assert cfg.unet.resolution == cfg.resolution and cfg.unet.num_classes == (10 if cfg.class_conditional else 0)
     sr = load_stage_config("fmnist-sr8to32").resolve(channels=1, num_classes=10)
     base = load_stage_config("fmnist-base8")
     assert sr.unet.lowres_channels == 1 and sr.unet.aug_level_embedding

@@ -48,13 +48,19 @@ _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import InitFrom, resolve_config, train_stage
+    from .train import InitFrom, train_stage
 
     if a.init_weights and not a.init:
         raise ConfigError("--init-weights picks the weights --init takes: pass --init RUN_OR_CHECKPOINT too")
     cfg = load_stage_config(a.config, a.set)
-    if a.dry_run:
-        print(json.dumps(to_dict(resolve_config(cfg)), indent=2))
+    if a.dry_run or a.measure:
+        from .plan import format_plan, measure_throughput, resolve_for_plan, training_plan
+
+        cfg, data = resolve_for_plan(cfg)
+        plan = training_plan(cfg, processes=a.gpus, data=data)
+        rate = measure_throughput(cfg, a.measure, batch_size=plan.batch_size) if a.measure else None
+        print(format_plan(plan, gpu_tflops=a.gpu_tflops, measured_img_s=rate), file=sys.stderr)
+        print(json.dumps(to_dict(cfg), indent=2))
         return 0
     init = InitFrom(a.init, a.init_weights or "ema") if a.init else None
     last = train_stage(cfg, a.out, fresh=a.fresh, progress=not a.no_progress, init=init)
@@ -268,7 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints resumes from them instead (with --fresh it starts over from these weights)")
     t.add_argument("--init-weights", choices=["ema", "raw"],
                    help="which weights --init takes: ema (default) or raw (the trained network's)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FLOPs, estimated peak memory, GPU time) to stderr and the "
+                        "resolved config to stdout, and exit")
+    t.add_argument("--measure", type=_positive, default=0, metavar="N",
+                   help="with the plan, time N training steps (synthetic inputs, on train.device, at the batch per "
+                        "process) and print img/s; trains nothing")
+    t.add_argument("--gpus", type=_positive, default=1, metavar="N",
+                   help="plan for N processes/GPUs: memory per process at train.batch_size / N, hours on N GPUs")
+    t.add_argument("--gpu-tflops", type=_positive_float, metavar="X",
+                   help="achieved TFLOP/s per GPU for the plan's GPU-hours (default 124.8: 40%% of an A100's "
+                        "bf16 peak)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

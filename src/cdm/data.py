@@ -54,6 +54,7 @@ class DataConfig:
     resolution: int = 32  # R, the data resolution the whole cascade shares
     fit: str = "pad"  # how to reach R from the native size: "pad" (centre, black) or "resize"
     channels: int = 0  # 0 = as stored; 1 or 3 converts
+    classes: int = 0  # 0 = as found; else the data set must have this many (a plan uses it without the data)
     flip: bool = False  # random horizontal flip during training
     limit: int = 0  # use only the first `limit` images (0 = all)
     on_bad: str = "skip"  # folder: an unreadable image file is "skip"ped (a warning counts them) or "fail"s
@@ -76,6 +77,8 @@ class DataConfig:
             raise DataError(f"data.resolution must be >= 1, got {self.resolution}")
         if self.limit < 0:
             raise DataError(f"data.limit must be >= 0 (0 = all images), got {self.limit}")
+        if self.classes < 0:
+            raise DataError(f"data.classes must be >= 0 (0 = as found in the data set), got {self.classes}")
 
 
 @dataclass
@@ -319,6 +322,9 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         x, y = x[:cfg.limit], y[:cfg.limit]
     if y.numel() and (y.min() < 0 or y.max() >= len(names)):
         raise DataError(f"labels must lie in [0, {len(names) - 1}], got {int(y.min())}..{int(y.max())}")
+    if cfg.classes and cfg.classes != len(names):
+        raise DataError(f"data.classes = {cfg.classes}, but the data set has {len(names)} classes; "
+                        f"set data.classes = {len(names)} (or 0: as found)")
     return ImageSet(x.contiguous(), y, names)
 
 
