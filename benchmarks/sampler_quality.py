@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--spacings", default="quadratic", help="time-grid spacings, comma-separated")
     p.add_argument("--churn-interval", default="0,1", help="LO,HI: churn where LO <= t/T <= HI")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
+    p.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j (choose a setting on one set of "
+                                                         "seeds, report it on another)")
     p.add_argument("--n-ref", type=int, default=10000, help="real test images in the reference")
     p.add_argument("--bootstrap", type=int, default=30, help="resamples for the FID's standard error")
     p.add_argument("--batch-size", type=int, default=250)
@@ -79,7 +81,7 @@ def main() -> None:
     ref = reference_features(ex, load_reference(st.config.data, ReferenceSpec(split="test", n=a.n_ref)),
                              st.resolution)
     labels = cycle_labels(a.n, cascade.num_classes)
-    seeds = list(range(a.n))
+    seeds = list(range(a.seed, a.seed + a.n))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lower = lower_output(cascade, saved, labels, seeds, a, out) if a.stage == "sr" else None
@@ -87,7 +89,7 @@ def main() -> None:
     log = out.with_suffix(".jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
     key = lambda r: (r.get("stage", "cascade"), r["sampler"], r.get("churn", 0.0), r["spacing"], r["steps"])  # noqa: E731
-    done = {key(r) for r in rows if r["n"] == a.n}
+    done = {key(r) for r in rows if r["n"] == a.n and r.get("seed", 0) == a.seed}
     load = load_average()
     for spacing in a.spacings.split(","):
         for sampler, churn, steps in parse_configs(a.configs):
@@ -100,7 +102,7 @@ def main() -> None:
             feats = ex(to_uint8(images))
             scores = quality_scores(feats, ref, metrics=("fid", "kid"))
             row = {"stage": a.stage, "sampler": sampler, "churn": churn, "churn_interval": interval if churn else None,
-                   "spacing": spacing, "steps": steps, "nfe_per_stage": steps,
+                   "spacing": spacing, "steps": steps, "nfe_per_stage": steps, "seed": a.seed,
                    "nfe_total": steps * (k if a.stage == "cascade" else 1), "n": a.n, "fid": scores["fid"],
                    "fid_se": standard_error("fid", np.asarray(feats["features"], np.float64), ref, a.bootstrap),
                    "kid": scores["kid"], "kid_std": scores["kid_std"], "sample_s": round(seconds, 1),
@@ -115,7 +117,7 @@ def main() -> None:
 
 def lower_output(cascade, saved: SamplingPlan, labels, seeds, a, out: Path) -> torch.Tensor:
     """The base (lower) stages' final output under the cascade file's own plan, cached."""
-    cache = out.with_name(out.stem + f".lower-n{a.n}.npy")
+    cache = out.with_name(out.stem + f".lower-n{a.n}-seed{a.seed}.npy")
     if cache.exists():
         return torch.from_numpy(np.load(cache))
     bs, last = a.batch_size, len(cascade.stages) - 2
@@ -144,7 +146,7 @@ def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labe
 def write_summary(rows: list[dict], a, saved: SamplingPlan, ref, out: Path) -> None:
     """A Markdown table (printed) and the JSON summary, with each row's FID relative to the
     ancestral run with the most steps on any grid (the reference)."""
-    rows = [r for r in rows if r["n"] == a.n and r.get("stage", "cascade") == a.stage]
+    rows = [r for r in rows if r["n"] == a.n and r.get("stage", "cascade") == a.stage and r.get("seed", 0) == a.seed]
     anc = [r for r in rows if r["sampler"] == "ancestral"]
     ref_row = max(anc, key=lambda r: r["steps"]) if anc else None
     print(f"\n| sampler | churn | grid | NFE/stage | classifier FID ± SE | vs {ref_row and ref_row['steps']}-step "
