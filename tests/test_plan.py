@@ -106,8 +106,11 @@ def test_gpu_hours_and_the_report():
 
 def test_plan_without_data_needs_channels_and_classes(tmp_path, toy_npz):
     cfg = load_stage_config("folder-sr32to64")  # folder not given: its channels suffice (unconditional)
-    resolved, data = resolve_for_plan(cfg)
-    assert data is None and resolved.unet.in_channels == 3 and resolved.unet.num_classes == 0
+    resolved, data, note = resolve_for_plan(cfg)
+    assert data is None and resolved.unet.in_channels == 3 and resolved.unet.num_classes == 0 and not note
+    # a class-conditional folder preset before its folder is named: planned with one class, and said so
+    resolved, data, note = resolve_for_plan(load_stage_config("folder-base16"))
+    assert data is None and resolved.unet.num_classes == 1 and "classes: unknown" in note
     missing = load_stage_config("fmnist-base8", ["data.source=npz", f"data.path={tmp_path}/none.npz"])
     with pytest.raises(DataError, match="data.classes"):
         resolve_for_plan(missing)

@@ -56,10 +56,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.dry_run or a.measure:
         from .plan import format_plan, measure_throughput, resolve_for_plan, training_plan
 
-        cfg, data = resolve_for_plan(cfg)
+        cfg, data, note = resolve_for_plan(cfg)
         plan = training_plan(cfg, processes=a.gpus, data=data)
         rate = measure_throughput(cfg, a.measure, batch_size=plan.batch_size) if a.measure else None
         print(format_plan(plan, gpu_tflops=a.gpu_tflops, measured_img_s=rate), file=sys.stderr)
+        if note:
+            print(f"  note: {note}", file=sys.stderr)
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     init = InitFrom(a.init, a.init_weights or "ema") if a.init else None

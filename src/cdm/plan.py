@@ -231,15 +231,21 @@ def training_plan(config: StageConfig, processes: int = 1, data: ImageSet | None
         data_bytes=data.images.numel() * data.images.element_size() if data is not None else None)
 
 
-def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None]:
+def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None, str]:
     """Resolve ``config`` for a plan. When it states its channels (``data.channels``) and, if
     class-conditional, its classes (``data.classes``), that is done without reading the data set
     (which need not exist yet, and may be too large to load for a dry run); otherwise the data set
-    is loaded, as :func:`cdm.train.resolve_config` does. Returns the config (resolved in place)
-    and the data set if it was loaded."""
+    is loaded, as :func:`cdm.train.resolve_config` does. A folder preset with no ``data.path`` yet
+    and no ``data.classes`` is planned with one class (the class embedding is a few thousand
+    parameters per class), and the note says so. Returns the config (resolved in place), the data
+    set if it was loaded, and the note ("" when nothing was assumed)."""
     d = config.data
     if d.channels and (d.classes or not config.class_conditional):
-        return config.resolve(channels=d.channels, num_classes=d.classes), None
+        return config.resolve(channels=d.channels, num_classes=d.classes), None, ""
+    if d.channels and not d.path and d.source == "folder":
+        note = ("classes: unknown until data.path names the folder (or data.classes states them); planned with "
+                "1 class, and each class adds one row of the class embedding")
+        return config.resolve(channels=d.channels, num_classes=1), None, note
     from .train import resolve_config
 
     try:
@@ -247,7 +253,7 @@ def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None]
     except DataError as e:
         raise DataError(f"{e} (to plan without the data set, state data.channels and data.classes, e.g. "
                         f"--set data.channels=3 --set data.classes=1000)") from None
-    return resolve_config(config, data), data
+    return resolve_config(config, data), data, ""
 
 
 # ----------------------------------------------------------------------------- report
@@ -281,7 +287,7 @@ def format_plan(plan: TrainingPlan, gpu_tflops: float | None = None, measured_im
            f"workspace {_gib(m.workspace)}")
     lines = [
         f"plan of {plan.name} ({stage}, {plan.channels} channel{'s' * (plan.channels > 1)}, "
-        f"{f'{plan.num_classes} classes' if plan.num_classes else 'unconditional'})",
+        f"{f'{plan.num_classes} class' + ('es' if plan.num_classes > 1 else '') if plan.num_classes else 'unconditional'})",
         f"  parameters          {plan.params:,} ({plan.params / 1e6:.1f} M)",
         f"  training compute    {plan.flops_per_image / 1e9:,.2f} GFLOP per image (forward + backward); "
         f"{_flop(plan.total_flops)} for {plan.steps:,} steps at batch {plan.global_batch}",
