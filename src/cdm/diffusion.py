@@ -288,8 +288,9 @@ def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "unifo
     steps on pure noise) down to ``t = 1`` with ``steps`` points, their first point moved to ``T``,
     and end with the step ``1 -> 0`` (lambda and sigma are infinite and zero at ``t = 0``); a
     truncated grid ends at ``stop`` instead, with ``steps + 1`` points. Which grid suits which
-    stage is measured, not assumed (docs/BENCHMARKS.md). Every non-uniform grid is rounded to integer times, and times that round
-    onto each other are pushed apart, so it has exactly ``min(steps, T - stop) + 1`` points.
+    stage is measured, not assumed (docs/BENCHMARKS.md). Every non-uniform grid is rounded to
+    integer times, and times that round onto each other are pushed apart, so it has exactly
+    ``min(steps, T - stop) + 1`` points.
     """
     if not 0 <= stop < T:
         raise ValueError(f"truncation level must lie in [0, {T - 1}], got {stop}")

@@ -285,9 +285,9 @@ def format_plan(plan: TrainingPlan, gpu_tflops: float | None = None, measured_im
                 f" per process (global batch {plan.global_batch} on {plan.processes} processes)")
     act = (f"activations {_gib(m.activations)} ({_gib(plan.activation_bytes_per_image)}/image) + "
            f"workspace {_gib(m.workspace)}")
+    classes = f"{plan.num_classes} class" + "es" * (plan.num_classes > 1) if plan.num_classes else "unconditional"
     lines = [
-        f"plan of {plan.name} ({stage}, {plan.channels} channel{'s' * (plan.channels > 1)}, "
-        f"{f'{plan.num_classes} class' + ('es' if plan.num_classes > 1 else '') if plan.num_classes else 'unconditional'})",
+        f"plan of {plan.name} ({stage}, {plan.channels} channel{'s' * (plan.channels > 1)}, {classes})",
         f"  parameters          {plan.params:,} ({plan.params / 1e6:.1f} M)",
         f"  training compute    {plan.flops_per_image / 1e9:,.2f} GFLOP per image (forward + backward); "
         f"{_flop(plan.total_flops)} for {plan.steps:,} steps at batch {plan.global_batch}",
