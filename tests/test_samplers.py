@@ -11,7 +11,7 @@ import torch
 from cdm.cascade import Cascade, CascadeError, SamplingPlan, StagePlan
 from cdm.cli import build_parser
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion, log_snr, time_grid
-from cdm.samplers import SAMPLERS, Churn, SeededNoise, ancestral, ddim, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
+from cdm.samplers import SAMPLERS, Churn, SeededNoise, ancestral, ddim, dpmpp_2m, dpmpp_2m_sde
 from cdm.stage import Stage
 
 from conftest import SIGMA, exact_model, tiny_config, tiny_stage
@@ -256,43 +256,6 @@ def test_logsnr_and_edm_grids():
     assert max(gaps) - min(gaps) < 0.1 * sum(gaps) / len(gaps)
 
 
-def test_dpmpp_3m_is_exact_for_a_quadratic_data_prediction():
-    """Where x0_hat is a quadratic in log-SNR, the third multistep update integrates the ODE
-    exactly: x_p - (sigma_p / sigma_t) x_t = sigma_p * integral of e^lambda x0(lambda) dlambda."""
-    d = GaussianDiffusion(DiffusionConfig(steps=1000))
-    lam = log_snr(d.alpha_bar.double())
-    a, b, c = 0.3, -0.2, 0.05
-
-    def q(l):
-        return a + b * l + c * l * l
-
-    def model(x, t):  # eps-prediction whose x0 estimate is q(lambda_t), whatever x is
-        ab = d.alpha_bar[t].double().view(-1, 1, 1, 1)
-        return ((x.double() - ab.sqrt() * q(lam[t].view(-1, 1, 1, 1))) / (1 - ab).sqrt()).float()
-
-    x = torch.zeros(1, 1, 1, 1)
-    grid = [900, 700, 500, 300]
-    x2, _ = dpmpp_3m(model, d, x, grid[:3], NoNoise(), clip_x0=False)
-    x3, _ = dpmpp_3m(model, d, x, grid, NoNoise(), clip_x0=False)
-    t, p = grid[2], grid[3]
-    prim = lambda l: math.exp(l) * (a + b * (l - 1) + c * (l * l - 2 * l + 2))  # noqa: E731  antiderivative
-    sig = lambda t: math.sqrt(1 - d.alpha_bar[t].item())  # noqa: E731
-    exact = sig(p) * (prim(lam[p].item()) - prim(lam[t].item()))
-    got = (x3 - sig(p) / sig(t) * x2).item()
-    assert got == pytest.approx(exact, rel=1e-4)
-
-
-def test_dpmpp_3m_beats_2m_and_reaches_the_marginal_variance():
-    d = GaussianDiffusion(DiffusionConfig(steps=1000))
-    for n in (10, 20):
-        grid = time_grid(1000, n, stop=400)
-        err3 = abs(ode_gain(dpmpp_3m, d, "eps", grid) - marginal_var(d, 400))
-        err2 = abs(ode_gain(dpmpp_2m, d, "eps", grid) - marginal_var(d, 400))
-        assert err3 < 0.7 * err2
-    dv = GaussianDiffusion(DiffusionConfig(steps=1000, prediction="v"))
-    assert ode_gain(dpmpp_3m, dv, "v", time_grid(1000, 20)) == pytest.approx(marginal_var(dv, 0), rel=0.05)
-
-
 def test_churn_raises_the_noise_level_to_that_of_t_hat():
     """Churn on x_t ~ q(x_t) of N(0, SIGMA^2) data gives a sample of q(x_t_hat)."""
     d = GaussianDiffusion(DiffusionConfig(steps=1000))
@@ -309,7 +272,7 @@ def test_churn_raises_the_noise_level_to_that_of_t_hat():
         assert x_same is x and t_same == t
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "dpmpp-3m"])
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
 def test_churned_deterministic_samplers_converge_to_the_marginal(name):
     """Churn trades ODE accuracy for error correction: with the exact denoiser it only adds
     discretisation error (a churned step is first order and longer), which vanishes as the steps
@@ -330,7 +293,7 @@ def test_the_plan_refuses_churn_for_stochastic_samplers():
         StagePlan(sampler="dpmpp-2m-sde", churn=5.0).check()
     with pytest.raises(CascadeError, match="churn"):
         StagePlan(sampler="ddim", churn=-1.0).check()
-    StagePlan(sampler="dpmpp-3m", churn=5.0, churn_interval=[0.1, 0.9], spacing="edm").check()
+    StagePlan(sampler="dpmpp-2m", churn=5.0, churn_interval=[0.1, 0.9], spacing="edm").check()
 
 
 def test_cascade_file_and_cli_carry_churn_and_the_new_grids(tmp_path):
@@ -338,13 +301,13 @@ def test_cascade_file_and_cli_carry_churn_and_the_new_grids(tmp_path):
 
     base = Stage(tiny_config(resolution=4, steps=50, name="base"))
     sr = Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", steps=50, name="sr"))
-    plan = SamplingPlan.uniform(2, steps=6, levels=[0, 10], sampler="dpmpp-3m", spacing="edm").override(
+    plan = SamplingPlan.uniform(2, steps=6, levels=[0, 10], sampler="dpmpp-2m", spacing="edm").override(
         churn=5.0, churn_interval=[0.1, 0.9])
     out = Cascade([base, sr]).sample(torch.tensor([0, 1]), [3, 4], plan)
     assert torch.isfinite(out.images[1]).all()
     f = tmp_path / "cascade.json"
     write_cascade_file(f, ["a", "b"], plan)
     assert read_cascade_file(f)[1] == plan
-    a = build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "dpmpp-3m", "--spacing", "logsnr",
+    a = build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "ddim", "--spacing", "logsnr",
                                    "--churn", "3", "--churn-interval", "0.2,0.8"])
-    assert (a.sampler, a.spacing, a.churn, a.churn_interval) == ("dpmpp-3m", "logsnr", 3.0, [0.2, 0.8])
+    assert (a.sampler, a.spacing, a.churn, a.churn_interval) == ("ddim", "logsnr", 3.0, [0.2, 0.8])

@@ -238,8 +238,8 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
                           help="the x0 estimate: static clips to [-1, 1] (default), dynamic is Imagen's "
                                "(for high guidance weights), none leaves it"),
         "churn": dict(type=float, help="EDM's stochastic churn S_churn for the deterministic samplers (ddim, "
-                                       "dpmpp-2m, dpmpp-3m): fresh noise before each step, gamma = S_churn / "
-                                       "steps (default 0: none)"),
+                                       "dpmpp-2m): fresh noise before each step, gamma = S_churn / steps "
+                                       "(default 0: none)"),
         "churn_interval": dict(type=_floats, metavar="LO,HI", help="churn only where LO <= t/T <= HI (default 0,1)")}
     for name in plan_flags:
         p.add_argument(f"--{name.replace('_', '-')}", **flags[name])

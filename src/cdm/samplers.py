@@ -12,7 +12,7 @@ and the model's last estimate of ``x_0``.
 
 Samplers with options are configured with :func:`functools.partial` and keep the one signature
 (``SAMPLERS["ddim-eta1"] = partial(ddim, eta=1.0)``). A learned-variance output works with every
-sampler; ``ddim``, ``dpmpp_2m`` and ``dpmpp_3m`` use only its mean channels. Grids are made
+sampler; ``ddim`` and ``dpmpp_2m`` use only its mean channels. Grids are made
 separately (:func:`time_grid`, with its ``spacing``), as in k-diffusion. The deterministic
 samplers take ``churn`` (:class:`Churn`, EDM's stochastic churn), which :data:`CHURN_SAMPLERS` lists.
 """
@@ -32,8 +32,8 @@ from .diffusion import GaussianDiffusion, log_snr, time_grid
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["Churn", "Sampler", "SeededNoise", "ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
-           "time_grid", "SAMPLERS", "CHURN_SAMPLERS"]
+__all__ = ["Churn", "Sampler", "SeededNoise", "ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "time_grid",
+           "SAMPLERS", "CHURN_SAMPLERS"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -176,7 +176,9 @@ def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list
     lambda = inf) lands on x0_hat; a grid ending at ``s > 0`` stops at the noisy ``z_s``.
     ``churn`` (ODE only): :class:`Churn`; a churned step starts from ``t_hat`` and restarts the
     multistep history (the noise moved the sample off the path the history lies on), so it is a
-    first-order step. ``x`` ``[N, C, H, W]``."""
+    first-order step. A third-order multistep solver (DPM-Solver++(3M)) was measured and dropped:
+    no better than this one at <= 10 steps, and unstable on the edm grid (docs/BENCHMARKS.md,
+    "Few network evaluations per stage"). ``x`` ``[N, C, H, W]``."""
     lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
     x0 = x
     x0_prev: Tensor | None = None
@@ -206,57 +208,11 @@ def dpmpp_2m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list
 dpmpp_2m_sde = partial(dpmpp_2m, sde=True)
 
 
-@torch.no_grad()
-def dpmpp_3m(model: ModelFn, diffusion: GaussianDiffusion, x: Tensor, grid: list[int], noise: SeededNoise,
-             clip_x0: bool = True, churn: Churn | None = None) -> tuple[Tensor, Tensor]:
-    """DPM-Solver++(3M): the multistep third-order solver of the probability-flow ODE in data
-    prediction (Lu et al. 2022, arXiv 2211.01095, sec. 3.2 and app. B). With ``u = lambda -
-    lambda_t``, ``x0_hat`` is extrapolated by the quadratic through the last three estimates
-    (at ``u = 0, -h_1, -h_1 - h_2``; divided differences ``d1``, ``d2``), and the exponential
-    integral is exact for that quadratic::
-
-        x_p = (sigma_p / sigma_t) x_t + alpha_p [ phi_1 D + phi_2 (d1 + d2 h_1) + 2 phi_3 d2 ]
-
-    with ``phi_1 = 1 - e^-h``, ``phi_2 = h - 1 + e^-h``, ``phi_3 = h^2/2 - h + 1 - e^-h``. The first
-    step is DDIM and the second uses the linear extrapolation (second order); a step to ``t = 0``
-    lands on x0_hat. ``churn``: :class:`Churn`; a churned step restarts the history, as in
-    :func:`dpmpp_2m`. ``x`` ``[N, C, H, W]``."""
-    lam = log_snr(diffusion.alpha_bar)  # [T + 1], float64
-    x0 = x
-    hist: list[tuple[Tensor, float]] = []  # (x0_hat, lambda) of the last two steps, newest first
-    for t, p in zip(grid[:-1], grid[1:]):
-        if churn is not None:
-            x, t_hat = churn(diffusion, x, t, noise)
-            hist, t = (hist if t_hat == t else []), t_hat
-        x0, _ = _denoise(model, diffusion, x, t, clip_x0)
-        if p == 0:
-            x = x0
-            continue
-        ab_t, ab_p = diffusion.alpha_bar[t].item(), diffusion.alpha_bar[p].item()
-        lt = lam[t].item()
-        h = lam[p].item() - lt
-        em = math.expm1(-h)  # e^-h - 1
-        phi1, phi2, phi3 = -em, h + em, h * h / 2 - h - em
-        d = phi1 * x0
-        if hist:
-            h1 = lt - hist[0][1]
-            d1 = (x0 - hist[0][0]) / h1
-            d2 = 0.0
-            if len(hist) == 2:
-                h2 = hist[0][1] - hist[1][1]
-                d2 = (d1 - (hist[0][0] - hist[1][0]) / h2) / (h1 + h2)
-            d = d + phi2 * (d1 + d2 * h1) + 2 * phi3 * d2
-        x = math.sqrt((1 - ab_p) / (1 - ab_t)) * x + math.sqrt(ab_p) * d
-        hist = [(x0, lt), *hist[:1]]
-    return x, x0
-
-
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": ancestral,
     "ddim": ddim,  # eta = 0: deterministic
     "ddim-eta1": partial(ddim, eta=1.0),
     "dpmpp-2m": dpmpp_2m,
     "dpmpp-2m-sde": dpmpp_2m_sde,
-    "dpmpp-3m": dpmpp_3m,
 }
-CHURN_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m")  # the deterministic ones, which take Churn
+CHURN_SAMPLERS = ("ddim", "dpmpp-2m")  # the deterministic ones, which take Churn
