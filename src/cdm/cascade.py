@@ -155,6 +155,12 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
     and the sampler's noise is the same in both modes.
     """
     plan.check(f"stage {i}: ")
+    info = stage.distill
+    if info and (plan.sampler, plan.spacing, plan.steps, stop, plan.churn) != (info["sampler"], info["spacing"],
+                                                                               info["steps"], 0, 0):
+        warnings.warn(f"stage {i} ({stage.config.name!r}) is distilled for {info['sampler']} on the {info['spacing']} "
+                      f"grid of {info['steps']} steps (untruncated, no churn); sampling it otherwise leaves that grid "
+                      f"(for this stage: sampler {info['sampler']}, spacing {info['spacing']}, steps {info['steps']})")
     dev = stage.device
     n = len(labels)
     noise = SeededNoise([derive_seed(s, i) for s in seeds], dev)

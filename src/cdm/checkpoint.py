@@ -323,4 +323,5 @@ def load_stage(path: str | Path, device: torch.device | str = "cpu", use_ema: bo
         raise CheckpointError(f"{path}: weights do not fit the network its config describes: {e}") from e
     stage.net.eval()
     stage.step = ckpt.step
+    stage.distill = (ckpt.extra or {}).get("distill")  # a distilled stage's sampling grid (cdm.distill)
     return stage.to(device)

@@ -201,6 +201,19 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def cmd_distill(a: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill_stage, sampling_plan
+
+    cfg = DistillConfig(start_steps=a.from_steps, final_steps=a.steps, iters=a.iters, batch_size=a.batch_size,
+                        lr=a.lr, seed=a.seed, device=a.device, progress=not a.no_progress)
+    path = distill_stage(a.teacher, cfg, a.out)
+    plan = sampling_plan(a.steps)
+    print(f"checkpoint: {path}")
+    print(f"sample this stage with --sampler {plan.sampler} --spacing {plan.spacing} and {plan.steps} steps for it "
+          f"(its cascade-file plan: {json.dumps(to_dict(plan))})")
+    return 0
+
+
 def cmd_presets(a: argparse.Namespace) -> int:
     for p in list_presets():
         print(p)
@@ -414,6 +427,25 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--step", type=int, help="reconstruct at this snapshot's step (default: the last)")
     em.add_argument("--out", required=True, help="output directory")
     em.set_defaults(func=cmd_ema)
+
+    di = sub.add_parser("distill", help="progressive distillation: a stage that samples in a few DDIM steps",
+                        description="Distil a trained stage (Salimans & Ho 2022): each round trains a student to "
+                                    "take in one DDIM step two of its teacher's, halving the steps from --from-steps "
+                                    "to --steps. OUT/steps-N/ holds each round's checkpoint (finished rounds are "
+                                    "skipped on a re-run); sample the result with ddim, uniform spacing, N steps.")
+    di.add_argument("teacher", metavar="TEACHER_RUN_OR_CHECKPOINT", help="the stage to distil (its EMA weights)")
+    di.add_argument("--out", required=True, help="output directory (resumable, one round at a time)")
+    di.add_argument("--steps", type=_positive, default=4, help="the distilled stage's DDIM steps (default 4)")
+    di.add_argument("--from-steps", type=_positive, default=64,
+                    help="the teacher's DDIM steps in the first round (default 64; --from-steps / --steps must be a "
+                         "power of two)")
+    di.add_argument("--iters", type=_positive, default=2000, help="optimiser steps per round (default 2000)")
+    di.add_argument("--batch-size", type=_positive, default=64)
+    di.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate, annealed to 0 each round")
+    di.add_argument("--seed", type=_seed, default=0)
+    di.add_argument("--device", default="auto", help="auto (default): cuda if available, else cpu")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(func=cmd_distill)
 
     pr = sub.add_parser("presets", help="list the shipped stage presets")
     pr.set_defaults(func=cmd_presets)

@@ -29,6 +29,8 @@ def autocast(device: torch.device, precision: str):
 class Stage:
     """``config`` must be resolved (:meth:`StageConfig.resolve`)."""
 
+    distill: dict | None = None  # set by load_stage for a distilled stage: the grid it must be sampled on
+
     def __init__(self, config: StageConfig, net: nn.Module | None = None):
         self.config = config
         self.net = net if net is not None else UNet(config.unet)
