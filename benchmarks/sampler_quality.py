@@ -130,7 +130,8 @@ def lower_output(cascade, saved: SamplingPlan, labels, seeds, a, out: Path) -> t
 def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int):
     """The scored images ``[n, C, R, R]`` of one setting (see the module docstring)."""
     if stage == "cascade":
-        return sample_batched(cascade, labels, seeds, saved.override(**setting), bs).images[-1]
+        plan = saved.override(**{**setting, "steps": [setting["steps"]]})  # every stage alike
+        return sample_batched(cascade, labels, seeds, plan, bs).images[-1]
     if stage == "base":
         plan = replace(saved.stages[0], **setting)
         return torch.cat([cascade.sample_stage(0, labels[i:i + bs], seeds[i:i + bs], plan)[0].clamp(-1, 1).cpu()
