@@ -60,7 +60,7 @@ from .distributed import pick_device
 from .ema import classic_decay, ema_update
 from .samplers import ModelFn, derive_seed
 from .stage import Stage
-from .train import Batcher, TrainingError, draw_step_noise
+from .train import Batcher, TrainingError, draw_step_noise, step_conditioning
 
 
 @dataclass
@@ -225,13 +225,9 @@ def distill_loss(teacher: Stage, student: Stage, x0: Tensor, z0: Tensor | None, 
     the teacher's two ``t -> t' -> t''``, over ``x0`` ``[B, C, R, R]`` (``z0``, ``labels``, the step's
     randomness ``noise``: :class:`~cdm.train.StepNoise`, whose ``t`` is unused) at times ``[B]``."""
     dev, d = student.device, student.diffusion
-    if noise.drop is not None:
-        labels = torch.where(noise.drop, student.num_classes, labels)
 
     def cond(stage: Stage) -> dict:  # the training path; each network embeds the same inputs itself
-        if not stage.is_super_resolution:
-            return stage.conditioning(labels.to(dev))
-        return stage.conditioning(labels.to(dev), z0.to(dev), noise.levels.to(dev), noise.aug_noise.to(dev))
+        return step_conditioning(stage, z0, labels, noise)
 
     x0 = x0.to(dev)
     z_t = d.q_sample(x0, t, noise.eps.to(dev))

@@ -142,17 +142,24 @@ def training_step_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tens
     return batch_loss(stage, x0, z0, labels, draw_step_noise(stage, x0, z0, g, p_uncond, rank, world_size))
 
 
-def batch_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, noise: StepNoise) -> Tensor:
-    """The mean loss (a scalar) of Algorithms 1 and 3 over ``x0`` ``[n, C, R, R]`` (``z0``, ``labels``),
-    given the step's randomness for these rows."""
+def step_conditioning(stage: Stage, z0: Tensor | None, labels: Tensor, noise: StepNoise) -> dict:
+    """The network's conditioning for a training step's rows: ``labels`` ``[n]`` with the step's
+    dropped labels replaced by "no class", and for an SR stage ``z0`` ``[n, C, r, r]`` corrupted at
+    the step's augmentation levels with its augmentation noise."""
     dev = stage.device
     if noise.drop is not None:
         labels = torch.where(noise.drop, stage.num_classes, labels)
     if stage.is_super_resolution:
-        cond = stage.conditioning(labels.to(dev), z0.to(dev), noise.levels.to(dev), noise.aug_noise.to(dev),
+        return stage.conditioning(labels.to(dev), z0.to(dev), noise.levels.to(dev), noise.aug_noise.to(dev),
                                   corrupt=True)
-    else:
-        cond = stage.conditioning(labels.to(dev))
+    return stage.conditioning(labels.to(dev))
+
+
+def batch_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, noise: StepNoise) -> Tensor:
+    """The mean loss (a scalar) of Algorithms 1 and 3 over ``x0`` ``[n, C, R, R]`` (``z0``, ``labels``),
+    given the step's randomness for these rows."""
+    dev = stage.device
+    cond = step_conditioning(stage, z0, labels, noise)
     x0, t, eps = x0.to(dev), noise.t.to(dev), noise.eps.to(dev)
     xt = stage.diffusion.q_sample(x0, t, eps)
     tc = stage.config.train
