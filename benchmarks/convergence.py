@@ -105,6 +105,9 @@ RECIPES: dict[str, dict[str, list[str]]] = {
 # and the shipped recipe with more of its training on clean inputs (s = 0 half of the time, not 10%).
 RECIPES["sr"]["new-noaug"] = ["augment.kind=none"]
 RECIPES["sr"]["new-pzero0.5"] = ["augment.p_zero=0.5"]
+# Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
+for _stage in ("base", "sr"):
+    RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1"]
 TRACK_EMA = ["train.ema_profiles=0.05,0.1", "train.ema_snapshot_every=100"]
 
 

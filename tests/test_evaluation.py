@@ -281,7 +281,7 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
             ("ground-truth", "non-truncated", 0), ("ground-truth", "non-truncated", 5)]
         assert casc.read_text() == before and len(list((tmp_path / "sw" / "samples").glob("*.npz"))) == 2
         out = capsys.readouterr().out
-        assert "lowest: ground-truth s=" in out and "ablation" in out
+        assert "lowest: ground-truth, s = " in out and "ablation" in out
 
 
 def test_the_sweep_writes_a_level_only_when_it_wins_beyond_the_noise():

@@ -161,3 +161,36 @@ def test_the_sweep_searches_level_and_weight_jointly_and_old_points_keep_their_i
     assert cur is not None and write == (best is not cur)  # no noise here: any gain wins
     assert (f"w = {weight(best):g}" in why) == (write and weight(best) != 0)
     assert "<svg" in heatmap_svg({(s, w): v for (s, w), v in by.items()}, "s", "w")
+
+
+def test_the_base_stage_sweep_searches_the_guidance_weight_alone(tmp_path):
+    from cdm.eval.ledger import Judge
+    from cdm.eval.sweep import SweepConfig, _decide, describe, run_sweep, weight
+
+    torch.manual_seed(0)
+    stages = [Stage(tiny_config(resolution=4, name="base", p_uncond=0.1)),
+              Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", p_uncond=0.1))]
+    with torch.no_grad():
+        for p in stages[0].net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for s in stages:
+        s.net.eval()
+    cascade, plan = Cascade(stages), SamplingPlan.uniform(2, steps=2)
+    seen = []
+    judge = Judge(lambda x, labels: seen.append(x.shape) or float(x.abs().mean()), "m")
+    rows = run_sweep(cascade, plan, SweepConfig(stage=0, n=4, weights=[0.0, 2.0]), judge, tmp_path,
+                     progress=lambda s: None)
+    # one point per weight, at the base's own resolution, whatever the levels and modes were
+    assert sorted(weight(r) for r in rows) == [0.0, 2.0] and seen == [(4, 1, 4, 4)] * 2
+    assert {(r["stage"], r["level"], r["mode"]) for r in rows} == {(0, 0, plan.mode)}
+    unguided = cascade.sample_stage(0, torch.arange(4) % max(cascade.num_classes, 1), list(range(4)), plan.stages[0])[0].clamp(-1, 1)
+    by = {weight(r): r["value"] for r in rows}
+    assert by[0.0] == pytest.approx(float(unguided.abs().mean()))  # w = 0 is the plain base stage
+    assert by[2.0] != by[0.0]
+    best, cur, write, why = _decide([{**r, "metrics": {"m_se": 0.0}} for r in rows], "m", plan.mode, 0, 0.0)
+    assert describe(best).startswith("w = ") and "s =" not in why
+    with pytest.raises(CascadeError, match="guidance weight"):
+        run_sweep(cascade, plan, SweepConfig(stage=0, n=4), judge, tmp_path, progress=lambda s: None)
+    with pytest.raises(CascadeError, match="low-resolution input"):
+        run_sweep(cascade, plan, SweepConfig(stage=0, n=4, weights=[1.0], conditioning="ground-truth"), judge,
+                  tmp_path, progress=lambda s: None)

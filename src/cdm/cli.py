@@ -170,7 +170,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from .eval.sweep import SweepConfig, condition_label, sweep_cascade
+    from .eval.sweep import SweepConfig, describe, sweep_cascade
 
     paths, plan = _plan(a)
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
@@ -179,7 +179,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade)
     b = s["best"]
     se = b.get("metrics", {}).get(f"{a.metric}_se", float("nan"))
-    print(f"lowest: {condition_label(b)} s={b['level']} {s['metric']}={b['value']:.4f} ± {se:.2g}")
+    print(f"lowest: {describe(b)}: {s['metric']} = {b['value']:.4f} ± {se:.2g}")
     print(s["decision"])
     print(f"report: {a.out.rstrip('/')}/report.html")
     return 0
@@ -382,18 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=250)
     e.set_defaults(func=cmd_eval)
 
-    w = sub.add_parser("sweep", help="search an SR stage's augmentation level s (truncated and non-truncated)",
-                       description="Score candidate levels s of one SR stage, each with a bootstrap error bar. "
-                                   "The lowest is written into the cascade file (--cascade; with --stage, "
-                                   "OUT/cascade.json) only when it beats the current level beyond that noise.")
+    w = sub.add_parser("sweep", help="search an SR stage's augmentation level s (and guidance weight), or the "
+                                     "base stage's guidance weight",
+                       description="Score candidate levels s of one SR stage (with --weights: jointly with the "
+                                   "guidance weight w; for the base stage, --stage-index 0, w alone), each with a "
+                                   "bootstrap error bar. The lowest is written into the cascade file (--cascade; "
+                                   "with --stage, OUT/cascade.json) only when it beats the current setting beyond "
+                                   "that noise.")
     _add_cascade_args(w, plan_flags=("steps", "sampler", "spacing"))
     w.add_argument("--out", required=True, help="output directory (resumable)")
-    w.add_argument("--stage-index", type=int, default=-1, help="the SR stage to sweep (default: the last)")
+    w.add_argument("--stage-index", type=int, default=-1,
+                   help="the stage to sweep (default: the last; 0, the base stage, searches --weights alone)")
     w.add_argument("--levels", type=_ints, default=[0, 50, 100, 200, 300, 500],
                    help="candidate levels s (default 0,50,100,200,300,500; the current level is always added)")
     w.add_argument("--weights", type=_floats, metavar="W,W,...",
-                   help="also search the SR stage's guidance weight jointly with s over these (e.g. 0,1,2,4; "
-                        "the current weight is always added); default: the plan's weight only")
+                   help="also search the stage's guidance weight over these, jointly with s for an SR stage "
+                        "(e.g. 0,1,2,4; the current weight is always added); default: the plan's weight only")
     w.add_argument("--modes", type=lambda t: [v for v in t.split(",") if v],
                    help="comma-separated: non-truncated, truncated (default: both; ground-truth inputs: "
                         "non-truncated)")

@@ -14,6 +14,9 @@ images instead (a seeded subset of a split, downsampled exactly as in training,
 non-truncated path with a real ``z_0``. It shows what augmentation costs when the input has no
 generation errors to hide.
 
+With ``weights`` each level is also sampled at each classifier-free guidance weight (the (s, w)
+grid); the base stage (``stage = 0``) has no level, and its sweep is over ``weights`` alone.
+
 Each point (conditioning, mode, s) is scored by ``scorer(images, labels)``, which returns one
 number (lower is better) or a dict of several, one of which (``primary``) ranks the levels. The
 row is added to ``results.jsonl`` (rewritten atomically) as soon as it is scored, and carries
@@ -108,7 +111,9 @@ class SweepConfig:
 def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Judge, out_dir: str | Path,
               progress: Callable[[str], None] = print, *, tags: dict | None = None,
               ground_truth: tuple[Tensor, Tensor] | None = None) -> list[dict]:
-    """Score every (mode, level) of one SR stage; returns this sweep's result rows (old and new).
+    """Score every (mode, level, guidance weight) of one SR stage; returns this sweep's result rows
+    (old and new). The base stage (``cfg.stage = 0``) has no input to augment: its sweep is over the
+    guidance weights ``cfg.weights`` alone, each row at the plan's mode and the base's level (0).
 
     ``judge`` scores each point's samples (a value, lower is better, or several metrics of which
     ``judge.primary`` is the row's ``value``; all of them go into the row's ``metrics``). ``tags``
@@ -119,8 +124,16 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     out.mkdir(parents=True, exist_ok=True)
     k = len(cascade.stages)
     i = cfg.stage % k
-    if i == 0 or not cascade.stages[i].is_super_resolution:
-        raise CascadeError(f"stage {i} is the base stage; the sweep searches an SR stage's level (1..{k - 1})")
+    if i == 0:
+        if not cfg.weights:
+            raise CascadeError(f"stage 0 is the base stage: it has no augmentation level to search; search its "
+                               f"guidance weight (--weights W,...) or an SR stage's level (--stage-index 1..{k - 1})")
+        if cfg.conditioning_kind() is Conditioning.GROUND_TRUTH:
+            raise CascadeError("the base stage has no low-resolution input: ground-truth conditioning applies "
+                               f"to an SR stage (--stage-index 1..{k - 1})")
+        cfg = replace(cfg, levels=[plan.stages[0].level], modes=[Mode(plan.mode).value])
+    elif not cascade.stages[i].is_super_resolution:
+        raise CascadeError(f"stage {i} is not a super-resolution stage; the sweep searches an SR stage's level")
     cond = cfg.conditioning_kind()
     modes = cfg.resolved_modes()
     for m in modes:
@@ -137,7 +150,9 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     ident = {**(tags or {}), "stage": i, "conditioning": cond.value, "metric": judge.name, "n": cfg.n,
              "seed": cfg.seed, "steps": sp.steps, "sampler": sp.sampler, "spacing": sp.spacing,
              "fingerprint": stage_fingerprint(cascade.stages[i])}
-    if cond is Conditioning.GROUND_TRUTH:
+    if i == 0:
+        z_gt, labels, lower = None, torch.arange(cfg.n) % max(cascade.num_classes, 1), None
+    elif cond is Conditioning.GROUND_TRUTH:
         z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
         if len(z_gt) != cfg.n or len(labels) != cfg.n:
             raise CascadeError(f"ground-truth inputs: need {cfg.n} images and labels, "
@@ -149,11 +164,11 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
         lower = _LowerSamples(cascade, plan, cfg, i, labels, seeds, out, progress)
         ident.update(lower.identity)
 
-    def sample(mode: Mode, s: int, w: float) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(mode: Mode, s: int, w: float) -> tuple[Tensor, Tensor, Tensor | None]:
         z, corrupt = (z_gt, True) if lower is None else lower.inputs(mode, s)
         at_s = replace(sp, level=s, guidance=w)
-        x = _batched(lambda sl: cascade.sample_stage(i, labels[sl], seeds[sl], at_s, lowres=z[sl], corrupt=corrupt)[0],
-                     cfg.n, cfg.batch_size)
+        x = _batched(lambda sl: cascade.sample_stage(i, labels[sl], seeds[sl], at_s, lowres=None if z is None else z[sl],
+                                                     corrupt=corrupt)[0], cfg.n, cfg.batch_size)
         return x.clamp(-1, 1), labels, z
 
     named = [v for v in (tags or {}).values() if isinstance(v, str)]  # readable sample file names
@@ -296,7 +311,7 @@ def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
     """``(best row, current row, write?, why)``: the best setting wins only beyond the noise."""
     best = best_level(rows)
     cur = next((r for r in rows if r["mode"] == mode and r["level"] == level and weight(r) == w), None)
-    now = _setting(mode, level, w)
+    now = f"w = {w:g}" if rows[0].get("stage") == 0 else _setting(mode, level, w)
     if cur is None:
         return best, None, False, (f"the cascade's current setting ({now}) was not swept, so nothing was compared "
                                    f"with it; the file is left as it was")
@@ -304,7 +319,7 @@ def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
         return best, cur, False, f"the current setting ({now}) is the best; nothing to change"
     se = math.hypot(best["metrics"].get(f"{metric}_se", 0.0), cur["metrics"].get(f"{metric}_se", 0.0))
     gain = cur["value"] - best["value"]
-    won = _setting(best["mode"], best["level"], weight(best))
+    won = describe(best)
     if gain > 2 * se:
         return best, cur, True, (f"{won} beats the current {now} by {gain:.4g} (> 2 x {se:.3g}, twice the "
                                  f"standard error of the difference)")
@@ -315,6 +330,11 @@ def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
 
 def _setting(mode: str, level: int, w: float) -> str:
     return f"{mode}, s = {level}" + (f", w = {w:g}" if w else "")
+
+
+def describe(row: dict) -> str:
+    """A row's setting in words: ``w = 1`` for the base stage, ``non-truncated, s = 100, w = 1`` above it."""
+    return f"w = {weight(row):g}" if row.get("stage") == 0 else _setting(condition_label(row), row["level"], weight(row))
 
 
 def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Path, cfg: SweepConfig,
@@ -343,8 +363,9 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
 
     def score(x: Tensor, labels: Tensor) -> dict:
         feats = ex(to_uint8(x))
-        value = quality_scores(feats, ref, (cfg.metric,))[cfg.metric]
-        return {cfg.metric: value, f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref)}
+        q = quality_scores(feats, ref, (cfg.metric, "pr"))
+        return {cfg.metric: q[cfg.metric], f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref),
+                "precision": q["precision"], "recall": q["recall"]}
 
     rows = run_sweep(cascade, plan, cfg, Judge(score, name, cfg.metric), out, progress=log)
     best, cur, write, why = _decide(rows, cfg.metric, mode, level, w)
@@ -379,15 +400,21 @@ def _sweep_report(summary: dict, cfg: SweepConfig, plan: SamplingPlan, out: Path
     rep.text(f"{cfg.n} samples per candidate; conditioned on {inputs}; metric {name} against {summary['reference']} "
              f"(reference images a stage trained on: {summary['reference_overlap']}); stage {i} sampled with "
              f"{sp.sampler}, {sp.steps} steps, {sp.spacing} grid.")
-    rep.svg(sweep_plot(rows, name, i), "sweep.svg", "metric against the augmentation level")
-    for m in sorted({r["mode"] for r in rows} if len({weight(r) for r in rows}) > 1 else ()):
+    if i == 0:
+        rep.svg(line_plot_svg({"base stage": sorted((weight(r), r["value"]) for r in rows)}, "guidance weight w", name,
+                              f"stage 0: {name} against w (lower is better)"), "sweep.svg", "metric against w")
+    else:
+        rep.svg(sweep_plot(rows, name, i), "sweep.svg", "metric against the augmentation level")
+    for m in sorted({r["mode"] for r in rows} if i > 0 and len({weight(r) for r in rows}) > 1 else ()):
         grid = {(r["level"], weight(r)): r["value"] for r in rows if r["mode"] == m}
         rep.svg(heatmap_svg(grid, "augmentation level s", "guidance weight w", f"{name}, {m} (lower is better)"),
                 f"heatmap-{m}.svg", f"{name} over (s, w), {m}")
     se, b = f"{cfg.metric}_se", summary["best"]
-    rep.table([{**r, "guidance": weight(r), "± se": r.get("metrics", {}).get(se)}
+    m = lambda r, k: r.get("metrics", {}).get(k)  # noqa: E731
+    rep.table([{**r, "guidance": weight(r), "± se": m(r, se), "precision": m(r, "precision"), "recall": m(r, "recall")}
                for r in sorted(rows, key=lambda r: (r["mode"], r["level"], weight(r)))],
-              ["conditioning", "mode", "level", "guidance", "value", "± se", "n", "steps", "sampler"])
-    rep.text(f"Lowest: {_setting(condition_label(b), b['level'], weight(b))} ({name} = {b['value']:.4f} ± "
+              ["conditioning", "mode", "level", "guidance", "value", "± se", "precision", "recall", "n", "steps",
+               "sampler"])
+    rep.text(f"Lowest: {describe(b)} ({name} = {b['value']:.4f} ± "
              f"{b.get('metrics', {}).get(se, float('nan')):.2g}, one bootstrap standard error). {summary['decision']}.")
     return rep.write(out)
