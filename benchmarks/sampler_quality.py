@@ -62,6 +62,9 @@ def main() -> None:
                                                               f"(default {DEFAULT_CONFIGS})")
     p.add_argument("--spacings", default="quadratic", help="time-grid spacings, comma-separated")
     p.add_argument("--churn-interval", default="0,1", help="LO,HI: churn where LO <= t/T <= HI")
+    p.add_argument("--starts", default="1", help="comma-separated: SR stages start their reverse process at "
+                                                 "t = START * T from their noised upsampled input (1: from noise; "
+                                                 "StagePlan.start); every setting runs at each")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--seed", type=int, default=0, help="sample j uses seed SEED + j (choose a setting on one set of "
                                                          "seeds, report it on another)")
@@ -88,21 +91,23 @@ def main() -> None:
 
     log = out.with_suffix(".jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    key = lambda r: (r.get("stage", "cascade"), r["sampler"], r.get("churn", 0.0), r["spacing"], r["steps"])  # noqa: E731
+    key = lambda r: (r.get("stage", "cascade"), r["sampler"], r.get("churn", 0.0), r["spacing"], r["steps"],  # noqa: E731
+                     r.get("start", 1.0))
     done = {key(r) for r in rows if r["n"] == a.n and r.get("seed", 0) == a.seed}
     load = load_average()
-    for spacing in a.spacings.split(","):
+    starts = [float(v) for v in a.starts.split(",")] if a.stage != "base" else [1.0]
+    for spacing, start in [(sp, st) for sp in a.spacings.split(",") for st in starts]:
         for sampler, churn, steps in parse_configs(a.configs):
-            if (a.stage, sampler, churn, spacing, steps) in done:
+            if (a.stage, sampler, churn, spacing, steps, start) in done:
                 continue
             setting = dict(steps=steps, sampler=sampler, spacing=spacing, churn=churn, churn_interval=interval)
             t0 = time.perf_counter()
-            images = sample_setting(cascade, saved, a.stage, setting, labels, seeds, lower, a.batch_size)
+            images = sample_setting(cascade, saved, a.stage, setting, labels, seeds, lower, a.batch_size, start)
             seconds = time.perf_counter() - t0
             feats = ex(to_uint8(images))
             scores = quality_scores(feats, ref, metrics=("fid", "kid"))
             row = {"stage": a.stage, "sampler": sampler, "churn": churn, "churn_interval": interval if churn else None,
-                   "spacing": spacing, "steps": steps, "nfe_per_stage": steps, "seed": a.seed,
+                   "spacing": spacing, "steps": steps, "start": start, "nfe_per_stage": steps, "seed": a.seed,
                    "nfe_total": steps * (k if a.stage == "cascade" else 1), "n": a.n, "fid": scores["fid"],
                    "fid_se": standard_error("fid", np.asarray(feats["features"], np.float64), ref, a.bootstrap),
                    "kid": scores["kid"], "kid_std": scores["kid_std"], "sample_s": round(seconds, 1),
@@ -110,7 +115,8 @@ def main() -> None:
             rows.append(row)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{a.stage} {sampler}{f'@{churn:g}' if churn else ''} {spacing} {steps:4d} steps  "
+            print(f"{a.stage} {sampler}{f'@{churn:g}' if churn else ''} {spacing}{f' start {start:g}' if start < 1 else ''} "
+                  f"{steps:4d} steps  "
                   f"FID {row['fid']:7.3f} ± {row['fid_se']:.3f}  {seconds:6.1f} s", flush=True)
     write_summary(rows, a, saved, ref, out)
 
@@ -127,17 +133,20 @@ def lower_output(cascade, saved: SamplingPlan, labels, seeds, a, out: Path) -> t
     return z0
 
 
-def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int):
-    """The scored images ``[n, C, R, R]`` of one setting (see the module docstring)."""
+def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int,
+                   start: float = 1.0):
+    """The scored images ``[n, C, R, R]`` of one setting (see the module docstring); SR stages
+    start at ``start`` (``StagePlan.start``)."""
     if stage == "cascade":
-        plan = saved.override(**{**setting, "steps": [setting["steps"]]})  # every stage alike
+        plan = saved.override(**{**setting, "steps": [setting["steps"]]},  # every stage alike
+                              start=[1.0] + [start] * (len(saved.stages) - 1))
         return sample_batched(cascade, labels, seeds, plan, bs).images[-1]
     if stage == "base":
         plan = replace(saved.stages[0], **setting)
         return torch.cat([cascade.sample_stage(0, labels[i:i + bs], seeds[i:i + bs], plan)[0].clamp(-1, 1).cpu()
                           for i in range(0, len(labels), bs)])
     i = len(cascade.stages) - 1
-    plan = replace(saved.stages[i], **setting)
+    plan = replace(saved.stages[i], **setting, start=start)
     if saved.mode != "non-truncated":
         raise SystemExit("--stage sr holds the lower output fixed as z_0: use a non-truncated cascade file")
     return torch.cat([cascade.sample_stage(i, labels[j:j + bs], seeds[j:j + bs], plan, lowres=lower[j:j + bs],
@@ -150,11 +159,11 @@ def write_summary(rows: list[dict], a, saved: SamplingPlan, ref, out: Path) -> N
     rows = [r for r in rows if r["n"] == a.n and r.get("stage", "cascade") == a.stage and r.get("seed", 0) == a.seed]
     anc = [r for r in rows if r["sampler"] == "ancestral"]
     ref_row = max(anc, key=lambda r: r["steps"]) if anc else None
-    print(f"\n| sampler | churn | grid | NFE/stage | classifier FID ± SE | vs {ref_row and ref_row['steps']}-step "
-          f"ancestral | sampling s |\n|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["sampler"], r.get("churn", 0), r["spacing"], r["steps"])):
+    print(f"\n| sampler | churn | grid | start | NFE/stage | classifier FID ± SE | vs {ref_row and ref_row['steps']}-step "
+          f"ancestral | sampling s |\n|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["sampler"], r.get("churn", 0), r["spacing"], -r.get("start", 1), r["steps"])):
         rel = f"{r['fid'] / ref_row['fid']:.2f}x" if ref_row else "-"
-        print(f"| {r['sampler']} | {r.get('churn', 0):g} | {r['spacing']} | {r['steps']} | {r['fid']:.2f} ± "
+        print(f"| {r['sampler']} | {r.get('churn', 0):g} | {r['spacing']} | {r.get('start', 1):g} | {r['steps']} | {r['fid']:.2f} ± "
               f"{r.get('fid_se', float('nan')):.2f} | {rel} | {r['sample_s']} |")
     summary = {"cascade": a.cascade, "stage": a.stage, "sampling_levels": [s.level for s in saved.stages],
                "mode": saved.mode, "feature_space": ref.space, "reference": ref.source, "reference_row": ref_row,

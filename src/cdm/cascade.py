@@ -50,6 +50,9 @@ class StagePlan:
     threshold: str = "static"  # x0 estimate: static (clip to [-1, 1]), dynamic (Imagen) or none
     churn: float = 0.0  # EDM's S_churn for the deterministic samplers (samplers.Churn; 0: none)
     churn_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # churn where lo <= t/T <= hi
+    # SR stages: start the reverse process at t = start * T from the upsampled input, noised by the
+    # forward process (CCDF, Chung et al. 2022), not from pure noise at T; 1: from noise. Base: 1.
+    start: float = 1.0
 
     def check(self, where: str = "") -> None:
         """Raise :class:`CascadeError` unless the fields name things that exist."""
@@ -76,6 +79,8 @@ class StagePlan:
         iv = self.churn_interval
         if len(iv) != 2 or not 0 <= iv[0] <= iv[1] <= 1:
             raise CascadeError(f"{where}the churn interval must be two fractions of T, 0 <= lo <= hi <= 1, got {iv}")
+        if not 0 < self.start <= 1:
+            raise CascadeError(f"{where}start must be a fraction of T in (0, 1] (1: from pure noise), got {self.start}")
 
 
 @dataclass
@@ -102,14 +107,17 @@ class SamplingPlan:
     def override(self, steps: list[int] | None = None, levels: list[int] | None = None, mode: str | None = None,
                  **every_stage) -> "SamplingPlan":
         """A copy with the given settings replaced: ``steps`` one value or one per stage, ``levels``
-        one per stage (0 for the base); ``guidance`` one value or one per stage; any other
-        :class:`StagePlan` field (``sampler``, ``spacing``, ``guidance_interval``, ``threshold``,
-        ``churn``, ``churn_interval``) for every stage. ``None`` keeps a setting."""
+        one per stage (0 for the base); ``start`` one per stage (1 for the base); ``guidance`` one
+        value or one per stage; any other :class:`StagePlan` field (``sampler``, ``spacing``,
+        ``guidance_interval``, ``threshold``, ``churn``, ``churn_interval``) for every stage.
+        ``None`` keeps a setting."""
         k = len(self.stages)
-        per_stage = {"steps": steps, "level": levels, "guidance": every_stage.pop("guidance", None)}
+        per_stage = {"steps": steps, "level": levels, "guidance": every_stage.pop("guidance", None),
+                     "start": every_stage.pop("start", None)}
         for name, v in per_stage.items():
-            if v and len(v) not in ((k,) if name == "level" else (1, k)):
-                want = f"{k}" if name == "level" else f"1 or {k}"
+            exact = name in ("level", "start")  # meaningless for the base: no shared value
+            if v and len(v) not in ((k,) if exact else (1, k)):
+                want = f"{k}" if exact else f"1 or {k}"
                 raise CascadeError(f"{name if name != 'level' else 'levels'} needs {want} values (one per stage), "
                                    f"got {len(v)}")
         unknown = set(every_stage) - {f.name for f in fields(StagePlan)}
@@ -156,10 +164,10 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
     """
     plan.check(f"stage {i}: ")
     info = stage.distill
-    if info and (plan.sampler, plan.spacing, plan.steps, stop, plan.churn) != (info["sampler"], info["spacing"],
-                                                                               info["steps"], 0, 0):
+    if info and (plan.sampler, plan.spacing, plan.steps, stop, plan.churn, plan.start) != (
+            info["sampler"], info["spacing"], info["steps"], 0, 0, 1):
         warnings.warn(f"stage {i} ({stage.config.name!r}) is distilled for {info['sampler']} on the {info['spacing']} "
-                      f"grid of {info['steps']} steps (untruncated, no churn); sampling it otherwise leaves that grid "
+                      f"grid of {info['steps']} steps (untruncated, no churn, start 1); sampling it otherwise leaves that grid "
                       f"(for this stage: sampler {info['sampler']}, spacing {info['spacing']}, steps {info['steps']})")
     dev = stage.device
     n = len(labels)
@@ -188,9 +196,22 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
         uncond = conditioning(torch.full_like(lab, stage.num_classes))  # the "no class" label
     model = guided_model(stage, cond, uncond, stage.diffusion, plan.guidance, tuple(plan.guidance_interval),
                          plan.threshold)
-    grid = time_grid(stage.diffusion.T, plan.steps, stop=stop, spacing=plan.spacing,
-                     alpha_bar=stage.diffusion.alpha_bar)
+    T = stage.diffusion.T
+    top = T if plan.start == 1 else max(1, round(plan.start * T))
+    if top < T:
+        if not stage.is_super_resolution:
+            raise CascadeError(f"stage {i} ({stage.config.name!r}) is the base stage: it has no input to start "
+                               f"from; its start must be 1 (give one start per stage, e.g. 1,{plan.start:g})")
+        if not corrupt:
+            raise CascadeError(f"stage {i}: a start below 1 needs the clean input of non-truncated sampling; "
+                               f"use mode non-truncated or start 1")
+        if stop >= top:
+            raise CascadeError(f"stage {i}: it starts at t = {top} but is truncated at {stop}; lower the level")
+    grid = time_grid(T, plan.steps, stop=stop, spacing=plan.spacing, alpha_bar=stage.diffusion.alpha_bar, start=top)
     x = noise.randn(stage.channels, stage.resolution, stage.resolution)
+    if top < T:  # x_top ~ q(x_top | x_0 = the upsampled input): CCDF's start
+        up = stage.module.upsample_lowres(lowres.to(dev).float(), stage.resolution)
+        x = stage.diffusion.q_sample(up, torch.full((n,), top, device=dev), x)
     sampler = SAMPLERS[plan.sampler]
     if plan.churn:
         sampler = partial(sampler, churn=Churn(plan.churn, len(grid) - 1, tuple(plan.churn_interval)))

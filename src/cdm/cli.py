@@ -221,7 +221,7 @@ def cmd_presets(a: argparse.Namespace) -> int:
 
 
 PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing", "guidance", "guidance_interval", "threshold", "churn",
-              "churn_interval")
+              "churn_interval", "start")
 
 
 def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> None:
@@ -253,7 +253,11 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
         "churn": dict(type=float, help="EDM's stochastic churn S_churn for the deterministic samplers (ddim, "
                                        "dpmpp-2m): fresh noise before each step, gamma = S_churn / steps "
                                        "(default 0: none)"),
-        "churn_interval": dict(type=_floats, metavar="LO,HI", help="churn only where LO <= t/T <= HI (default 0,1)")}
+        "churn_interval": dict(type=_floats, metavar="LO,HI", help="churn only where LO <= t/T <= HI (default 0,1)"),
+        "start": dict(type=_floats, metavar="F,F,...",
+                      help="one per stage, 1 for the base: an SR stage with F < 1 starts its reverse process at "
+                           "t = F*T from its upsampled input noised to that level, not from pure noise at T "
+                           "(non-truncated mode; default 1)")}
     for name in plan_flags:
         p.add_argument(f"--{name.replace('_', '-')}", **flags[name])
     p.set_defaults(plan_flags=plan_flags)

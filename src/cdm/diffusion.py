@@ -273,9 +273,11 @@ def log_snr(alpha_bar: Tensor) -> Tensor:
 
 
 def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "uniform",
-              alpha_bar: Tensor | None = None) -> list[int]:
+              alpha_bar: Tensor | None = None, start: int | None = None) -> list[int]:
     """A descending grid of distinct integer times from ``T`` down to ``stop``: the respaced
-    reverse process runs ``grid[i] -> grid[i + 1]``. ``stop > 0`` truncates it at ``stop``.
+    reverse process runs ``grid[i] -> grid[i + 1]``. ``stop > 0`` truncates it at ``stop``;
+    ``start < T`` begins it at ``start`` instead of ``T`` (an SR stage started from its noised
+    input, ``StagePlan.start``): the grid is then the one this function makes for ``T = start``.
 
     ``spacing="uniform"``: ``steps + 1`` evenly spaced times (fewer if the range is short).
     ``spacing="quadratic"``: ``t_i = stop + (T - stop) (1 - i/steps)^2``, DDIM's quadratic grid
@@ -292,6 +294,10 @@ def time_grid(T: int, steps: int, stop: int = 0, spacing: str | Spacing = "unifo
     integer times, and times that round onto each other are pushed apart, so it has exactly
     ``min(steps, T - stop) + 1`` points.
     """
+    if start is not None:
+        if not 0 < start <= T:
+            raise ValueError(f"the grid's start must lie in [1, {T}], got {start}")
+        T = start  # everything below spans [stop, start]; alpha_bar keeps its T + 1 entries
     if not 0 <= stop < T:
         raise ValueError(f"truncation level must lie in [0, {T - 1}], got {stop}")
     if steps < 1:

@@ -190,7 +190,7 @@ def plan_identity(sp: StagePlan) -> dict:
     """The guidance (and churn) settings of a stage's plan that identify a point: none when they
     are the defaults, so points scored before these settings existed keep their identity."""
     d = StagePlan()
-    keys = ("guidance", "guidance_interval", "threshold", "churn", "churn_interval")
+    keys = ("guidance", "guidance_interval", "threshold", "churn", "churn_interval", "start")
     return {k: getattr(sp, k) for k in keys} if any(getattr(sp, k) != getattr(d, k) for k in keys) else {}
 
 
