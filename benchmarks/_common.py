@@ -21,7 +21,7 @@ import torch
 
 from cdm.config import StageConfig, load_stage_config
 from cdm.stage import Stage
-from cdm.train import training_step_loss
+from cdm.step import training_step_loss
 
 PRESETS = "fmnist-base8,fmnist-sr8to32,fmnist-single32"
 

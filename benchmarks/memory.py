@@ -57,7 +57,7 @@ from cdm.cascade import StagePlan, sample_stage
 from cdm.config import StageConfig, load_stage_config
 from cdm.ema import ema_update
 from cdm.stage import Stage
-from cdm.train import training_step_loss
+from cdm.step import training_step_loss
 
 MIB = 2 ** 20
 MARK = "MEMORY-RESULT "

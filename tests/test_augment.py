@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdm.augment import AugmentConfig, ConditioningAugmentation, gaussian_blur3x3
-from cdm.train import training_step_loss
+from cdm.step import training_step_loss
 
 from conftest import tiny_stage
 

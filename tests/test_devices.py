@@ -13,7 +13,8 @@ import torch
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import load_stage
 from cdm.stage import Stage, autocast
-from cdm.train import train_stage, training_step_loss
+from cdm.train import train_stage
+from cdm.step import training_step_loss
 
 from conftest import tiny_config, toy_images
 

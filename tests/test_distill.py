@@ -18,7 +18,7 @@ from cdm.distill import (DistillConfig, ddim_step, distill_loss, distill_stage, 
                          round_dir, sampling_plan)
 from cdm.samplers import ddim
 from cdm.stage import Stage
-from cdm.train import Batcher, draw_step_noise
+from cdm.step import Batcher, draw_step_noise
 
 from conftest import tiny_config, toy_images
 

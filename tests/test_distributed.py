@@ -16,7 +16,7 @@ from cdm.checkpoint import list_checkpoints, load_checkpoint
 from cdm.cli import main
 from cdm.distributed import DistributedError, World, pick_device
 from cdm.stage import Stage
-from cdm.train import Batcher, training_step_loss
+from cdm.step import Batcher, training_step_loss
 
 from conftest import tiny_config, toy_images
 from test_cli import write_tiny

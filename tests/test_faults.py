@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cdm.checkpoint as checkpoint_module
-import cdm.train as train_module
+import cdm.step as step_mod
 from cdm.checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, list_checkpoints,
                             load_checkpoint, load_stage, save_checkpoint)
 from cdm.cli import main
@@ -140,13 +140,13 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(wha
             "--set=train.ckpt_every=2", "--set=train.log_every=1", "--set=train.keep_checkpoints=1"]
     calls = []
     if what == "loss":
-        real = train_module.batch_loss
+        real = step_mod.batch_loss
 
         def poisoned(*a, **k):
             calls.append(1)
             return real(*a, **k) * (float("nan") if len(calls) == 5 else 1.0)
 
-        monkeypatch.setattr(train_module, "batch_loss", poisoned)
+        monkeypatch.setattr(step_mod, "batch_loss", poisoned)
     else:
         real = torch.nn.utils.clip_grad_norm_
 

@@ -16,7 +16,8 @@ from cdm.config import ConfigError
 from cdm.distributed import DistributedError, World
 from cdm.flops import train_flops_per_image
 from cdm.stage import Stage
-from cdm.train import Batcher, accumulate_gradients, train_stage, training_step_loss
+from cdm.train import train_stage
+from cdm.step import Batcher, accumulate_gradients, training_step_loss
 from cdm.unet import UNet, UNetConfig
 
 from conftest import tiny_config, toy_images
@@ -236,11 +237,11 @@ def test_a_crop_is_the_same_window_of_the_image_and_of_its_lowres_input():
 
 
 def test_a_crop_trained_sr_stage_trains_on_crops_and_samples_at_full_size(tmp_path, monkeypatch):
-    import cdm.train
+    import cdm.step
 
     seen = []
-    real = cdm.train.batch_loss
-    monkeypatch.setattr(cdm.train, "batch_loss", lambda stage, x0, z0, *a: seen.append((x0.shape, z0.shape))
+    real = cdm.step.batch_loss
+    monkeypatch.setattr(cdm.step, "batch_loss", lambda stage, x0, z0, *a: seen.append((x0.shape, z0.shape))
                         or real(stage, x0, z0, *a))
     cfg = crop_config()
     cfg.train.steps = cfg.train.sample_every = 2  # and one sample grid, at the end

@@ -19,7 +19,7 @@ from cdm.flops import train_flops_per_image
 from cdm.plan import (CPU_RUNTIME_BYTES, WORKSPACE_FRACTION, format_plan, resolve_for_plan, saved_activation_bytes,
                       training_plan)
 from cdm.stage import Stage
-from cdm.train import training_step_loss
+from cdm.step import training_step_loss
 
 from conftest import tiny_config
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import cdm.step as step_mod
 import cdm.train as train_mod
 from cdm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from cdm.config import ConfigError
@@ -37,7 +38,7 @@ def step0_weights(monkeypatch, n_emas: int) -> dict:
     """Record, in a run that trains next, the network's weights at its first step (before any
     update), and its ``n_emas`` EMAs' (the EMA, then each post-hoc profile) before their first update."""
     seen: dict = {"net": None, "emas": []}
-    loss, update = train_mod.batch_loss, train_mod.ema_update
+    loss, update = step_mod.batch_loss, train_mod.ema_update
 
     def first_loss(stage, *a, **kw):
         if seen["net"] is None:
@@ -49,7 +50,7 @@ def step0_weights(monkeypatch, n_emas: int) -> dict:
             seen["emas"].append({k: v.clone() for k, v in ema.state_dict().items()})
         return update(ema, net, beta)
 
-    monkeypatch.setattr(train_mod, "batch_loss", first_loss)
+    monkeypatch.setattr(step_mod, "batch_loss", first_loss)
     monkeypatch.setattr(train_mod, "ema_update", first_updates)
     return seen
 

@@ -9,7 +9,8 @@ import torch
 
 from cdm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_stage
 from cdm.stage import Stage
-from cdm.train import Batcher, TrainingError, train_stage, training_step_loss
+from cdm.train import TrainingError, train_stage
+from cdm.step import Batcher, training_step_loss
 
 from conftest import tiny_config, toy_images
 

@@ -88,7 +88,6 @@ def cmd_sample(a: argparse.Namespace) -> int:
     for p in r["written"]:
         print(p)
     if r["missing"]:
-        k = a.num_shards or len(r["missing"])
         print(f"{len(r['missing'])} shards still to sample; 'cdm merge {a.out}' once all are done")
     elif r["samples"]:
         print(r["samples"])

@@ -60,7 +60,8 @@ from .distributed import pick_device
 from .ema import classic_decay, ema_update
 from .samplers import ModelFn, derive_seed
 from .stage import Stage
-from .train import Batcher, TrainingError, draw_step_noise, step_conditioning
+from .train import TrainingError
+from .step import Batcher, draw_step_noise, step_conditioning
 
 
 @dataclass

@@ -111,7 +111,7 @@ def saved_activation_bytes(config: StageConfig, batch: int) -> int:
 
 def _saved(config: StageConfig, batch: int) -> tuple[int, int]:
     """(bytes, bytes at 4 per element) of what the training step's forward saves for backward."""
-    from .train import training_step_loss
+    from .step import training_step_loss
 
     cfg = copy.deepcopy(config)
     c, r, lo, crop = cfg.unet.in_channels, cfg.resolution, cfg.lowres_resolution, cfg.train.crop
@@ -322,7 +322,7 @@ def measure_throughput(config: StageConfig, steps: int, batch_size: int | None =
     EMA update) at ``batch_size`` (default ``train.batch_size``) on synthetic inputs, after
     ``warmup`` untimed steps, on ``train.device`` (``auto``: CUDA if available). ``config`` resolved."""
     from .ema import ema_update
-    from .train import training_step_loss
+    from .step import training_step_loss
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
