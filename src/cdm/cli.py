@@ -233,13 +233,14 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
                         "autocast for the presets); fp32 is the exact but slower switch")
     p.add_argument("--device", default="auto", help="auto (default): cuda:LOCAL_RANK if CUDA is available, else cpu")
     flags = {
-        "steps": dict(type=_ints, help="sampler steps, one value or one per stage (e.g. 100,50)"),
+        "steps": dict(type=_ints, help="sampler steps, one value or one per stage (e.g. 10,6; default: the cascade "
+                                       "file's, else 6 per stage)"),
         "levels": dict(type=_ints, help="augmentation level s per stage, 0 for the base (e.g. 0,250)"),
         "mode": dict(choices=["truncated", "non-truncated"], help="how SR stages get their input"),
         "sampler": dict(choices=list(SAMPLERS),
-                        help="reverse-process sampler of every stage (default: the cascade file's, else ancestral)"),
+                        help="reverse-process sampler of every stage (default: the cascade file's, else dpmpp-2m)"),
         "spacing": dict(choices=[sp.value for sp in Spacing],
-                        help="time-grid spacing of every stage (default: the cascade file's, else uniform): "
+                        help="time-grid spacing of every stage (default: the cascade file's, else edm): "
                              "uniform in t, quadratic (DDIM's), logsnr (DPM-Solver's) or edm (Karras et al.'s)"),
         "guidance": dict(type=_floats, help="classifier-free guidance weight w, one value or one per stage: the "
                                             "prediction is (1 + w) cond - w uncond, so 0 is unguided (Imagen's "

@@ -14,7 +14,7 @@ import torch
 
 from .config import load_stage_config, to_dict
 from .data import load_dataset
-from .cascade import SamplingPlan
+from .cascade import DEFAULT_STEPS, SamplingPlan
 from .cascade_file import CASCADE_FILE, load_cascade, write_cascade_file
 from .generate import sample_batched, write_samples
 from .train import train_stage
@@ -25,13 +25,10 @@ from .train import train_stage
 DEMO_LEVEL = 100
 
 
-# SDE-DPM-Solver++(2M) with 25 steps per stage: within ~5% of 250-step ancestral sampling in
-# classifier FID (docs/BENCHMARKS.md, "Sample quality against network evaluations").
-DEMO_SAMPLER, DEMO_STEPS = "dpmpp-2m-sde", 25
 
 
 def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: int = 10,
-             sample_steps: int = DEMO_STEPS, progress: bool = True, device: str = "auto") -> dict:
+             sample_steps: int = DEFAULT_STEPS, progress: bool = True, device: str = "auto") -> dict:
     """Train both stages (``scale`` multiplies their step counts), sample, write grids.
     Returns a summary (paths, timings) that is also written to ``summary.json``."""
     out = Path(out_dir)
@@ -54,7 +51,7 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: i
 
     t = time.time()
     cascade = load_cascade(runs, device)
-    plan = SamplingPlan.uniform(len(cascade.stages), steps=sample_steps, levels=[0, DEMO_LEVEL], sampler=DEMO_SAMPLER)
+    plan = SamplingPlan.uniform(len(cascade.stages), steps=sample_steps, levels=[0, DEMO_LEVEL])  # cdm's default sampler
     cascade_file = write_cascade_file(out / CASCADE_FILE, runs, plan)
     nc = cascade.num_classes
     labels = torch.arange(nc).repeat(per_class)  # row r: one sample of each class
