@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--weights-base", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.25, 0.5, 1, 2])
     p.add_argument("--weights-sr", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.5, 1, 2])
     p.add_argument("--levels", type=lambda t: [int(v) for v in t.split(",")], default=[50, 100, 200])
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=6, help="steps per stage (default 6: cdm's default)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--select-seed", type=int, default=100_000)
     p.add_argument("--report-seed", type=int, default=0)

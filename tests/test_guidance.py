@@ -132,20 +132,26 @@ def test_the_plan_carries_guidance_per_stage_and_from_the_command_line():
         SamplingPlan.uniform(2).override(guidance=[1.0, 2.0, 3.0])
 
 
+def guided_pair(perturbed: int) -> Cascade:
+    """A tiny base + SR cascade trained with label dropout, stage ``perturbed``'s weights nudged off
+    their initialisation (so that its conditional and unconditional predictions differ)."""
+    torch.manual_seed(0)
+    stages = [Stage(tiny_config(resolution=4, name="base", p_uncond=0.1)),
+              Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", p_uncond=0.1))]
+    with torch.no_grad():
+        for p in stages[perturbed].net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for s in stages:
+        s.net.eval()
+    return Cascade(stages)
+
+
 def test_the_sweep_searches_level_and_weight_jointly_and_old_points_keep_their_identity(tmp_path):
     from cdm.eval.ledger import Judge
     from cdm.eval.report import heatmap_svg
     from cdm.eval.sweep import SweepConfig, _decide, run_sweep, weight
 
-    torch.manual_seed(0)
-    stages = [Stage(tiny_config(resolution=4, name="base", p_uncond=0.1)),
-              Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", p_uncond=0.1))]
-    with torch.no_grad():
-        for p in stages[1].net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    for s in stages:
-        s.net.eval()
-    cascade, plan = Cascade(stages), SamplingPlan.uniform(2, steps=2)
+    cascade, plan = guided_pair(perturbed=1), SamplingPlan.uniform(2, steps=2)
     judge = Judge(lambda x, labels: float(x.abs().mean()), "m")
     plain = run_sweep(cascade, plan, SweepConfig(levels=[0, 10], n=4, modes=["non-truncated"]), judge, tmp_path,
                       progress=lambda s: None)
@@ -167,15 +173,7 @@ def test_the_base_stage_sweep_searches_the_guidance_weight_alone(tmp_path):
     from cdm.eval.ledger import Judge
     from cdm.eval.sweep import SweepConfig, _decide, describe, run_sweep, weight
 
-    torch.manual_seed(0)
-    stages = [Stage(tiny_config(resolution=4, name="base", p_uncond=0.1)),
-              Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", p_uncond=0.1))]
-    with torch.no_grad():
-        for p in stages[0].net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    for s in stages:
-        s.net.eval()
-    cascade, plan = Cascade(stages), SamplingPlan.uniform(2, steps=2)
+    cascade, plan = guided_pair(perturbed=0), SamplingPlan.uniform(2, steps=2)
     seen = []
     judge = Judge(lambda x, labels: seen.append(x.shape) or float(x.abs().mean()), "m")
     rows = run_sweep(cascade, plan, SweepConfig(stage=0, n=4, weights=[0.0, 2.0]), judge, tmp_path,
