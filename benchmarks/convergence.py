@@ -66,7 +66,7 @@ SAMPLER, SAMPLE_STEPS, SPACING = "dpmpp-2m-sde", 25, "uniform"
 SELECTION_SEED = 100_000  # post-hoc EMA lengths are chosen on samples with these seeds, not the reported ones
 
 # The recipe every stage shipped with before issue #12, pinned key by key (the presets have moved on).
-_OLD = ["diffusion.prediction=eps", "diffusion.logsnr_shift=0", "train.loss_weight=uniform", "train.lr=5e-4",
+_OLD = ["train.p_uncond=0", "diffusion.prediction=eps", "diffusion.logsnr_shift=0", "train.loss_weight=uniform", "train.lr=5e-4",
         "train.lr_schedule=constant", "train.warmup_steps=100", "train.adam_betas=0.9,0.999",
         "train.ema_decay=0.999", "train.ema_sigma_rel=0"]
 OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=0.1", "unet.base_channels=64",
@@ -76,12 +76,15 @@ OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=
        "single": _OLD + ["train.steps=5000", "train.batch_size=32", "unet.dropout=0.1", "unet.base_channels=48",
                          "unet.channel_mult=1,2,2", "unet.num_res_blocks=2"]}
 
-# Named recipes: overrides on the stage's preset. "new" is the preset as shipped. The single-change
-# variants of the old recipe are the ones tried while choosing the new one (docs/BENCHMARKS.md).
+# Named recipes: overrides on the stage's preset. "new" is the preset as shipped before it took label
+# dropout (train.p_uncond = 0.1, issue #16), which "new-puncond0.1" adds back: the published rows were
+# trained without it. The single-change variants of the old recipe are the ones tried while choosing
+# the new one (docs/BENCHMARKS.md).
+NEW = ["train.p_uncond=0"]
 RECIPES: dict[str, dict[str, list[str]]] = {
     stage: {
         "old": OLD[stage],
-        "new": [],
+        "new": NEW,
         "v": OLD[stage] + ["diffusion.prediction=v"],
         "v-minsnr": OLD[stage] + ["diffusion.prediction=v", "train.loss_weight=min-snr"],
         "eps-minsnr": OLD[stage] + ["train.loss_weight=min-snr"],
@@ -103,8 +106,8 @@ RECIPES: dict[str, dict[str, list[str]]] = {
 }
 # The reference an augmented SR stage's consistency is held to: the shipped recipe without augmentation;
 # and the shipped recipe with more of its training on clean inputs (s = 0 half of the time, not 10%).
-RECIPES["sr"]["new-noaug"] = ["augment.kind=none"]
-RECIPES["sr"]["new-pzero0.5"] = ["augment.p_zero=0.5"]
+RECIPES["sr"]["new-noaug"] = NEW + ["augment.kind=none"]
+RECIPES["sr"]["new-pzero0.5"] = NEW + ["augment.p_zero=0.5"]
 # Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
 for _stage in ("base", "sr"):
     RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1"]

@@ -74,9 +74,15 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
     return plans
 
 
+# The studies train without label dropout, as every stage did before the presets took
+# train.p_uncond = 0.1 for classifier-free guidance (issue #16): pinned, so that a study started
+# before keeps its configs (and resumes), and its rows stay comparable. Nothing here samples guided.
+STUDY_PINS = ("train.p_uncond=0",)
+
+
 def _load(profile: Profile, preset: str, kind: str, name: str, device: str, data_path: str,
           extra: dict | None = None, overrides: tuple[str, ...] = ()) -> StageConfig:
-    over = [*profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
+    over = [*STUDY_PINS, *profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
             *([f"data.path={data_path}"] if data_path else []), *overrides]
     return load_stage_config(preset, over, extra={"name": name, **(extra or {})})
 
