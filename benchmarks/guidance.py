@@ -102,7 +102,7 @@ def publish(a, results: list[dict], dest: Path) -> None:
                                 capsize=2, label=lab)
             ax.set_title(f"{title}: {metric}")
             ax.set_xlabel("guidance weight w")
-            if row == 1 and col == 0:
+            if col == 0:
                 ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(dest / "guidance.png", dpi=110)
