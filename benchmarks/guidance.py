@@ -34,13 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import facts_line, load_average, machine_facts  # noqa: E402
 
-from cdm.cascade import SamplingPlan, StagePlan  # noqa: E402
+from cdm.cascade import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SamplingPlan, StagePlan  # noqa: E402
 from cdm.checkpoint import resolve_checkpoint_path  # noqa: E402
 from cdm.eval.quality import EvalConfig  # noqa: E402
 from cdm.eval.sweep import SweepConfig, sweep_cascade, weight  # noqa: E402
 
 def plan(steps: int, sr_level: int, w_base: float = 0.0, w_sr: float = 0.0) -> SamplingPlan:
-    st = dict(steps=steps, sampler="dpmpp-2m", spacing="edm")
+    st = dict(steps=steps, sampler=DEFAULT_SAMPLER, spacing=DEFAULT_SPACING)  # cdm's default plan
     return SamplingPlan(mode="non-truncated", stages=[StagePlan(level=0, guidance=w_base, **st),
                                                      StagePlan(level=sr_level, guidance=w_sr, **st)])
 
@@ -84,7 +84,7 @@ def publish(a, results: list[dict], dest: Path) -> None:
 
     dest.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join(sys.argv), "machine": machine_facts(), "n": a.n, "steps": a.steps,
-               "sampler": "dpmpp-2m, edm grid", "select_seed": a.select_seed, "report_seed": a.report_seed,
+               "sampler": f"{DEFAULT_SAMPLER}, {DEFAULT_SPACING} grid", "select_seed": a.select_seed, "report_seed": a.report_seed,
                "seeds": results}
     (dest / "guidance.json").write_text(json.dumps(payload, indent=1))
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--weights-base", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.25, 0.5, 1, 2])
     p.add_argument("--weights-sr", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.5, 1, 2])
     p.add_argument("--levels", type=lambda t: [int(v) for v in t.split(",")], default=[50, 100, 200])
-    p.add_argument("--steps", type=int, default=6, help="steps per stage (default 6: cdm's default)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per stage (default {DEFAULT_STEPS}: cdm's default)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--select-seed", type=int, default=100_000)
     p.add_argument("--report-seed", type=int, default=0)

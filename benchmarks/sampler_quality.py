@@ -100,9 +100,10 @@ def main() -> None:
         for sampler, churn, steps in parse_configs(a.configs):
             if (a.stage, sampler, churn, spacing, steps, start) in done:
                 continue
-            setting = dict(steps=steps, sampler=sampler, spacing=spacing, churn=churn, churn_interval=interval)
+            setting = dict(steps=steps, sampler=sampler, spacing=spacing, churn=churn, churn_interval=interval,
+                           start=start)
             t0 = time.perf_counter()
-            images = sample_setting(cascade, saved, a.stage, setting, labels, seeds, lower, a.batch_size, start)
+            images = sample_setting(cascade, saved, a.stage, setting, labels, seeds, lower, a.batch_size)
             seconds = time.perf_counter() - t0
             feats = ex(to_uint8(images))
             scores = quality_scores(feats, ref, metrics=("fid", "kid"))
@@ -133,20 +134,19 @@ def lower_output(cascade, saved: SamplingPlan, labels, seeds, a, out: Path) -> t
     return z0
 
 
-def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int,
-                   start: float = 1.0):
-    """The scored images ``[n, C, R, R]`` of one setting (see the module docstring); SR stages
-    start at ``start`` (``StagePlan.start``)."""
+def sample_setting(cascade, saved: SamplingPlan, stage: str, setting: dict, labels, seeds, lower, bs: int):
+    """The scored images ``[n, C, R, R]`` of one setting (see the module docstring); its ``start``
+    applies to the SR stages (the base always starts at 1)."""
     if stage == "cascade":
-        plan = saved.override(**{**setting, "steps": [setting["steps"]]},  # every stage alike
-                              start=[1.0] + [start] * (len(saved.stages) - 1))
+        k = len(saved.stages)
+        plan = saved.override(**{**setting, "steps": [setting["steps"]], "start": [1.0] + [setting["start"]] * (k - 1)})
         return sample_batched(cascade, labels, seeds, plan, bs).images[-1]
     if stage == "base":
         plan = replace(saved.stages[0], **setting)
         return torch.cat([cascade.sample_stage(0, labels[i:i + bs], seeds[i:i + bs], plan)[0].clamp(-1, 1).cpu()
                           for i in range(0, len(labels), bs)])
     i = len(cascade.stages) - 1
-    plan = replace(saved.stages[i], **setting, start=start)
+    plan = replace(saved.stages[i], **setting)
     if saved.mode != "non-truncated":
         raise SystemExit("--stage sr holds the lower output fixed as z_0: use a non-truncated cascade file")
     return torch.cat([cascade.sample_stage(i, labels[j:j + bs], seeds[j:j + bs], plan, lowres=lower[j:j + bs],

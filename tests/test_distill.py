@@ -15,7 +15,7 @@ from cdm.cli import main
 from cdm.config import ConfigError
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion
 from cdm.distill import (DistillConfig, ddim_step, distill_loss, distill_stage, distill_target, grids,
-                         round_dir, sampling_plan)
+                         round_dir, sampling_plan, step_times)
 from cdm.samplers import ddim
 from cdm.stage import Stage
 from cdm.step import Batcher, draw_step_noise
@@ -96,15 +96,15 @@ def _held_out(teacher: Stage, student: Stage, n: int = 4, rows: int = 64) -> tup
     the mean squared distance between the student's one DDIM step t -> t'' and the teacher's two
     (clipped, as sampled)."""
     g = torch.Generator().manual_seed(1234)
-    x0, z0, labels = Batcher(toy_images(24, 8), teacher.config, g)(rows)
+    batch = x0, z0, labels = Batcher(toy_images(24, 8), teacher.config, g)(rows)
     noise = draw_step_noise(teacher, x0, z0, g)
     small, big = (torch.tensor(gr) for gr in grids(100, n))
     i = torch.randint(n, (rows,), generator=g)
-    t, tm, tpp = small[i], big[2 * i + 1], small[i + 1]
+    t, tm, tpp = times = step_times(small, big, i)
     d = teacher.diffusion
     z = d.q_sample(x0, t, noise.eps)
     with torch.no_grad():
-        loss = distill_loss(teacher, student, x0, z0, labels, noise, t, tm, tpp).item()
+        loss = distill_loss(teacher, student, batch, noise, times).item()
 
         def model(stage):
             c = stage.conditioning(labels, z0, noise.levels, noise.aug_noise)
@@ -138,16 +138,16 @@ def test_the_loss_is_differentiable_and_sees_the_conditioning():
     torch.nn.init.normal_(teacher.net.out[-1].weight, std=0.03)
     student = Stage(cfg)
     g = torch.Generator().manual_seed(0)
-    x0, z0, labels = Batcher(toy_images(24, 8), cfg, g)(8)
+    batch = x0, z0, _ = Batcher(toy_images(24, 8), cfg, g)(8)
     noise = draw_step_noise(student, x0, z0, g)
     small, big = (torch.tensor(gr) for gr in grids(100, 4))
-    i = torch.randint(4, (8,), generator=g)
-    loss = distill_loss(teacher, student, x0, z0, labels, noise, small[i], big[2 * i + 1], small[i + 1])
+    times = step_times(small, big, torch.randint(4, (8,), generator=g))
+    loss = distill_loss(teacher, student, batch, noise, times)
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.parameters())
     noise.levels = torch.zeros_like(noise.levels) + 49
-    assert distill_loss(teacher, student, x0, z0, labels, noise, small[i], big[2 * i + 1], small[i + 1]) != loss
+    assert distill_loss(teacher, student, batch, noise, times) != loss
 
 
 def test_the_result_samples_in_a_cascade_with_ddim_on_its_grid(tmp_path):

@@ -25,8 +25,8 @@ Choices, each as the paper or stated:
   v-prediction (the SR presets) this is bounded at every ``t``; with eps-prediction ``x0_hat`` is
   ill-conditioned where ``abar_t -> 0`` (the paper's reason for v), and the stage's gradient
   clipping is all that guards it.
-- **Conditioning**: batches come from the stage's own :class:`~cdm.train.Batcher` and per-example
-  randomness from :func:`~cdm.train.draw_step_noise` (label dropout, SR augmentation levels ``s``
+- **Conditioning**: batches come from the stage's own :class:`~cdm.step.Batcher` and per-example
+  randomness from :func:`~cdm.step.draw_step_noise` (label dropout, SR augmentation levels ``s``
   and their noise), i.e. the training path; teacher and student see the same inputs. A learned
   variance is not distilled (DDIM uses only the mean channels), nor is guidance (the teacher is
   unguided).
@@ -61,7 +61,7 @@ from .ema import classic_decay, ema_update
 from .samplers import ModelFn, derive_seed
 from .stage import Stage
 from .train import TrainingError
-from .step import Batcher, draw_step_noise, step_conditioning
+from .step import Batcher, StepNoise, draw_step_noise, step_conditioning
 
 
 @dataclass
@@ -127,6 +127,12 @@ def distill_target(d: GaussianDiffusion, z_t: Tensor, z_pp: Tensor, t: Tensor, t
     ab_t, ab_p = d.abar(t), d.abar(t_pp)
     r = ((1 - ab_p) / (1 - ab_t)).sqrt()  # sigma_t'' / sigma_t
     return (z_pp - _bcast(r, z_t) * z_t) / _bcast(ab_p.sqrt() - r * ab_t.sqrt(), z_t)
+
+
+def step_times(small: Tensor, big: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t, t', t'')`` ``[B]`` of the student's steps ``i`` ``[B]`` on the grids of :func:`grids`
+    (as tensors): ``G_N[i]``, ``G_2N[2i + 1]``, ``G_N[i + 1]``."""
+    return small[i], big[2 * i + 1], small[i + 1]
 
 
 def sampling_plan(n: int) -> StagePlan:
@@ -195,10 +201,10 @@ def _round(teacher_path: Path, n: int, cfg: DistillConfig, out: Path, data: Imag
     for it in range(cfg.iters):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (1 - it / cfg.iters)
-        x0, z0, labels = batcher(cfg.batch_size)
-        noise = draw_step_noise(student, x0, z0, g, tc.p_uncond)
+        batch = batcher(cfg.batch_size)
+        noise = draw_step_noise(student, batch[0], batch[1], g, tc.p_uncond)
         i = torch.randint(n, (cfg.batch_size,), generator=g).to(dev)  # the student's step
-        loss = distill_loss(teacher, student, x0, z0, labels, noise, small[i], big[2 * i + 1], small[i + 1])
+        loss = distill_loss(teacher, student, batch, noise, step_times(small, big, i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.net.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
@@ -220,11 +226,13 @@ def _round(teacher_path: Path, n: int, cfg: DistillConfig, out: Path, data: Imag
         extra={"distill": info}))
 
 
-def distill_loss(teacher: Stage, student: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, noise,
-                 t: Tensor, t_mid: Tensor, t_pp: Tensor) -> Tensor:
+def distill_loss(teacher: Stage, student: Stage, batch: tuple[Tensor, Tensor | None, Tensor], noise: StepNoise,
+                 times: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """The mean truncated-SNR-weighted loss (a scalar) of the student's one step ``t -> t''`` against
-    the teacher's two ``t -> t' -> t''``, over ``x0`` ``[B, C, R, R]`` (``z0``, ``labels``, the step's
-    randomness ``noise``: :class:`~cdm.train.StepNoise`, whose ``t`` is unused) at times ``[B]``."""
+    the teacher's two ``t -> t' -> t''``, over ``batch = (x0 [B, C, R, R], z0, labels)`` (as
+    :class:`~cdm.step.Batcher` draws it), the step's randomness ``noise`` (whose ``t`` is unused) and
+    ``times = (t, t', t'')`` ``[B]`` (:func:`step_times`)."""
+    (x0, z0, labels), (t, t_mid, t_pp) = batch, times
     dev, d = student.device, student.diffusion
 
     def cond(stage: Stage) -> dict:  # the training path; each network embeds the same inputs itself

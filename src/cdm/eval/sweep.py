@@ -41,7 +41,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -150,9 +149,7 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
     ident = {**(tags or {}), "stage": i, "conditioning": cond.value, "metric": judge.name, "n": cfg.n,
              "seed": cfg.seed, "steps": sp.steps, "sampler": sp.sampler, "spacing": sp.spacing,
              "fingerprint": stage_fingerprint(cascade.stages[i])}
-    if i == 0:
-        z_gt, labels, lower = None, torch.arange(cfg.n) % max(cascade.num_classes, 1), None
-    elif cond is Conditioning.GROUND_TRUTH:
+    if cond is Conditioning.GROUND_TRUTH:
         z_gt, labels = ground_truth if ground_truth is not None else _default_ground_truth(cascade, i, cfg)
         if len(z_gt) != cfg.n or len(labels) != cfg.n:
             raise CascadeError(f"ground-truth inputs: need {cfg.n} images and labels, "
@@ -161,8 +158,9 @@ def run_sweep(cascade: Cascade, plan: SamplingPlan, cfg: SweepConfig, judge: Jud
         lower = None
     else:
         z_gt, labels = None, torch.arange(cfg.n) % max(cascade.num_classes, 1)
-        lower = _LowerSamples(cascade, plan, cfg, i, labels, seeds, out, progress)
-        ident.update(lower.identity)
+        lower = _LowerSamples(cascade, plan, cfg, i, labels, seeds, out, progress) if i else None  # base: none below
+        if lower is not None:
+            ident.update(lower.identity)
 
     def sample(mode: Mode, s: int, w: float) -> tuple[Tensor, Tensor, Tensor | None]:
         z, corrupt = (z_gt, True) if lower is None else lower.inputs(mode, s)
@@ -311,7 +309,7 @@ def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
     """``(best row, current row, write?, why)``: the best setting wins only beyond the noise."""
     best = best_level(rows)
     cur = next((r for r in rows if r["mode"] == mode and r["level"] == level and weight(r) == w), None)
-    now = f"w = {w:g}" if rows[0].get("stage") == 0 else _setting(mode, level, w)
+    now = describe({"stage": rows[0].get("stage"), "mode": mode, "level": level, "guidance": w})
     if cur is None:
         return best, None, False, (f"the cascade's current setting ({now}) was not swept, so nothing was compared "
                                    f"with it; the file is left as it was")
