@@ -42,7 +42,7 @@ def test_file_config(tmp_path):
     (["unet.resolution=64"], "unet.resolution is derived"),
     (["diffusion.schedule=quadratic"], "quadratic"),
     (["augment.s_max=2000"], r"augment.s_max must lie in \[0, augment.steps=1000\]"),
-    (["train.precision=fp16"], "bf16"),
+    (["train.precision=fp16"], "one of auto, bf16, fp32"),
     (["train.steps"], "key=value"),
 ])
 def test_bad_config_is_explained(override, message):

@@ -21,7 +21,7 @@ import torch
 
 from .cascade import Cascade, SamplingPlan, StagePlan
 from .checkpoint import atomic_write, load_stage, resolve_checkpoint_path
-from .config import ConfigError, from_dict, to_dict
+from .config import PRECISIONS, ConfigError, from_dict, to_dict
 from .distributed import pick_device
 
 CASCADE_FILE = "cascade.json"  # the name `cdm sample` and `cdm demo` give it in their output folder
@@ -30,10 +30,10 @@ CASCADE_FILE = "cascade.json"  # the name `cdm sample` and `cdm demo` give it in
 def load_cascade(checkpoints: list[str | Path], device: torch.device | str = "auto",
                  precision: str | None = None) -> Cascade:
     """Build and validate a cascade from stage checkpoints (files or run directories), base first.
-    ``device`` "auto" picks this process's GPU if there is one; ``precision`` ("bf16" autocast or
-    "fp32") overrides the precision each stage was trained in."""
-    if precision not in (None, "bf16", "fp32"):
-        raise ConfigError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    ``device`` "auto" picks this process's GPU if there is one; ``precision`` ("auto", "bf16" autocast
+    or "fp32": ``train.precision``) overrides the precision each stage was trained in."""
+    if precision not in (None, *PRECISIONS):
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dev = pick_device(device) if isinstance(device, str) else device
     stages = [load_stage(p, dev) for p in checkpoints]
     for st in stages:

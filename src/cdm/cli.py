@@ -8,7 +8,7 @@ import math
 import sys
 import warnings
 
-from .config import ConfigError, list_presets, load_stage_config, to_dict
+from .config import PRECISIONS, ConfigError, list_presets, load_stage_config, to_dict
 from .diffusion import Spacing
 from .errors import USER_ERRORS, OneLineParser, os_error_message, warning_line
 from .samplers import SAMPLERS
@@ -228,9 +228,9 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
                                      "checkpoints and the sampling plan")
     p.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
                    help="a stage checkpoint or run directory, base first (repeat per stage)")
-    p.add_argument("--precision", choices=["bf16", "fp32"],
-                   help="network precision while sampling (default: what each stage was trained in, bf16 "
-                        "autocast for the presets); fp32 is the exact but slower switch")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="network precision while sampling (default: what each stage was trained with, auto for "
+                        "the presets: bf16 autocast where the device computes bf16 natively, else fp32)")
     p.add_argument("--device", default="auto", help="auto (default): cuda:LOCAL_RANK if CUDA is available, else cpu")
     flags = {
         "steps": dict(type=_ints, help="sampler steps, one value or one per stage (e.g. 10,6; default: the cascade "

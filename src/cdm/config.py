@@ -29,6 +29,9 @@ from .recipe import LossWeight, LRSchedule
 from .unet import UNetConfig
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision and the samplers' --precision
+
+
 class ConfigError(ValueError):
     """A config file or override is wrong; the message says what to change."""
 
@@ -58,7 +61,9 @@ class TrainConfig:
     ema_snapshot_every: int = 0  # steps between post-hoc EMA snapshots (0: at every checkpoint)
     p_uncond: float = 0.0  # label dropout: the share of training labels replaced by the "no class" label
     # (num_classes), which trains the unconditional prediction classifier-free guidance uses (cdm.guidance)
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    # "auto": bf16 autocast where the device computes bf16 natively (a recent GPU; a CPU with AVX-512 BF16
+    # or AMX), else fp32 (cdm.stage.resolve_precision); "bf16" autocast or "fp32" to force one
+    precision: str = "auto"
     channels_last: bool = False  # measured slower on a 2-core CPU; try it on a GPU
     seed: int = 0
     log_every: int = 25  # steps between JSONL log lines
@@ -71,8 +76,8 @@ class TrainConfig:
     tensorboard: bool = True  # live logs in RUN/tb/ (cdm.livelog), if the tensorboard package is installed
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints",
                      "sample_steps"):
             if getattr(self, name) < 1:

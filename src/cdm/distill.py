@@ -53,7 +53,7 @@ from torch import Tensor
 from .cascade import StagePlan
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, load_checkpoint, load_stage,
                          newest_intact, resolve_checkpoint_path, save_checkpoint)
-from .config import ConfigError, to_dict
+from .config import PRECISIONS, ConfigError, to_dict
 from .data import ImageSet, load_dataset
 from .diffusion import GaussianDiffusion, _bcast, mean_flat, time_grid
 from .distributed import pick_device
@@ -74,7 +74,7 @@ class DistillConfig:
     ema_decay: float = 0.999  # EMA of the student, warmed up as min(decay, (1 + n) / (10 + n)); 0: no EMA
     seed: int = 0
     device: str = "auto"
-    precision: str = ""  # "bf16" or "fp32"; "" = the stage's train.precision
+    precision: str = ""  # "auto", "bf16" or "fp32" (as train.precision); "" = the stage's train.precision
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class DistillConfig:
                               f"{self.start_steps} / {self.final_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"distill: lr must be > 0 and ema_decay in [0, 1), got {self.lr}, {self.ema_decay}")
-        if self.precision not in ("", "bf16", "fp32"):
-            raise ConfigError(f"distill precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("", *PRECISIONS):
+            raise ConfigError(f"distill precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def rounds(self) -> list[int]:
         """The students' step counts, e.g. ``[32, 16, 8, 4]`` for 64 -> 4."""

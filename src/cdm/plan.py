@@ -102,6 +102,12 @@ def shapes_only():
         yield
 
 
+def planned_precision(precision: str) -> str:
+    """The precision a plan assumes: ``"auto"`` is planned as bf16, what it is on any device that
+    computes bf16 natively (a GPU plan's device; a CPU without it trains in fp32, ~2x the activations)."""
+    return "bf16" if precision == "auto" else precision
+
+
 def saved_activation_bytes(config: StageConfig, batch: int) -> int:
     """Bytes of the distinct tensors one forward of the training step (conditioning, network, loss)
     at ``batch`` images saves for backward, parameters excluded; in ``config.train.precision``.
@@ -114,6 +120,7 @@ def _saved(config: StageConfig, batch: int) -> tuple[int, int]:
     from .step import training_step_loss
 
     cfg = copy.deepcopy(config)
+    cfg.train.precision = planned_precision(cfg.train.precision)
     c, r, lo, crop = cfg.unet.in_channels, cfg.resolution, cfg.lowres_resolution, cfg.train.crop
     if crop:  # crop training: the step sees crop x crop windows and their low-res windows
         r, lo = crop, crop * lo // r
@@ -225,7 +232,7 @@ def training_plan(config: StageConfig, processes: int = 1, data: ImageSet | None
         name=config.name, resolution=config.resolution, lowres_resolution=config.lowres_resolution,
         channels=config.unet.in_channels, num_classes=config.unet.num_classes, params=params,
         flops_per_image=flops, batch_size=batch, global_batch=tc.batch_size, processes=processes, steps=tc.steps,
-        precision=tc.precision, ema_copies=ema, activation_bytes_per_image=float(per_image),
+        precision=planned_precision(tc.precision), ema_copies=ema, activation_bytes_per_image=float(per_image),
         activation_bytes_fixed=fixed, cpu=cpu, cuda=cuda,
         data_images=len(data) if data is not None else None,
         data_bytes=data.images.numel() * data.images.element_size() if data is not None else None)

@@ -8,6 +8,8 @@ the same inputs), so what a stage sees at sampling time is what it was trained o
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -19,11 +21,39 @@ from .diffusion import GaussianDiffusion
 from .unet import UNet
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str) -> bool:
+    """Whether this machine's ``device_type`` ("cpu", "cuda") computes bf16 natively: a CUDA GPU that
+    supports it, or a CPU with AVX-512 BF16 or AMX. Elsewhere bf16 autocast is emulated and slow
+    (an AVX2-only EPYC: 13x slower than fp32 for the SR preset's training step, docs/BENCHMARKS.md)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                                   "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``"auto"``: ``"bf16"`` where :func:`native_bf16`, else ``"fp32"``; ``"bf16"`` and ``"fp32"`` as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return precision
+
+
+_warned: set[str] = set()
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU or GPU when ``precision == 'bf16'``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on CPU or GPU when ``precision`` resolves to ``'bf16'`` (:func:`resolve_precision`),
+    else nothing. An explicit ``'bf16'`` on a device without native bf16 warns once: it is emulated."""
+    if resolve_precision(precision, device.type) != "bf16":
+        return contextlib.nullcontext()
+    if not native_bf16(device.type) and device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(f"bf16 autocast on a {device.type} without native bf16 is emulated and can be 10x slower "
+                      f"than fp32: set train.precision = 'auto' (or pass --precision auto)")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class Stage:

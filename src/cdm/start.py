@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_id, checksum, load_checkpoint,
@@ -26,6 +27,7 @@ from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_i
 from .config import ConfigError, StageConfig, to_dict
 from .data import FASHION_MNIST_DIR, ImageSet
 from .recipe import lr_factor
+from .stage import resolve_precision
 
 INIT_WEIGHTS = ("ema", "raw")
 INIT = "init.json"  # in a run directory: where a run started with --init took its weights
@@ -220,7 +222,9 @@ def startup_summary(cfg: StageConfig, data: ImageSet, out: Path, device: str, n_
         classes = f"{n} classes"
     kind = (f"{cfg.lowres_resolution}->{cfg.resolution}px super-resolution stage" if cfg.is_super_resolution
             else f"{cfg.resolution}px base stage")
-    precision = "bf16 autocast" if cfg.train.precision == "bf16" else "fp32"
+    used = resolve_precision(cfg.train.precision, torch.device(device).type)
+    precision = ("bf16 autocast" if used == "bf16" else "fp32") + (
+        " (auto: this device has no native bf16)" if cfg.train.precision == "auto" and used == "fp32" else "")
     return [f"cdm train {cfg.name} -> {out}",
             f"  data: {d.source} {path}, split {d.split}: {len(data):,} images at {d.resolution}px, {classes}",
             f"  {kind}: {n_params:,} parameters; training to step {cfg.train.steps:,}, batch "
