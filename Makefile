@@ -18,10 +18,11 @@ test: install data
 	$(BIN)/python -m pytest
 
 # Resumable: re-running continues where it stopped. Results: runs/repro/report.md, docs/RESULTS.md,
-# runs/headline/headline.md, docs/HEADLINE.md.
+# runs/headline/headline.md, docs/HEADLINE.md. The headline study's finished cells are kept in
+# docs/headline/cells.jsonl: commit it, and a fresh clone trains only the missing ones.
 repro: install data
 	$(BIN)/python experiments/fmnist_repro.py --out runs/repro --publish docs --diagnostics
-	$(BIN)/python experiments/headline.py --out runs/headline --publish docs
+	$(BIN)/python experiments/headline.py --out runs/headline --publish docs --record docs/headline
 
 install: $(VENV)/.installed
 

@@ -108,6 +108,7 @@ RECIPES: dict[str, dict[str, list[str]]] = {
 # and the shipped recipe with more of its training on clean inputs (s = 0 half of the time, not 10%).
 RECIPES["sr"]["new-noaug"] = NEW + ["augment.kind=none"]
 RECIPES["sr"]["new-pzero0.5"] = NEW + ["augment.p_zero=0.5"]
+RECIPES["sr"]["new-pzero0.7"] = NEW + ["augment.p_zero=0.7"]
 # Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
 for _stage in ("base", "sr"):
     RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1"]

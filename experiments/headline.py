@@ -3,8 +3,12 @@ augmentation, several base-stage shares of the budget) against a single stage wi
 training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
 
     python experiments/headline.py --out runs/headline [--profile cpu|smoke|gpu] [--publish docs]
+        [--record docs/headline] [--seeds 0,1]
 
-Re-running the same command resumes; what is done is skipped.
+Re-running the same command resumes; what is done is skipped. The study outlives a 2-core machine's
+session: with ``--record DIR`` its finished cells (a few hundred bytes each) are kept in
+``DIR/cells.jsonl``; commit that file and a fresh clone trains only the cells missing from it.
+The report is rewritten after every cell.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cdm.config import ConfigError
     from cdm.errors import USER_ERRORS
 
     argv = sys.argv[1:] if argv is None else argv
@@ -32,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--publish", metavar="DIR", help="also write DIR/HEADLINE.md (e.g. docs)")
     p.add_argument("--device", default="", help="auto, cpu, cuda ... (default: the profile's)")
     p.add_argument("--data-path", default="", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--record", metavar="DIR", default="",
+                   help="folder of cells.jsonl, the finished cells (default: --out); commit it to resume elsewhere")
+    p.add_argument("--seeds", default="", help="train only these of the profile's seeds, e.g. 1,2 (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
     a = p.parse_args(argv)
 
@@ -45,11 +53,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k:32s} {v.config.train.steps:6d} steps x {v.config.train.batch_size:3d}  "
                       f"{v.train_flops / 1e12:8.2f} TFLOP")
             return 0
+        try:
+            seeds = tuple(int(k) for k in a.seeds.split(",")) if a.seeds else None
+        except ValueError:
+            raise ConfigError(f"--seeds takes comma-separated integers, e.g. 1,2; got {a.seeds!r}") from None
+        if seeds is not None and not set(seeds) <= set(h.seeds):
+            raise ConfigError(f"--seeds {a.seeds}: the {a.profile} profile's seeds are {list(h.seeds)}")
         command = shlex.join(["python", "experiments/headline.py", *argv])
-        s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log)
-        log(f"report: {write_markdown(s, Path(a.out) / 'headline.md')}")
-        if a.publish:
-            log(f"published: {write_markdown(s, Path(a.publish) / 'HEADLINE.md')}")
+
+        def write(summary: dict) -> None:
+            write_markdown(summary, Path(a.out) / "headline.md")
+            if a.publish:
+                write_markdown(summary, Path(a.publish) / "HEADLINE.md")
+
+        s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
+                         record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write)
+        write(s)
+        log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / 'HEADLINE.md'}" if a.publish else ""))
     except USER_ERRORS as e:
         print(f"headline: error: {e}", file=sys.stderr)
         return 2

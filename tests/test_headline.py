@@ -76,27 +76,59 @@ def test_the_split_is_chosen_on_selection_fids_and_claims_need_the_seed_spread()
 
 
 @needs_data
-def test_the_smoke_study_runs_end_to_end_and_resumes(tmp_path):
+def test_the_smoke_study_runs_end_to_end_resumes_and_a_fresh_clone_trains_only_missing_cells(tmp_path):
     from headline import main
 
-    out = tmp_path / "hl"
-    assert main(["--out", str(out), "--profile", "smoke", "--publish", str(tmp_path / "docs")]) == 0
+    out, record = tmp_path / "hl", tmp_path / "record"
+    assert main(["--out", str(out), "--profile", "smoke", "--record", str(record), "--seeds", "0"]) == 0
+    assert main(["--out", str(out), "--profile", "smoke", "--record", str(record),
+                 "--publish", str(tmp_path / "docs")]) == 0
     s = json.loads((out / "headline.json").read_text())
     h = HEADLINES["smoke"]
-    # every cascade row selected at every split, reported at its chosen one only
+    # every cascade row selected and reported at every split; one cell per trained row and seed
     assert len(s["selected"]) == len(h.seeds) * len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)
-    assert len(s["rows"]) == len(h.seeds) * (sum(1 + len(h.rows(b)) for b in h.budgets) + 1)  # + 3-stage
-    assert all(math.isfinite(r["fid"]) for r in s["rows"])
+    cells = [json.loads(line) for line in (record / "cells.jsonl").read_text().splitlines()]
+    assert len(cells) == len(s["rows"]) == s["cells_planned"] == len(h.seeds) * (
+        sum(1 + len(h.splits) * len(h.rows(b)) for b in h.budgets) + 1)  # + 3-stage
+    assert all(math.isfinite(r["fid"]) and r["seconds"] > 0 and r["train_flops"] > 0 for r in s["rows"])
     assert {(e["budget"], e["row"]) for e in s["table"]} == {(b, r) for b in h.budgets
                                                              for r in ("single", "sr-none", "sr-gaussian")} | {
         (1.0, "3-stage"), (1.0, "sr-blur")}
     for e in s["table"]:
-        if e["split"] is not None:
-            reported = {r["split"] for r in s["rows"] if (r["budget"], r["row"]) == (e["budget"], e["row"])}
-            assert reported == {e["split"]}
+        if e["split"] is not None:  # the chosen split's report FIDs, over the seeds
+            at = [r["fid"] for r in s["rows"] if (r["budget"], r["row"], r["split"]) == (e["budget"], e["row"], e["split"])]
+            assert e["fid_mean"] == pytest.approx(sum(at) / len(at)) and len(at) == len(h.seeds)
     three = [r for r in s["rows"] if r["row"] == "3-stage"]
     assert all(len(r["level"]) == 2 and set(r["level"]) <= set(h.levels) for r in three)
     assert (tmp_path / "docs" / "HEADLINE.md").read_text().count("| (a)") == len(h.budgets)
     before = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/checkpoints/*.safetensors")}
-    assert main(["--out", str(out), "--profile", "smoke"]) == 0  # resumes: nothing is retrained
+    assert main(["--out", str(out), "--profile", "smoke", "--record", str(record)]) == 0  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob("stages/*/checkpoints/*.safetensors")} == before
+    # a fresh clone with the committed record: nothing trained, the same table
+    fresh = tmp_path / "fresh"
+    assert main(["--out", str(fresh), "--profile", "smoke", "--record", str(record)]) == 0
+    assert not (fresh / "stages").exists()
+    assert json.loads((fresh / "headline.json").read_text())["table"] == s["table"]
+
+
+def test_a_recorded_cell_counts_only_under_the_same_settings_and_stage_configs(tmp_path):
+    from cdmrepro.headline import Record, study_settings
+
+    p = get_profile("smoke")
+    settings = study_settings(p, HEADLINES["smoke"])
+    rec = Record(tmp_path, settings, print)
+    rec.add({"cell": "b1/seed0/single", "stages": {"b1/seed0/single": "abc"}, "fid": 1.0})
+    again = Record(tmp_path, settings, print)
+    assert again.get("b1/seed0/single", {"b1/seed0/single": "abc"})["fid"] == 1.0
+    assert again.get("b1/seed0/single", {"b1/seed0/single": "changed preset"}) is None
+    logged = []
+    other = Record(tmp_path, {**settings, "n_report": 17}, logged.append)
+    assert other.get("b1/seed0/single", {"b1/seed0/single": "abc"}) is None and "1 cells" in logged[0]
+
+
+def test_bad_seeds_are_a_one_line_error(capsys):
+    from headline import main
+
+    assert main(["--out", "unused", "--profile", "smoke", "--seeds", "7"]) == 2
+    assert "seeds are [0, 1]" in capsys.readouterr().err
+    assert main(["--out", "unused", "--profile", "smoke", "--seeds", "x"]) == 2

@@ -10,36 +10,44 @@ training FLOPs at the profile's scale) and each training seed:
   for ``(1 - f) * b * B`` — the base stage is retrained for every budget, split and seed, never
   shared.
 
-Every SR stage's level ``s`` (Gaussian: among ``levels``; none and blur: 0) and every row's split are
-chosen on *selection* samples (seeds from ``select_seed``, ``n_select`` per candidate): the split
-with the lowest selection FID averaged over the seeds trained so far. Only the chosen setting is then
-scored on the *report* samples (seeds from the profile's ``seed``, ``n_report`` each), so no number
-is chosen on the samples it is reported on, and the expensive report sampling is spent once per
-seed and row. A headline number is a mean ± standard deviation over training seeds; a claim holds
-when the difference of the means exceeds twice its standard error over seeds
-(``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``). Everything is resumable: stages train once, every scored
-sample set is a row of ``points/results.jsonl`` (``cdm.eval.ledger``).
+Every SR stage's level ``s`` (Gaussian: among ``levels``; none and blur: 0) is chosen on *selection*
+samples (seeds from ``select_seed``, ``n_select`` per candidate) and then scored on the *report*
+samples (seeds from the profile's ``seed``, ``n_report`` each, in Inception space too), at every
+split; the row's split is the one with the lowest selection FID averaged over the seeds trained so
+far, so no number is chosen on the samples it is reported on. A headline number is a mean ± standard
+deviation over training seeds; a claim holds when the difference of the means exceeds twice its
+standard error over seeds (``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``).
+
+The study is longer than a 2-core machine's session, so it is kept as *cells*: each trained row of
+one budget and seed, with its scores, is a line of ``cells.jsonl`` in the record folder (:class:`Record`;
+``--record docs/headline`` keeps it in the repository). A re-run, even on a fresh clone, trains only
+the cells missing there; within one run, stages train once and every scored sample set is a row of
+``points/results.jsonl`` (``cdm.eval.ledger``), so a killed run loses at most the point in progress.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, load_stage
+from cdm.config import to_dict
 from cdm.data import DataConfig, load_dataset
 from cdm.distributed import pick_device
-from cdm.data import to_float
-from cdm.eval.ledger import Judge, load_samples, score_point, stage_fingerprint
-from cdm.generate import cycle_labels, sample_batched
+from cdm.eval.ledger import Judge, append_row, read_rows, score_point, stage_fingerprint
 from cdm.eval.sweep import SweepConfig, run_sweep
+from cdm.generate import cycle_labels, sample_batched
 
 from .ledger import Ledger, machine_info
-from .plan import AUGMENT, BASE, StagePlan, _load, _match_flops, _plan, plan_stages
+from .plan import AUGMENT, BASE, STUDY_PINS, StagePlan, _load, _match_flops, _plan, plan_stages
 from .profiles import Profile
 from .run import Log, _write_json, build_scorer, single_point, train
 from .scoring import PRIMARY
@@ -119,80 +127,171 @@ def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "
     return plans
 
 
+RECORD = "cells.jsonl"  # in the record folder (--record): one line per finished cell
+
+
+def study_settings(profile: Profile, h: Headline) -> dict:
+    """What every cell's numbers depend on besides its own key and its stages' configs: a cell
+    recorded under other settings is not reused."""
+    return {"levels": list(h.levels), "n_select": h.n_select, "select_seed": h.select_seed, "n_report": h.n_report,
+            "steps_scale": h.steps_scale, "inception": h.inception, "three_stage": list(h.three_stage),
+            "sampler": profile.sampler, "sample_steps": profile.sample_steps, "spacing": profile.spacing,
+            "report_seed": profile.seed, "n_ref": profile.n_ref, "n_incep_ref": max(profile.n_incep_ref, h.n_report),
+            "bootstrap": profile.bootstrap, "classifier": profile.classifier, "classifier_limit": profile.classifier_limit,
+            "pins": list(STUDY_PINS)}
+
+
+def config_id(cfg) -> str:
+    """A stage config's identity, without what names the machine (device, data folder) or the run."""
+    d = to_dict(cfg)
+    d.pop("name", None)
+    d["train"].pop("device", None)
+    d["data"].pop("path", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Record:
+    """The study's finished cells, ``DIR/cells.jsonl``: a cell is one trained row of one budget and
+    seed (``b1/seed0/single``, ``b1/seed0/f0.2/sr-gaussian``, ``b1/seed0/3-stage``) with its selection
+    and report scores. Small enough to commit, so a study longer than one machine's life resumes on
+    a fresh clone: only the cells missing here are trained (checkpoints are a cell's own business)."""
+
+    def __init__(self, folder: Path, settings: dict, log: Log):
+        self.path = folder / RECORD
+        self.study = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        rows = read_rows(self.path)
+        self.cells = {r["cell"]: r for r in rows if r.get("study") == self.study}
+        if len(self.cells) < len(rows):
+            log(f"{self.path}: {len(rows) - len(self.cells)} cells of other study settings are ignored")
+
+    def get(self, key: str, stages: dict[str, str]) -> dict | None:
+        """The recorded cell ``key`` if its stages' configs are ``stages`` (``{stage key: config_id}``)."""
+        r = self.cells.get(key)
+        return r if r is not None and r.get("stages") == stages else None
+
+    def add(self, row: dict) -> dict:
+        row = {"study": self.study, **row}
+        append_row(self.path, row)
+        self.cells[row["cell"]] = row
+        return row
+
+
 def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
-                 log: Log) -> dict:
-    """Train, select and score the whole grid (resuming); returns the summary (``headline.json``)."""
+                 log: Log, record: Path | None = None, seeds: tuple[int, ...] | None = None,
+                 after_cell: Callable[[dict], None] | None = None) -> dict:
+    """Train, select and score every cell of the grid not yet in ``record`` (default ``out``), seed by
+    seed (``seeds``: a subset of ``h.seeds``); returns the summary of every recorded cell
+    (:func:`summarise`), also passed to ``after_cell`` after each new cell."""
     out.mkdir(parents=True, exist_ok=True)
+    settings = study_settings(profile, h)
     profile = replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if h.inception else 0,
-                      n_incep_ref=max(profile.n_incep_ref, h.n_report))
+                      n_incep_ref=settings["n_incep_ref"])
+    rec = Record(Path(record or out), settings, log)
     dev = pick_device(device or profile.device)
-    ledger = Ledger(out / "timings.json", command, machine_info(dev), profile.name)
+    machine = machine_info(dev)
+    ledger = Ledger(out / "timings.json", command, machine, profile.name)
     data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
-    with ledger.task("load data"):
-        train_set = load_dataset(data_cfg)
     plans = plan_headline(profile, h, str(dev), data_path)
     _write_json(out / "plan.json", {k: {"steps": v.config.train.steps, "train_flops": v.train_flops}
                                     for k, v in plans.items()})
-    scorer, metric, refs = build_scorer(profile, out, data_cfg, str(dev), ledger, log)
+    ids = {k: config_id(v.config) for k, v in plans.items()}  # before training fills in a config's data fields
+    loaded: dict = {}
 
-    def ckpt(key: str) -> Path:  # trained when first needed, so results come seed by seed
-        return train(plans[key], out / "stages" / key.replace("/", "__"), train_set, ledger, log, False)
+    def needs():  # the data, scorer and the rest, once the first missing cell needs them
+        if not loaded:
+            with ledger.task("load data"):
+                loaded["data"] = load_dataset(data_cfg)
+            loaded["scorer"], loaded["metric"], refs = build_scorer(profile, out, data_cfg, str(dev), ledger, log)
+            loaded["scoring"] = {"n_ref": profile.n_ref, "bootstrap": profile.bootstrap, **refs}
+        return loaded
 
-    scoring = {"n_ref": profile.n_ref, "bootstrap": profile.bootstrap, **refs}
+    def ckpt(key: str) -> Path:
+        return train(plans[key], out / "stages" / key.replace("/", "__"), needs()["data"], ledger, log, False)
+
     plan = SamplingPlan.uniform(2, steps=profile.sample_steps, sampler=profile.sampler, spacing=profile.spacing)
     points = out / "points"
+    about = {"cpu": machine["cpu"], "threads": machine["threads"], "device": machine["device"]}
 
     def cascade_points(key: str, levels, n: int, seed: int, phase: str) -> list[dict]:
-        """The cascade ``key`` (``b{b}/seed{k}/f{f}/{row}``) sampled at ``levels``, scored in classifier space."""
+        """The cascade ``key`` (``b{b}/seed{k}/f{f}/{row}``) sampled at ``levels`` and scored (report
+        samples in Inception space too)."""
         base = load_stage(ckpt(f"{key.rsplit('/', 1)[0]}/{BASE}"), dev)
         cascade = Cascade([base, load_stage(ckpt(key), dev)])
-        judge = Judge(scorer.for_row(key, ()), metric, PRIMARY)
+        got = needs()
+        judge = Judge(got["scorer"].for_row(key, None if phase == "report" else ()), got["metric"], PRIMARY)
         cfg = SweepConfig(levels=list(levels), modes=["non-truncated"], n=n, seed=seed,
                           batch_size=profile.sample_batch, keep_samples=phase == "report")
         with ledger.task(f"{phase} {key}"):
-            return run_sweep(cascade, plan, cfg, judge, points, log, tags={"row": key, "phase": phase, "scoring": scoring})
+            return run_sweep(cascade, plan, cfg, judge, points, log,
+                             tags={"row": key, "phase": phase, "scoring": got["scoring"]})
 
-    selected: list[dict] = []  # every (budget, seed, split, cascade row): its level and FID on the selection samples
-    singles: list[dict] = []  # single-stage and three-stage rows (report samples)
-    for k in h.seeds:  # a whole seed first: a partial run already has every budget and split once
+    def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> None:
+        stages = {s: ids[s] for s in stage_keys}
+        if rec.get(key, stages) is not None:
+            return
+        t = time.time()
+        got = make()
+        row = rec.add({"cell": key, **ident, **got, "metric": loaded["metric"], "stages": stages,
+                       "train_flops": sum(plans[s].train_flops for s in stage_keys),
+                       "seconds": round(time.time() - t, 1), "machine": about, "date": time.strftime("%Y-%m-%d")})
+        log(f"cell {key}: FID {row['fid']:.3f}" + (f" (level {row['level']})" if row.get("level") else ""))
+        if after_cell:
+            after_cell(summarise(rec, profile, h, command))
+
+    for k in seeds if seeds is not None else h.seeds:  # a whole seed first
         for b in h.budgets:
             key = f"b{b:g}/seed{k}/single"
-            r = single_point(ckpt(key), plan, profile, scorer.for_row(key, ()), points, metric, scoring, dev,
-                             ledger, log, key=key)
-            singles.append({"budget": b, "seed": k, "split": None, "row": "single", "level": 0, "select_fid": None,
-                            "samples": r["samples"], **_metrics(r)})
+
+            def single(key=key) -> dict:
+                got = needs()
+                r = single_point(ckpt(key), plan, profile, got["scorer"].for_row(key, None), points, got["metric"],
+                                 got["scoring"], dev, ledger, log, key=key)
+                return {"level": 0, "select_fid": None, **_metrics(r)}
+
+            cell(key, [key], single, budget=b, seed=k, split=None, row="single")
             for f in h.splits:
                 for row in h.rows(b):
                     key = f"b{b:g}/seed{k}/f{f:g}/{row}"
-                    sel = cascade_points(key, h.levels if row == "sr-gaussian" else (0,), h.n_select,
-                                         h.select_seed, "select")
-                    pick = min(sel, key=lambda r: (r["value"], r["level"]))
-                    selected.append({"budget": b, "seed": k, "split": f, "row": row, "level": pick["level"],
-                                     "select_fid": pick["value"]})
+
+                    def cascade_row(key=key, row=row) -> dict:
+                        sel = cascade_points(key, h.levels if row == "sr-gaussian" else (0,), h.n_select,
+                                             h.select_seed, "select")
+                        pick = min(sel, key=lambda r: (r["value"], r["level"]))
+                        rep = cascade_points(key, (pick["level"],), h.n_report, profile.seed, "report")[0]
+                        return {"level": pick["level"], "select_fid": pick["value"],
+                                "select": {str(r["level"]): r["value"] for r in sel}, **_metrics(rep)}
+
+                    cell(key, [f"b{b:g}/seed{k}/f{f:g}/{BASE}", key], cascade_row, budget=b, seed=k, split=f, row=row)
             if b == 1.0 and h.three_stage:
-                singles.append(three_stage_row(k, [ckpt(f"b1/seed{k}/{THREE}/{n}") for n in THREE_STAGES], plan,
-                                               h, profile, Judge(scorer.for_row(THREE, ()), metric, PRIMARY),
-                                               scoring, points, dev, ledger, log))
-        # report every seed so far at each row's split as chosen so far (earlier reports are reused)
-        rows = list(singles)
-        for b in h.budgets:
-            for row in h.rows(b):
-                f = chosen_split(selected, b, row)
-                for e in (e for e in selected if (e["budget"], e["row"], e["split"]) == (b, row, f)):
-                    rep = cascade_points(f"b{b:g}/seed{e['seed']}/f{f:g}/{row}", (e["level"],), h.n_report,
-                                         profile.seed, "report")[0]
-                    rows.append({**e, "samples": rep["samples"], **_metrics(rep)})
-        _write_json(out / "rows.json", {"rows": rows, "selected": selected})  # seed by seed
-    if h.inception:
-        inception_pass(aggregate(rows, selected, h), rows, scorer, points, ledger, log)
+                key = f"b1/seed{k}/{THREE}"
+                names = [f"{key}/{n}" for n in THREE_STAGES]
+
+                def three(k=k, names=names) -> dict:
+                    got = needs()
+                    return three_stage_row(k, [ckpt(n) for n in names], plan, h, profile, got["scorer"],
+                                           got["metric"], got["scoring"], points, dev, ledger, log)
+
+                cell(key, names, three, budget=1.0, seed=k, split=None, row=THREE)
     ledger.finish()
-    table = aggregate(rows, selected, h)
-    summary = {"headline": asdict(h), "profile": asdict(profile),
-               "reference_budget_flops": reference_budget(plan_stages(profile, str(dev), data_path)),
-               "command": command, "metric": metric, "rows": rows, "selected": selected, "table": table,
-               "claims": claims(table), "timings": ledger.data, "total_seconds": ledger.total_seconds}
+    summary = summarise(rec, profile, h, command)
+    summary["timings"] = ledger.data
     _write_json(out / "headline.json", summary)
     return summary
+
+
+def summarise(rec: Record, profile: Profile, h: Headline, command: str) -> dict:
+    """Every recorded cell of this grid, its table over seeds (:func:`aggregate`) and the claims."""
+    grid = {(b, f) for b in h.budgets for f in (None, *h.splits)}
+    rows = [r for r in rec.cells.values() if (r["budget"], r["split"]) in grid]
+    selected = [r for r in rows if r["split"] is not None]
+    table = aggregate(rows, selected, h)
+    return {"headline": asdict(h), "study": rec.study, "command": command,
+            "metric": rows[0]["metric"] if rows else PRIMARY,
+            "reference_budget_flops": reference_budget(plan_stages(profile, "cpu")),
+            "seeds_recorded": sorted({r["seed"] for r in rows}), "rows": rows, "selected": selected,
+            "table": table, "claims": claims(table), "cell_seconds": round(sum(r["seconds"] for r in rows), 1),
+            "cells_planned": len(h.seeds) * (sum(1 + len(h.splits) * len(h.rows(b)) for b in h.budgets)
+                                             + (1 if 1.0 in h.budgets and h.three_stage else 0))}
 
 
 def chosen_split(selected: list[dict], b: float, row: str) -> float:
@@ -207,18 +306,19 @@ def chosen_split(selected: list[dict], b: float, row: str) -> float:
     return min(by_split, key=lambda f: (statistics.fmean(by_split[f]), f))
 
 
-def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline, profile: Profile, judge: Judge,
-                    scoring: dict, points: Path, dev, ledger: Ledger, log: Log) -> dict:
+def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline, profile: Profile, scorer,
+                    metric: str, scoring: dict, points: Path, dev, ledger: Ledger, log: Log) -> dict:
     """Seed ``k``'s three-stage cascade: its two SR levels chosen jointly on the selection samples
-    (every pair of ``h.levels``), then scored at that pair on the report samples."""
+    (every pair of ``h.levels``), then scored at that pair on the report samples (in Inception space too)."""
     cascade = Cascade([load_stage(p, dev) for p in ckpts])
     st = plan2.stages[-1]
     key = f"b1/seed{k}/{THREE}"
     ident = {"row": key, "scoring": scoring, "fingerprints": [stage_fingerprint(s) for s in cascade.stages],
-             "metric": judge.name, "steps": st.steps, "sampler": st.sampler, "spacing": st.spacing}
+             "metric": metric, "steps": st.steps, "sampler": st.sampler, "spacing": st.spacing}
 
     def point(levels: list[int], n: int, seed: int, phase: str) -> dict:
         plan = SamplingPlan.uniform(3, steps=st.steps, levels=levels, sampler=st.sampler, spacing=st.spacing)
+        judge = Judge(scorer.for_row(key, None if phase == "report" else ()), metric, PRIMARY)
 
         def sample():
             labels = cycle_labels(n, cascade.num_classes)
@@ -234,32 +334,8 @@ def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline,
     pick = min(sel, key=lambda r: (r["value"], r["levels"]))
     with ledger.task(f"report {key}"):
         rep = point(pick["levels"], h.n_report, profile.seed, "report")
-    return {"budget": 1.0, "seed": k, "split": None, "row": THREE, "level": pick["levels"][1:],
-            "select_fid": pick["value"], "samples": rep["samples"], **_metrics(rep)}
-
-
-def inception_pass(table: list[dict], rows: list[dict], scorer, points: Path, ledger: Ledger, log: Log) -> None:
-    """FID in Inception space of the report samples behind every row of the table (each seed), kept
-    in ``points/inception.jsonl``; adds ``inception_fid`` to those rows."""
-    chosen = {(e["budget"], e["row"], e["split"]) for e in table}
-    with ledger.task("inception"):
-        for r in rows:
-            if (r["budget"], r["row"], r["split"]) not in chosen:
-                continue
-
-            def sample(path=points / r["samples"]):
-                z = load_samples(path)
-                if z is None:
-                    raise FileNotFoundError(f"{path} is missing or damaged; delete its row from "
-                                            f"{points / 'results.jsonl'} and re-run")
-                return to_float(z["images"]), z["labels"], None
-
-            def fid(x, labels):
-                return {"inception_fid": scorer.inception_fid(x)}
-
-            got = score_point(points / "inception", {"samples": r["samples"]}, sample,
-                              Judge(fid, "inception_fid"), name="inception", progress=log)
-            r["inception_fid"] = got["value"]
+    return {"level": pick["levels"][1:], "select_fid": pick["value"],
+            "select": {f"{r['levels'][1]},{r['levels'][2]}": r["value"] for r in sel}, **_metrics(rep)}
 
 
 def _metrics(point: dict) -> dict:
@@ -275,7 +351,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float, int]:
 def aggregate(rows: list[dict], selected: list[dict], h: Headline) -> list[dict]:
     """Per budget: the single stage (and the three-stage cascade), and each cascade row at its
     chosen split (:func:`chosen_split`); each with the mean ± sd over seeds of its report FIDs, and
-    for cascade rows the mean selection FID of every split."""
+    for cascade rows the mean selection and report FIDs of every split."""
     out = []
     for b in h.budgets:
         for one in ("single", THREE):
@@ -289,19 +365,21 @@ def aggregate(rows: list[dict], selected: list[dict], h: Headline) -> list[dict]
             got = [r for r in rows if (r["budget"], r["row"], r["split"]) == (b, row, f)]
             if not got:
                 continue
-            sel = {g: statistics.fmean(e["select_fid"] for e in selected
-                                       if (e["budget"], e["row"], e["split"]) == (b, row, g))
-                   for g in h.splits if any((e["budget"], e["row"], e["split"]) == (b, row, g) for e in selected)}
-            out.append(_entry(b, row, f, got, sel))
+            at = {g: [r for r in rows if (r["budget"], r["row"], r["split"]) == (b, row, g)] for g in h.splits}
+            sel = {g: statistics.fmean(r["select_fid"] for r in rs) for g, rs in at.items() if rs}
+            rep = {g: statistics.fmean(r["fid"] for r in rs) for g, rs in at.items() if rs}
+            out.append(_entry(b, row, f, got, sel, rep))
     return out
 
 
-def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: dict | None = None) -> dict:
+def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: dict | None = None,
+           report_by_split: dict | None = None) -> dict:
     m, sd, k = _mean_sd([r["fid"] for r in rs])
     incep = [r["inception_fid"] for r in rs if r["inception_fid"] is not None]
     return {"budget": b, "row": row, "split": split, "fid_mean": m, "fid_sd": sd, "seeds": k,
             "levels": [r["level"] for r in rs], "inception_mean": statistics.fmean(incep) if incep else None,
-            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split}
+            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split,
+            "fid_by_split": report_by_split}
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -334,22 +412,29 @@ def claims(table: list[dict]) -> list[dict]:
 def markdown(summary: dict) -> str:
     """The study's tables and verdicts, as Markdown."""
     h = summary["headline"]
-    lines = [f"Training seeds {h['seeds']}; budgets {h['budgets']} x B (B = "
+    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['device']}, {r['machine']['threads']} threads)"
+                       for r in summary["rows"]})
+    lines = [f"Training seeds {h['seeds']} (recorded so far: {summary['seeds_recorded']}; "
+             f"{len(summary['rows'])} of {summary['cells_planned']} cells); budgets {h['budgets']} x B (B = "
              f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {h['splits']}; metric "
              f"{summary['metric']} (mean ± sd over seeds of {h['n_report']} report samples each; the split and each "
-             f"SR level chosen on {h['n_select']} other, selection samples).", "",
+             f"SR level chosen on {h['n_select']} other, selection samples). The recorded cells took "
+             f"{summary['cell_seconds'] / 3600:.1f} h on {'; '.join(machines) or 'no machine yet'}.", "",
              "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID "
-             "| selection FID by split |", "|---|---|---|---|---|---|---|---|"]
+             "| by split: selection FID / report FID |", "|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
             f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "")
         split = "" if e["split"] is None else f"{e['split']:g}"
-        by = ", ".join(f"{float(g):g}: {v:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
-        lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {e['fid_sd']:.3f} | "
+        rep = e.get("fid_by_split") or {}
+        by = ", ".join(f"{float(g):g}: {v:.2f} / {rep[g]:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
+        sd = "–" if math.isnan(e["fid_sd"]) else f"{e['fid_sd']:.3f}"
+        lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {sd} | "
                      f"{e['seeds']} | {e['levels']} | {inc} | {by} |")
     lines += ["", "| claim | budget | difference | SE over seeds | verdict |", "|---|---|---|---|---|"]
     for c in summary["claims"]:
-        lines.append(f"| ({c['claim']}) {c['text']} | {c['budget']:g}B | {c['difference']:+.3f} | {c['se']:.3f} | "
+        se = "–" if math.isnan(c["se"]) else f"{c['se']:.3f}"
+        lines.append(f"| ({c['claim']}) {c['text']} | {c['budget']:g}B | {c['difference']:+.3f} | {se} | "
                      f"{c['verdict']} |")
     return "\n".join(lines) + "\n"
 
