@@ -107,7 +107,7 @@ def test_the_smoke_study_runs_end_to_end_resumes_and_a_fresh_clone_trains_only_m
     # a fresh clone with the committed record: nothing trained, the same table
     fresh = tmp_path / "fresh"
     assert main(["--out", str(fresh), "--profile", "smoke", "--record", str(record)]) == 0
-    assert not (fresh / "stages").exists()
+    assert not (fresh / "stages").exists() and (record / "classifier" / "classifier.safetensors").exists()
     assert json.loads((fresh / "headline.json").read_text())["table"] == s["table"]
 
 
@@ -117,13 +117,14 @@ def test_a_recorded_cell_counts_only_under_the_same_settings_and_stage_configs(t
     p = get_profile("smoke")
     settings = study_settings(p, HEADLINES["smoke"])
     rec = Record(tmp_path, settings, print)
-    rec.add({"cell": "b1/seed0/single", "stages": {"b1/seed0/single": "abc"}, "fid": 1.0})
+    rec.add({"cell": "b1/seed0/single", "stages": {"b1/seed0/single": "abc"}, "classifier": "c1", "fid": 1.0})
     again = Record(tmp_path, settings, print)
-    assert again.get("b1/seed0/single", {"b1/seed0/single": "abc"})["fid"] == 1.0
-    assert again.get("b1/seed0/single", {"b1/seed0/single": "changed preset"}) is None
+    assert again.get("b1/seed0/single", {"b1/seed0/single": "abc"}, "c1")["fid"] == 1.0
+    assert again.get("b1/seed0/single", {"b1/seed0/single": "changed preset"}, "c1") is None
+    assert again.get("b1/seed0/single", {"b1/seed0/single": "abc"}, "another classifier") is None
     logged = []
     other = Record(tmp_path, {**settings, "n_report": 17}, logged.append)
-    assert other.get("b1/seed0/single", {"b1/seed0/single": "abc"}) is None and "1 cells" in logged[0]
+    assert other.get("b1/seed0/single", {"b1/seed0/single": "abc"}, "c1") is None and "1 cells" in logged[0]
 
 
 def test_bad_seeds_are_a_one_line_error(capsys):

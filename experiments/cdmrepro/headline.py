@@ -150,11 +150,19 @@ def config_id(cfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_id(path: Path) -> str | None:
+    """A file's identity (a hash of its bytes), None if it does not exist."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
 class Record:
     """The study's finished cells, ``DIR/cells.jsonl``: a cell is one trained row of one budget and
     seed (``b1/seed0/single``, ``b1/seed0/f0.2/sr-gaussian``, ``b1/seed0/3-stage``) with its selection
     and report scores. Small enough to commit, so a study longer than one machine's life resumes on
-    a fresh clone: only the cells missing here are trained (checkpoints are a cell's own business)."""
+    a fresh clone: only the cells missing here are trained (checkpoints are a cell's own business).
+    The folder also keeps the study's domain classifier (``classifier/``, 0.3 MB): every cell is
+    scored in one feature space, whichever machine trained it (a classifier retrained elsewhere would
+    differ in its last bits, and so would the FIDs)."""
 
     def __init__(self, folder: Path, settings: dict, log: Log):
         self.path = folder / RECORD
@@ -164,10 +172,11 @@ class Record:
         if len(self.cells) < len(rows):
             log(f"{self.path}: {len(rows) - len(self.cells)} cells of other study settings are ignored")
 
-    def get(self, key: str, stages: dict[str, str]) -> dict | None:
-        """The recorded cell ``key`` if its stages' configs are ``stages`` (``{stage key: config_id}``)."""
+    def get(self, key: str, stages: dict[str, str], classifier: str | None) -> dict | None:
+        """The recorded cell ``key`` if its stages' configs are ``stages`` (``{stage key: config_id}``)
+        and it was scored with the domain classifier ``classifier`` (:func:`file_id`)."""
         r = self.cells.get(key)
-        return r if r is not None and r.get("stages") == stages else None
+        return r if r is not None and r.get("stages") == stages and r.get("classifier") == classifier else None
 
     def add(self, row: dict) -> dict:
         row = {"study": self.study, **row}
@@ -187,6 +196,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     profile = replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if h.inception else 0,
                       n_incep_ref=settings["n_incep_ref"])
     rec = Record(Path(record or out), settings, log)
+    clf_dir = rec.path.parent / "classifier"
+    clf_file = clf_dir / "classifier.safetensors"
     dev = pick_device(device or profile.device)
     machine = machine_info(dev)
     ledger = Ledger(out / "timings.json", command, machine, profile.name)
@@ -201,7 +212,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
         if not loaded:
             with ledger.task("load data"):
                 loaded["data"] = load_dataset(data_cfg)
-            loaded["scorer"], loaded["metric"], refs = build_scorer(profile, out, data_cfg, str(dev), ledger, log)
+            loaded["scorer"], loaded["metric"], refs = build_scorer(profile, out, data_cfg, str(dev), ledger, log,
+                                                                    clf_dir)
             loaded["scoring"] = {"n_ref": profile.n_ref, "bootstrap": profile.bootstrap, **refs}
         return loaded
 
@@ -227,11 +239,12 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> None:
         stages = {s: ids[s] for s in stage_keys}
-        if rec.get(key, stages) is not None:
+        if rec.get(key, stages, file_id(clf_file)) is not None:
             return
         t = time.time()
         got = make()
         row = rec.add({"cell": key, **ident, **got, "metric": loaded["metric"], "stages": stages,
+                       "classifier": file_id(clf_file),
                        "train_flops": sum(plans[s].train_flops for s in stage_keys),
                        "seconds": round(time.time() - t, 1), "machine": about, "date": time.strftime("%Y-%m-%d")})
         log(f"cell {key}: FID {row['fid']:.3f}" + (f" (level {row['level']})" if row.get("level") else ""))

@@ -153,12 +153,12 @@ def train(plan: StagePlan, run_dir: Path, data: ImageSet, ledger: Ledger, log: L
 
 
 # ----------------------------------------------------------------------------- scoring
-def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: Ledger, log: Log
-                 ) -> tuple[PointScorer, str, dict]:
-    """Train the domain classifier (once), load the reference statistics (cached in ``out/cache``)
-    and return the scorer, the name of its primary metric and the fingerprints of the real images
-    it compares with."""
-    clf_dir = out / "classifier"
+def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: Ledger, log: Log,
+                 clf_dir: Path | None = None) -> tuple[PointScorer, str, dict]:
+    """Train the domain classifier (once, in ``clf_dir``, default ``out/classifier``), load the
+    reference statistics (cached in ``out/cache``) and return the scorer, the name of its primary
+    metric and the fingerprints of the real images it compares with."""
+    clf_dir = clf_dir or out / "classifier"
     if not (clf_dir / "summary.json").exists():
         log("train the domain classifier")
         with ledger.task("train classifier"):
