@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_id, checksum, load_checkpoint,
@@ -222,7 +221,7 @@ def startup_summary(cfg: StageConfig, data: ImageSet, out: Path, device: str, n_
         classes = f"{n} classes"
     kind = (f"{cfg.lowres_resolution}->{cfg.resolution}px super-resolution stage" if cfg.is_super_resolution
             else f"{cfg.resolution}px base stage")
-    used = resolve_precision(cfg.train.precision, torch.device(device).type)
+    used = resolve_precision(cfg.train.precision, device.split()[0].split(":")[0])  # device: e.g. "cuda:0 x 2 processes"
     precision = ("bf16 autocast" if used == "bf16" else "fp32") + (
         " (auto: this device has no native bf16)" if cfg.train.precision == "auto" and used == "fp32" else "")
     return [f"cdm train {cfg.name} -> {out}",
