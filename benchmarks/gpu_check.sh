@@ -8,7 +8,10 @@
 #   3. a short bf16 training of each Fashion-MNIST preset on the GPU (its img/s from log.jsonl);
 #   4. a 64x64 SR stage's training img/s against diffusers' UNet2DModel of matched shape
 #      (benchmarks/vs_diffusers.py --device cuda);
-#   5. a 2-process DDP training run (torchrun, NCCL), when the machine has two GPUs.
+#   5. a 2-process DDP training run (torchrun, NCCL), when the machine has two GPUs;
+#   6. with HEADLINE_SECONDS=N (default 0: skipped), N seconds of the headline study's missing cells
+#      (experiments/headline.py, issue #15) on cuda:0, from a copy of docs/headline/ into
+#      $OUT/headline-record/; copy its cells.jsonl back into docs/headline/ and commit it.
 #
 # A GPU machine often has no network and no Fashion-MNIST: prepare both here first,
 #   benchmarks/gpu_check.sh --prepare     # copies the IDX files and the diffusers wheels into .gpu/
@@ -103,6 +106,16 @@ if [ "$NGPU" -ge 2 ] && [ -n "$DATA" ]; then
     ok $? "DDP 2 GPUs"
 else
     echo "skipped: $NGPU GPU(s) here (needs 2, and the data)"
+fi
+
+step "headline study cells on cuda:0 (${HEADLINE_SECONDS:-0} s)"
+if [ "${HEADLINE_SECONDS:-0}" -gt 0 ] && [ -n "$DATA" ]; then
+    mkdir -p "$RES/headline-record" && cp -r docs/headline/. "$RES/headline-record/" 2>/dev/null
+    timeout "$HEADLINE_SECONDS" "$PY" experiments/headline.py --out "$RES/headline" --record "$RES/headline-record" \
+        --device cuda --data-path "$DATA" 2>&1 | grep -E "cell |error" | tail -40
+    echo "cells recorded: $(wc -l < "$RES/headline-record/cells.jsonl" 2>/dev/null || echo 0)"
+else
+    echo "skipped (HEADLINE_SECONDS=${HEADLINE_SECONDS:-0}, data: ${DATA:-none})"
 fi
 
 step "verdict"
