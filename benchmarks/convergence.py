@@ -105,7 +105,7 @@ RECIPES: dict[str, dict[str, list[str]]] = {
     } for stage in PRESETS
 }
 # The reference an augmented SR stage's consistency is held to: the shipped recipe without augmentation;
-# and the shipped recipe with more of its training on clean inputs (s = 0 half of the time, not 10%).
+# and the shipped recipe with more of its training on clean inputs (s = 0 half or 70% of the time, not 10%).
 RECIPES["sr"]["new-noaug"] = NEW + ["augment.kind=none"]
 RECIPES["sr"]["new-pzero0.5"] = NEW + ["augment.p_zero=0.5"]
 RECIPES["sr"]["new-pzero0.7"] = NEW + ["augment.p_zero=0.7"]
