@@ -205,6 +205,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     plans = plan_headline(profile, h, str(dev), data_path)
     _write_json(out / "plan.json", {k: {"steps": v.config.train.steps, "train_flops": v.train_flops}
                                     for k, v in plans.items()})
+    budget = reference_budget(plan_stages(profile, str(dev), data_path))
     ids = {k: config_id(v.config) for k, v in plans.items()}  # before training fills in a config's data fields
     loaded: dict = {}
 
@@ -249,7 +250,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                        "seconds": round(time.time() - t, 1), "machine": about, "date": time.strftime("%Y-%m-%d")})
         log(f"cell {key}: FID {row['fid']:.3f}" + (f" (level {row['level']})" if row.get("level") else ""))
         if after_cell:
-            after_cell(summarise(rec, profile, h, command))
+            after_cell(summarise(rec, h, command, budget))
 
     for k in seeds if seeds is not None else h.seeds:  # a whole seed first
         for b in h.budgets:
@@ -286,21 +287,22 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
                 cell(key, names, three, budget=1.0, seed=k, split=None, row=THREE)
     ledger.finish()
-    summary = summarise(rec, profile, h, command)
+    summary = summarise(rec, h, command, budget)
     summary["timings"] = ledger.data
     _write_json(out / "headline.json", summary)
     return summary
 
 
-def summarise(rec: Record, profile: Profile, h: Headline, command: str) -> dict:
-    """Every recorded cell of this grid, its table over seeds (:func:`aggregate`) and the claims."""
+def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:
+    """Every recorded cell of this grid, its table over seeds (:func:`aggregate`) and the claims
+    (``budget``: B, :func:`reference_budget`)."""
     grid = {(b, f) for b in h.budgets for f in (None, *h.splits)}
     rows = [r for r in rec.cells.values() if (r["budget"], r["split"]) in grid]
     selected = [r for r in rows if r["split"] is not None]
     table = aggregate(rows, selected, h)
     return {"headline": asdict(h), "study": rec.study, "command": command,
             "metric": rows[0]["metric"] if rows else PRIMARY,
-            "reference_budget_flops": reference_budget(plan_stages(profile, "cpu")),
+            "reference_budget_flops": budget,
             "seeds_recorded": sorted({r["seed"] for r in rows}), "rows": rows, "selected": selected,
             "table": table, "claims": claims(table), "cell_seconds": round(sum(r["seconds"] for r in rows), 1),
             "cells_planned": len(h.seeds) * (sum(1 + len(h.splits) * len(h.rows(b)) for b in h.budgets)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_write
 from ..config import from_dict, to_dict
-from ..stage import native_bf16
+from ..stage import autocast
 from ..data import DataConfig, to_float
 from .report import Report
 from .reference import ReferenceSpec, load_reference
@@ -131,7 +131,7 @@ def train_classifier(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, c
         run_loss, t0 = 0.0, time.perf_counter()
         for i in range(steps_per_epoch):
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available() and native_bf16("cpu")):
+            with autocast(torch.device("cpu"), "fp32" if torch.cuda.is_available() else "auto"):
                 logits = net(_augment(x[idx], config, g))
             loss = F.cross_entropy(logits.float(), y[idx])
             opt.zero_grad(set_to_none=True)
