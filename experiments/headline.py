@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-path", default="", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--record", metavar="DIR", default="",
                    help="folder of cells.jsonl, the finished cells (default: --out); commit it to resume elsewhere")
-    p.add_argument("--seeds", default="", help="train only these of the profile's seeds, e.g. 1,2 (default: all)")
+    p.add_argument("--seeds", default="", help="train only these of the profile's seeds, e.g. 1,2, once seed 0 (which chooses each "
+                        "row's split) is recorded (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
     a = p.parse_args(argv)
 

@@ -40,14 +40,15 @@ def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
 
 
 def rows_for(fids: dict) -> tuple[list[dict], list[dict]]:
-    """Report rows and selection entries: ``{(row, split, select_fid): report FIDs per seed}``."""
+    """Report cells and seed 0's split cells: ``{(row, split, select_fid): report FIDs per seed}``
+    (a split's report cells are used only if it is the chosen one)."""
     rows, selected = [], []
     for (row, split, sel), per_seed in fids.items():
         for k, fid in enumerate(per_seed):
             e = {"budget": 1.0, "seed": k, "split": split, "row": row, "level": 0, "select_fid": sel}
-            if row != "single":
-                selected.append(e)
-            rows.append({**e, "fid": fid, "fid_se": 0.1, "inception_fid": None})
+            if row != "single" and k == 0:
+                selected.append({**e, "kind": "select", "fid": None})
+            rows.append({**e, "kind": "report", "fid": fid, "fid_se": 0.1, "inception_fid": None})
     return rows, selected
 
 
@@ -85,12 +86,19 @@ def test_the_smoke_study_runs_end_to_end_resumes_and_a_fresh_clone_trains_only_m
                  "--publish", str(tmp_path / "docs")]) == 0
     s = json.loads((out / "headline.json").read_text())
     h = HEADLINES["smoke"]
-    # every cascade row selected and reported at every split; one cell per trained row and seed
-    assert len(s["selected"]) == len(h.seeds) * len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)
+    # the select seed's cascades selected at every split; every seed's rows reported at the chosen one
+    assert h.select_seeds == (0,) and {e["seed"] for e in s["selected"]} == {0}
+    assert len(s["selected"]) == len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)
     cells = [json.loads(line) for line in (record / "cells.jsonl").read_text().splitlines()]
-    assert len(cells) == len(s["rows"]) == s["cells_planned"] == len(h.seeds) * (
-        sum(1 + len(h.splits) * len(h.rows(b)) for b in h.budgets) + 1)  # + 3-stage
+    assert len(cells) == s["cells_recorded"] == s["cells_planned"] == len(s["rows"]) + len(s["selected"]) == (
+        len(h.seeds) * (sum(1 + len(h.rows(b)) for b in h.budgets) + 1)  # + 3-stage
+        + len(h.splits) * sum(len(h.rows(b)) for b in h.budgets))
     assert all(math.isfinite(r["fid"]) and r["seconds"] > 0 and r["train_flops"] > 0 for r in s["rows"])
+    assert all(r["fid"] is None and r["select_fid"] is not None for r in s["selected"])
+    # seed 1 trained only the chosen split of each row
+    chosen = {(e["budget"], e["row"]): e["split"] for e in s["table"] if e["split"] is not None}
+    seed1 = {p.name for p in (out / "stages").glob("b*__seed1__f*")}
+    assert seed1 == {f"b{b:g}__seed1__f{f:g}__{n}" for (b, row), f in chosen.items() for n in ("base", row)}
     assert {(e["budget"], e["row"]) for e in s["table"]} == {(b, r) for b in h.budgets
                                                              for r in ("single", "sr-none", "sr-gaussian")} | {
         (1.0, "3-stage"), (1.0, "sr-blur")}
@@ -127,9 +135,16 @@ def test_a_recorded_cell_counts_only_under_the_same_settings_and_stage_configs(t
     assert other.get("b1/seed0/single", {"b1/seed0/single": "abc"}, "c1") is None and "1 cells" in logged[0]
 
 
-def test_bad_seeds_are_a_one_line_error(capsys):
+def test_bad_seeds_are_a_one_line_error(capsys, tmp_path):
     from headline import main
 
     assert main(["--out", "unused", "--profile", "smoke", "--seeds", "7"]) == 2
     assert "seeds are [0, 1]" in capsys.readouterr().err
     assert main(["--out", "unused", "--profile", "smoke", "--seeds", "x"]) == 2
+    capsys.readouterr()
+    # seed 1 reports at the split seed 0 chose: without seed 0's cells it cannot start
+    assert main(["--out", str(tmp_path / "hl"), "--profile", "smoke", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run those first (--seeds 0)" in err and "\n" not in err
+    assert main(["--out", str(tmp_path / "hl"), "--profile", "smoke", "--seeds", "1,0"]) == 2
+    assert "list the select seed(s) [0] first" in capsys.readouterr().err

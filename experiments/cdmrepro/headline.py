@@ -11,15 +11,19 @@ training FLOPs at the profile's scale) and each training seed:
   shared.
 
 Every SR stage's level ``s`` (Gaussian: among ``levels``; none and blur: 0) is chosen on *selection*
-samples (seeds from ``select_seed``, ``n_select`` per candidate) and then scored on the *report*
-samples (seeds from the profile's ``seed``, ``n_report`` each, in Inception space too), at every
-split; the row's split is the one with the lowest selection FID averaged over the seeds trained so
-far, so no number is chosen on the samples it is reported on. A headline number is a mean ± standard
-deviation over training seeds; a claim holds when the difference of the means exceeds twice its
-standard error over seeds (``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``).
+samples (seeds from ``select_seed``, ``n_select`` per candidate). The split is tuned on the
+``select_seeds`` (training seed 0): their cascades are trained at every split and selected, and each
+row's split is the one with the lowest selection FID there; every seed then reports that row at
+that split on the *report* samples (seeds from the profile's ``seed``, ``n_report`` each, classifier
+and Inception space), every other seed training that split only. So no number is chosen on the
+samples it is reported on, and the split sweep costs one seed, not all. A headline number is a
+mean ± standard deviation over training seeds; a claim holds when the difference of the means
+exceeds twice its standard error over seeds (``sqrt(sd_a^2 / k_a + sd_b^2 / k_b)``).
 
-The study is longer than a 2-core machine's session, so it is kept as *cells*: each trained row of
-one budget and seed, with its scores, is a line of ``cells.jsonl`` in the record folder (:class:`Record`;
+The study is longer than a 2-core machine's session, so it is kept as *cells*, each a line of
+``cells.jsonl``: a *split cell* (``b1/seed0/f0.2/sr-gaussian``: one cascade of a select seed at one
+split, trained and selected) or a *row cell* (``b1/seed0/single``, ``b1/seed1/sr-gaussian`` at its
+chosen split, ``b1/seed0/3-stage``: trained, selected and reported) in the record folder (:class:`Record`;
 ``--record docs/headline`` keeps it in the repository). A re-run, even on a fresh clone, trains only
 the cells missing there; within one run, stages train once and every scored sample set is a row of
 ``points/results.jsonl`` (``cdm.eval.ledger``), so a killed run loses at most the point in progress.
@@ -39,7 +43,7 @@ from typing import Callable
 
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, load_stage
-from cdm.config import to_dict
+from cdm.config import ConfigError, to_dict
 from cdm.data import DataConfig, load_dataset
 from cdm.distributed import pick_device
 from cdm.eval.ledger import Judge, append_row, read_rows, score_point, stage_fingerprint
@@ -55,6 +59,7 @@ from .scoring import PRIMARY
 CASCADE_ROWS = ("sr-none", "sr-gaussian")  # at every budget
 BLUR = "sr-blur"  # at the budgets Headline.blur_budgets
 THREE, THREE_STAGES = "3-stage", ("base", "sr8to16", "sr16to32")
+SELECT, REPORT = "select", "report"  # a cell's kind: a select seed's cascade at one split / a reported row
 Z = 2.0  # a claim holds beyond Z standard errors over seeds
 
 
@@ -62,6 +67,7 @@ Z = 2.0  # a claim holds beyond Z standard errors over seeds
 class Headline:
     """The study's grid (on top of a :class:`Profile`, which sets the scale and the networks)."""
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every row
+    select_seeds: tuple[int, ...] = (0,)  # the seeds whose cascades are trained at every split, to choose it
     budgets: tuple[float, ...] = (0.5, 1.0, 2.0)  # multiples of the reference budget B
     splits: tuple[float, ...] = (0.1, 0.2, 0.35)  # the base stage's share of a cascade's FLOPs
     levels: tuple[int, ...] = (0, 100, 200)  # Gaussian levels tried on the selection samples
@@ -82,8 +88,8 @@ class Headline:
 
 HEADLINES = {
     "cpu": Headline(),
-    "smoke": Headline(seeds=(0, 1), budgets=(0.5, 1.0), splits=(0.3, 0.5), levels=(0, 100), n_select=16,
-                      n_report=16, steps_scale=0.004, inception=False),
+    "smoke": Headline(seeds=(0, 1), select_seeds=(0,), budgets=(0.5, 1.0), splits=(0.3, 0.5), levels=(0, 100),
+                      n_select=16, n_report=16, steps_scale=0.004, inception=False),
     "gpu": Headline(n_select=2000, n_report=10000, steps_scale=10.0),
 }
 
@@ -133,12 +139,13 @@ RECORD = "cells.jsonl"  # in the record folder (--record): one line per finished
 def study_settings(profile: Profile, h: Headline) -> dict:
     """What every cell's numbers depend on besides its own key and its stages' configs: a cell
     recorded under other settings is not reused."""
-    return {"levels": list(h.levels), "n_select": h.n_select, "select_seed": h.select_seed, "n_report": h.n_report,
-            "steps_scale": h.steps_scale, "inception": h.inception, "three_stage": list(h.three_stage),
-            "sampler": profile.sampler, "sample_steps": profile.sample_steps, "spacing": profile.spacing,
-            "report_seed": profile.seed, "n_ref": profile.n_ref, "n_incep_ref": max(profile.n_incep_ref, h.n_report),
-            "bootstrap": profile.bootstrap, "classifier": profile.classifier, "classifier_limit": profile.classifier_limit,
-            "pins": list(STUDY_PINS)}
+    return {"levels": list(h.levels), "select_seeds": list(h.select_seeds), "n_select": h.n_select,
+            "select_seed": h.select_seed, "n_report": h.n_report, "steps_scale": h.steps_scale,
+            "inception": h.inception, "three_stage": list(h.three_stage), "sampler": profile.sampler,
+            "sample_steps": profile.sample_steps, "spacing": profile.spacing, "report_seed": profile.seed,
+            "n_ref": profile.n_ref, "n_incep_ref": max(profile.n_incep_ref, h.n_report),
+            "bootstrap": profile.bootstrap, "classifier": profile.classifier,
+            "classifier_limit": profile.classifier_limit, "pins": list(STUDY_PINS)}
 
 
 def config_id(cfg) -> str:
@@ -196,6 +203,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     profile = replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if h.inception else 0,
                       n_incep_ref=settings["n_incep_ref"])
     rec = Record(Path(record or out), settings, log)
+    run_seeds = seeds if seeds is not None else h.seeds
+    _check_select_seeds(rec, h, run_seeds)
     clf_dir = rec.path.parent / "classifier"
     clf_file = clf_dir / "classifier.safetensors"
     dev = pick_device(device or profile.device)
@@ -238,21 +247,31 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
             return run_sweep(cascade, plan, cfg, judge, points, log,
                              tags={"row": key, "phase": phase, "scoring": got["scoring"]})
 
-    def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> None:
+    def select(key: str, row: str) -> dict:
+        """The cascade ``key``'s level chosen on the selection samples."""
+        sel = cascade_points(key, h.levels if row == "sr-gaussian" else (0,), h.n_select, h.select_seed, "select")
+        pick = min(sel, key=lambda r: (r["value"], r["level"]))
+        return {"level": pick["level"], "select_fid": pick["value"],
+                "select": {str(r["level"]): r["value"] for r in sel}}
+
+    def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> dict:
         stages = {s: ids[s] for s in stage_keys}
-        if rec.get(key, stages, file_id(clf_file)) is not None:
-            return
+        done = rec.get(key, stages, file_id(clf_file))
+        if done is not None:
+            return done
         t = time.time()
         got = make()
         row = rec.add({"cell": key, **ident, **got, "metric": loaded["metric"], "stages": stages,
                        "classifier": file_id(clf_file),
                        "train_flops": sum(plans[s].train_flops for s in stage_keys),
                        "seconds": round(time.time() - t, 1), "machine": about, "date": time.strftime("%Y-%m-%d")})
-        log(f"cell {key}: FID {row['fid']:.3f}" + (f" (level {row['level']})" if row.get("level") else ""))
+        log(f"cell {key}: " + (f"FID {row['fid']:.3f}" if row["fid"] is not None else
+                               f"selection FID {row['select_fid']:.3f}") + f" (level {row['level']})")
         if after_cell:
             after_cell(summarise(rec, h, command, budget))
+        return row
 
-    for k in seeds if seeds is not None else h.seeds:  # a whole seed first
+    for k in run_seeds:  # a whole seed first
         for b in h.budgets:
             key = f"b{b:g}/seed{k}/single"
 
@@ -262,20 +281,25 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                                  got["scoring"], dev, ledger, log, key=key)
                 return {"level": 0, "select_fid": None, **_metrics(r)}
 
-            cell(key, [key], single, budget=b, seed=k, split=None, row="single")
-            for f in h.splits:
-                for row in h.rows(b):
-                    key = f"b{b:g}/seed{k}/f{f:g}/{row}"
+            cell(key, [key], single, kind=REPORT, budget=b, seed=k, split=None, row="single")
+            for row in h.rows(b):
+                if k in h.select_seeds:  # this seed tunes the split: every split trained and selected
+                    for f in h.splits:
+                        key = f"b{b:g}/seed{k}/f{f:g}/{row}"
+                        cell(key, [f"b{b:g}/seed{k}/f{f:g}/{BASE}", key], lambda key=key, row=row: {
+                            **select(key, row), "fid": None, "fid_se": None, "inception_fid": None},
+                            kind=SELECT, budget=b, seed=k, split=f, row=row)
+                f = chosen_split([c for c in rec.cells.values() if c["kind"] == SELECT], b, row)
+                at = f"b{b:g}/seed{k}/f{f:g}/{row}"
 
-                    def cascade_row(key=key, row=row) -> dict:
-                        sel = cascade_points(key, h.levels if row == "sr-gaussian" else (0,), h.n_select,
-                                             h.select_seed, "select")
-                        pick = min(sel, key=lambda r: (r["value"], r["level"]))
-                        rep = cascade_points(key, (pick["level"],), h.n_report, profile.seed, "report")[0]
-                        return {"level": pick["level"], "select_fid": pick["value"],
-                                "select": {str(r["level"]): r["value"] for r in sel}, **_metrics(rep)}
+                def report(at=at, row=row) -> dict:
+                    tuned = rec.cells.get(at) if k in h.select_seeds else None  # its selection is done
+                    sel = {s: tuned[s] for s in ("level", "select_fid", "select")} if tuned else select(at, row)
+                    rep = cascade_points(at, (sel["level"],), h.n_report, profile.seed, "report")[0]
+                    return {**sel, **_metrics(rep)}
 
-                    cell(key, [f"b{b:g}/seed{k}/f{f:g}/{BASE}", key], cascade_row, budget=b, seed=k, split=f, row=row)
+                cell(f"b{b:g}/seed{k}/{row}", [f"b{b:g}/seed{k}/f{f:g}/{BASE}", at], report,
+                     kind=REPORT, budget=b, seed=k, split=f, row=row)
             if b == 1.0 and h.three_stage:
                 key = f"b1/seed{k}/{THREE}"
                 names = [f"{key}/{n}" for n in THREE_STAGES]
@@ -285,7 +309,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                     return three_stage_row(k, [ckpt(n) for n in names], plan, h, profile, got["scorer"],
                                            got["metric"], got["scoring"], points, dev, ledger, log)
 
-                cell(key, names, three, budget=1.0, seed=k, split=None, row=THREE)
+                cell(key, names, three, kind=REPORT, budget=1.0, seed=k, split=None, row=THREE)
     ledger.finish()
     summary = summarise(rec, h, command, budget)
     summary["timings"] = ledger.data
@@ -293,25 +317,44 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     return summary
 
 
+def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> None:
+    """Seeds outside ``h.select_seeds`` report each cascade row at the split those chose: they need
+    the select seeds' split cells recorded, or run in the same call (after them)."""
+    todo = [k for k in h.select_seeds if k not in seeds]
+    have = {(c["seed"], c["budget"], c["row"], c["split"]) for c in rec.cells.values() if c["kind"] == SELECT}
+    missing = [k for k in todo for b in h.budgets for row in h.rows(b) for f in h.splits if (k, b, row, f) not in have]
+    if missing and any(k not in h.select_seeds for k in seeds):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: the cascade rows' split is chosen on training "
+                          f"seed(s) {list(h.select_seeds)}, whose cells are not all recorded; run those first "
+                          f"(--seeds {','.join(map(str, h.select_seeds))}) or all seeds together")
+    order = [k for k in seeds if k in h.select_seeds] + [k for k in seeds if k not in h.select_seeds]
+    if list(seeds) != order:
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: list the select seed(s) "
+                          f"{list(h.select_seeds)} first, they choose the split the others use")
+
+
 def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:
     """Every recorded cell of this grid, its table over seeds (:func:`aggregate`) and the claims
     (``budget``: B, :func:`reference_budget`)."""
     grid = {(b, f) for b in h.budgets for f in (None, *h.splits)}
-    rows = [r for r in rec.cells.values() if (r["budget"], r["split"]) in grid]
-    selected = [r for r in rows if r["split"] is not None]
+    cells = [r for r in rec.cells.values() if (r["budget"], r["split"]) in grid]
+    rows = [r for r in cells if r["kind"] == REPORT]
+    selected = [r for r in cells if r["kind"] == SELECT]
     table = aggregate(rows, selected, h)
+    per_seed = sum(1 + len(h.rows(b)) for b in h.budgets) + (1 if 1.0 in h.budgets and h.three_stage else 0)
     return {"headline": asdict(h), "study": rec.study, "command": command,
-            "metric": rows[0]["metric"] if rows else PRIMARY,
+            "metric": cells[0]["metric"] if cells else PRIMARY,
             "reference_budget_flops": budget,
             "seeds_recorded": sorted({r["seed"] for r in rows}), "rows": rows, "selected": selected,
-            "table": table, "claims": claims(table), "cell_seconds": round(sum(r["seconds"] for r in rows), 1),
-            "cells_planned": len(h.seeds) * (sum(1 + len(h.splits) * len(h.rows(b)) for b in h.budgets)
-                                             + (1 if 1.0 in h.budgets and h.three_stage else 0))}
+            "table": table, "claims": claims(table), "cell_seconds": round(sum(r["seconds"] for r in cells), 1),
+            "cells_recorded": len(cells),
+            "cells_planned": len(h.seeds) * per_seed
+            + len(h.select_seeds) * len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)}
 
 
 def chosen_split(selected: list[dict], b: float, row: str) -> float:
-    """The split of ``row`` at budget ``b`` with the lowest selection FID averaged over the seeds
-    selected so far (``selected``: :func:`run_headline`'s entries)."""
+    """The split of ``row`` at budget ``b`` with the lowest selection FID, averaged over the select
+    seeds (``selected``: the split cells, :data:`SELECT`)."""
     by_split: dict[float, list[float]] = {}
     for e in selected:
         if e["budget"] == b and e["row"] == row:
@@ -365,8 +408,9 @@ def _mean_sd(values: list[float]) -> tuple[float, float, int]:
 
 def aggregate(rows: list[dict], selected: list[dict], h: Headline) -> list[dict]:
     """Per budget: the single stage (and the three-stage cascade), and each cascade row at its
-    chosen split (:func:`chosen_split`); each with the mean ± sd over seeds of its report FIDs, and
-    for cascade rows the mean selection and report FIDs of every split."""
+    chosen split (:func:`chosen_split`); each with the mean ± sd over seeds of its report FIDs
+    (``rows``: the :data:`REPORT` cells), and for cascade rows the select seeds' mean selection FID
+    at every split (``selected``: the :data:`SELECT` cells)."""
     out = []
     for b in h.budgets:
         for one in ("single", THREE):
@@ -378,23 +422,19 @@ def aggregate(rows: list[dict], selected: list[dict], h: Headline) -> list[dict]
                 continue
             f = chosen_split(selected, b, row)
             got = [r for r in rows if (r["budget"], r["row"], r["split"]) == (b, row, f)]
-            if not got:
-                continue
-            at = {g: [r for r in rows if (r["budget"], r["row"], r["split"]) == (b, row, g)] for g in h.splits}
-            sel = {g: statistics.fmean(r["select_fid"] for r in rs) for g, rs in at.items() if rs}
-            rep = {g: statistics.fmean(r["fid"] for r in rs) for g, rs in at.items() if rs}
-            out.append(_entry(b, row, f, got, sel, rep))
+            at = {g: [e["select_fid"] for e in selected if (e["budget"], e["row"], e["split"]) == (b, row, g)]
+                  for g in h.splits}
+            if got:
+                out.append(_entry(b, row, f, got, {g: statistics.fmean(v) for g, v in at.items() if v}))
     return out
 
 
-def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: dict | None = None,
-           report_by_split: dict | None = None) -> dict:
+def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: dict | None = None) -> dict:
     m, sd, k = _mean_sd([r["fid"] for r in rs])
     incep = [r["inception_fid"] for r in rs if r["inception_fid"] is not None]
     return {"budget": b, "row": row, "split": split, "fid_mean": m, "fid_sd": sd, "seeds": k,
             "levels": [r["level"] for r in rs], "inception_mean": statistics.fmean(incep) if incep else None,
-            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split,
-            "fid_by_split": report_by_split}
+            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split}
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -428,21 +468,22 @@ def markdown(summary: dict) -> str:
     """The study's tables and verdicts, as Markdown."""
     h = summary["headline"]
     machines = sorted({f"{r['machine']['cpu']} ({r['machine']['device']}, {r['machine']['threads']} threads)"
-                       for r in summary["rows"]})
-    lines = [f"Training seeds {h['seeds']} (recorded so far: {summary['seeds_recorded']}; "
-             f"{len(summary['rows'])} of {summary['cells_planned']} cells); budgets {h['budgets']} x B (B = "
+                       for r in summary["rows"] + summary["selected"]})
+    lines = [f"Training seeds {h['seeds']} (reported so far: {summary['seeds_recorded']}; "
+             f"{summary['cells_recorded']} of {summary['cells_planned']} cells recorded); "
+             f"budgets {h['budgets']} x B (B = "
              f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {h['splits']}; metric "
-             f"{summary['metric']} (mean ± sd over seeds of {h['n_report']} report samples each; the split and each "
-             f"SR level chosen on {h['n_select']} other, selection samples). The recorded cells took "
+             f"{summary['metric']} (mean ± sd over seeds of {h['n_report']} report samples each; each SR level chosen "
+             f"on {h['n_select']} other, selection samples; the split on those of training seed(s) "
+             f"{h['select_seeds']}, the only ones trained at every split). The recorded cells took "
              f"{summary['cell_seconds'] / 3600:.1f} h on {'; '.join(machines) or 'no machine yet'}.", "",
              "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID "
-             "| by split: selection FID / report FID |", "|---|---|---|---|---|---|---|---|"]
+             "| selection FID by split |", "|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
             f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "")
         split = "" if e["split"] is None else f"{e['split']:g}"
-        rep = e.get("fid_by_split") or {}
-        by = ", ".join(f"{float(g):g}: {v:.2f} / {rep[g]:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
+        by = ", ".join(f"{float(g):g}: {v:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
         sd = "–" if math.isnan(e["fid_sd"]) else f"{e['fid_sd']:.3f}"
         lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {sd} | "
                      f"{e['seeds']} | {e['levels']} | {inc} | {by} |")
