@@ -3,7 +3,7 @@ augmentation, several base-stage shares of the budget) against a single stage wi
 training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
 
     python experiments/headline.py --out runs/headline [--profile cpu|smoke|gpu] [--publish docs]
-        [--record docs/headline] [--seeds 0,1]
+        [--record docs/headline] [--seeds 0,1] [--report-only]
 
 Re-running the same command resumes; what is done is skipped. The study outlives a 2-core machine's
 session: with ``--record DIR`` its finished cells (a few hundred bytes each) are kept in
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cdmrepro.headline import HEADLINES, plan_headline, run_headline, write_markdown  # noqa: E402
+from cdmrepro.headline import HEADLINES, plan_headline, report_from_record, run_headline, write_markdown  # noqa: E402
 from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
 
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="", help="train only these of the profile's seeds, e.g. 1,2, once seed 0 (which chooses each "
                         "row's split) is recorded (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the recorded cells (--record), training nothing")
     a = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -63,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", "experiments/headline.py", *argv])
 
         def write(summary: dict) -> None:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
             write_markdown(summary, Path(a.out) / "headline.md")
             if a.publish:
                 write_markdown(summary, Path(a.publish) / "HEADLINE.md")
 
-        s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
-                         record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write)
+        if a.report_only:
+            s = report_from_record(Path(a.record or a.out), profile, h, a.device or profile.device, a.data_path,
+                                   command, log)
+        else:
+            s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
+                             record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write)
         write(s)
         log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / 'HEADLINE.md'}" if a.publish else ""))
     except USER_ERRORS as e:

@@ -117,6 +117,12 @@ def test_the_smoke_study_runs_end_to_end_resumes_and_a_fresh_clone_trains_only_m
     assert main(["--out", str(fresh), "--profile", "smoke", "--record", str(record)]) == 0
     assert not (fresh / "stages").exists() and (record / "classifier" / "classifier.safetensors").exists()
     assert json.loads((fresh / "headline.json").read_text())["table"] == s["table"]
+    # the report alone, from the record (e.g. cells copied back from another machine)
+    (tmp_path / "docs" / "HEADLINE.md").unlink()
+    assert main(["--out", str(tmp_path / "other"), "--profile", "smoke", "--record", str(record), "--report-only",
+                 "--publish", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "HEADLINE.md").read_text().count("| (a)") == len(h.budgets)
+    assert not (tmp_path / "other" / "stages").exists()
 
 
 def test_a_recorded_cell_counts_only_under_the_same_settings_and_stage_configs(tmp_path):
@@ -148,3 +154,5 @@ def test_bad_seeds_are_a_one_line_error(capsys, tmp_path):
     assert "run those first (--seeds 0)" in err and "\n" not in err
     assert main(["--out", str(tmp_path / "hl"), "--profile", "smoke", "--seeds", "1,0"]) == 2
     assert "list the select seed(s) [0] first" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "hl"), "--profile", "smoke", "--report-only"]) == 2
+    assert "no cells recorded there yet" in capsys.readouterr().err

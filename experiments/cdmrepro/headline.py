@@ -317,6 +317,17 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     return summary
 
 
+def report_from_record(record: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
+                       log: Log) -> dict:
+    """The summary (:func:`summarise`) of the cells recorded in ``record``, training nothing (e.g. after
+    copying in cells another machine recorded)."""
+    if not (record / RECORD).exists():
+        raise ConfigError(f"{record / RECORD} does not exist: no cells recorded there yet")
+    rec = Record(record, study_settings(profile, h), log)
+    budget = reference_budget(plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path))
+    return summarise(rec, h, command, budget)
+
+
 def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> None:
     """Seeds outside ``h.select_seeds`` report each cascade row at the split those chose: they need
     the select seeds' split cells recorded, or run in the same call (after them)."""
@@ -467,15 +478,22 @@ def claims(table: list[dict]) -> list[dict]:
 def markdown(summary: dict) -> str:
     """The study's tables and verdicts, as Markdown."""
     h = summary["headline"]
-    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['device']}, {r['machine']['threads']} threads)"
-                       for r in summary["rows"] + summary["selected"]})
-    lines = [f"Training seeds {h['seeds']} (reported so far: {summary['seeds_recorded']}; "
+    cells = summary["rows"] + summary["selected"]
+    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['device']}, {r['machine']['threads']} "
+                       f"thread{'s' if r['machine']['threads'] != 1 else ''})" for r in cells})
+    def seq(v) -> str:
+        return ", ".join(f"{x:g}" for x in v)
+
+    lines = ["# The headline at equal compute (issue #15)", "",
+             "Written by `make repro` (experiments/headline.py) after every cell, from "
+             "[headline/cells.jsonl](headline/cells.jsonl); the reading is in [RESULTS.md](RESULTS.md).", "",
+             f"Training seeds {seq(h['seeds'])} (reported so far: {seq(summary['seeds_recorded']) or 'none'}; "
              f"{summary['cells_recorded']} of {summary['cells_planned']} cells recorded); "
-             f"budgets {h['budgets']} x B (B = "
-             f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {h['splits']}; metric "
+             f"budgets {seq(h['budgets'])} x B (B = "
+             f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {seq(h['splits'])}; metric "
              f"{summary['metric']} (mean ± sd over seeds of {h['n_report']} report samples each; each SR level chosen "
              f"on {h['n_select']} other, selection samples; the split on those of training seed(s) "
-             f"{h['select_seeds']}, the only ones trained at every split). The recorded cells took "
+             f"{seq(h['select_seeds'])}, the only ones trained at every split). The recorded cells took "
              f"{summary['cell_seconds'] / 3600:.1f} h on {'; '.join(machines) or 'no machine yet'}.", "",
              "| budget | row | split (base share) | FID mean ± sd | seeds | levels | Inception FID "
              "| selection FID by split |", "|---|---|---|---|---|---|---|---|"]
@@ -492,6 +510,12 @@ def markdown(summary: dict) -> str:
         se = "–" if math.isnan(c["se"]) else f"{c['se']:.3f}"
         lines.append(f"| ({c['claim']}) {c['text']} | {c['budget']:g}B | {c['difference']:+.3f} | {se} | "
                      f"{c['verdict']} |")
+    lines += ["", f"The select cells (training seed {seq(h['select_seeds'])}: each cascade at every share, "
+              f"scored on the selection samples only), as recorded:", "",
+              "| budget | row | seed | share | selection FID by level | chosen level |", "|---|---|---|---|---|---|"]
+    for e in sorted(summary["selected"], key=lambda e: (e["budget"], e["row"], e["seed"], e["split"])):
+        by = ", ".join(f"s = {lv}: {v:.2f}" for lv, v in e["select"].items())
+        lines.append(f"| {e['budget']:g}B | {e['row']} | {e['seed']} | {e['split']:g} | {by} | {e['level']} |")
     return "\n".join(lines) + "\n"
 
 
