@@ -109,6 +109,9 @@ RECIPES: dict[str, dict[str, list[str]]] = {
 RECIPES["sr"]["new-noaug"] = NEW + ["augment.kind=none"]
 RECIPES["sr"]["new-pzero0.5"] = NEW + ["augment.p_zero=0.5"]
 RECIPES["sr"]["new-pzero0.7"] = NEW + ["augment.p_zero=0.7"]
+# Batch size at the same training FLOPs (batch x steps fixed at the preset's 32 x 1600), learning rate unchanged.
+RECIPES["sr"]["new-bs16"] = NEW + ["train.batch_size=16", "train.steps=3200"]
+RECIPES["sr"]["new-bs64"] = NEW + ["train.batch_size=64", "train.steps=800"]
 # Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
 for _stage in ("base", "sr"):
     RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1"]
