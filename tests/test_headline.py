@@ -156,3 +156,45 @@ def test_bad_seeds_are_a_one_line_error(capsys, tmp_path):
     assert "list the select seed(s) [0] first" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "hl"), "--profile", "smoke", "--report-only"]) == 2
     assert "no cells recorded there yet" in capsys.readouterr().err
+
+
+def test_other_seeds_run_the_budgets_whose_split_is_chosen_and_skip_the_rest(tmp_path):
+    # `--seeds 1` beside a `--seeds 0` still training its last budget: seed 1 runs the budgets whose
+    # selection cells are all recorded and waits for the others
+    from cdmrepro.headline import SELECT, Record, _check_select_seeds, study_settings
+
+    h = HEADLINES["smoke"]
+    rec = Record(tmp_path, study_settings(get_profile("smoke"), h), print)
+    for row in h.rows(0.5):
+        for f in h.splits:
+            rec.add({"cell": f"b0.5/seed0/f{f:g}/{row}", "kind": SELECT, "seed": 0, "budget": 0.5, "row": row,
+                     "split": f})
+    assert _check_select_seeds(rec, h, (1,)) == [1.0]
+    assert _check_select_seeds(rec, h, (0, 1)) == []  # seed 0 trains them first in the same call
+    empty = Record(tmp_path / "none", study_settings(get_profile("smoke"), h), print)
+    with pytest.raises(ValueError, match="not recorded for any budget"):
+        _check_select_seeds(empty, h, (1,))
+
+
+def _append_rows(path: str, who: int, n: int) -> None:
+    from cdm.eval.ledger import append_row
+
+    for i in range(n):
+        append_row(path, {"who": who, "i": i})
+
+
+def test_two_processes_appending_to_one_record_lose_no_row(tmp_path):
+    import multiprocessing
+
+    from cdm.eval.ledger import read_rows
+
+    path = str(tmp_path / "cells.jsonl")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_rows, args=(path, who, 40)) for who in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rows = read_rows(path)
+    assert sorted((r["who"], r["i"]) for r in rows) == [(w, i) for w in (0, 1) for i in range(40)]

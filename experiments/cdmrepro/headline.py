@@ -174,10 +174,16 @@ class Record:
     def __init__(self, folder: Path, settings: dict, log: Log):
         self.path = folder / RECORD
         self.study = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        rows = read_rows(self.path)
-        self.cells = {r["cell"]: r for r in rows if r.get("study") == self.study}
+        rows = self.reload()
         if len(self.cells) < len(rows):
             log(f"{self.path}: {len(rows) - len(self.cells)} cells of other study settings are ignored")
+
+    def reload(self) -> list[dict]:
+        """Read the file again (another process may be recording other seeds into it); returns
+        every row, this study's or not."""
+        rows = read_rows(self.path)
+        self.cells = {r["cell"]: r for r in rows if r.get("study") == self.study}
+        return rows
 
     def get(self, key: str, stages: dict[str, str], classifier: str | None) -> dict | None:
         """The recorded cell ``key`` if its stages' configs are ``stages`` (``{stage key: config_id}``)
@@ -188,7 +194,7 @@ class Record:
     def add(self, row: dict) -> dict:
         row = {"study": self.study, **row}
         append_row(self.path, row)
-        self.cells[row["cell"]] = row
+        self.reload()
         return row
 
 
@@ -204,7 +210,11 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                       n_incep_ref=settings["n_incep_ref"])
     rec = Record(Path(record or out), settings, log)
     run_seeds = seeds if seeds is not None else h.seeds
-    _check_select_seeds(rec, h, run_seeds)
+    waiting = _check_select_seeds(rec, h, run_seeds)
+    if waiting:
+        log(f"budget(s) {', '.join(f'{b:g}B' for b in waiting)} skipped for seed(s) "
+            f"{[k for k in run_seeds if k not in h.select_seeds]}: the select seed(s) {list(h.select_seeds)} "
+            f"have not chosen their splits yet; run again once they have")
     clf_dir = rec.path.parent / "classifier"
     clf_file = clf_dir / "classifier.safetensors"
     dev = pick_device(device or profile.device)
@@ -256,6 +266,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> dict:
         stages = {s: ids[s] for s in stage_keys}
+        rec.reload()
         done = rec.get(key, stages, file_id(clf_file))
         if done is not None:
             return done
@@ -273,6 +284,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     for k in run_seeds:  # a whole seed first
         for b in h.budgets:
+            if k not in h.select_seeds and b in waiting:
+                continue
             key = f"b{b:g}/seed{k}/single"
 
             def single(key=key) -> dict:
@@ -328,20 +341,26 @@ def report_from_record(record: Path, profile: Profile, h: Headline, device: str,
     return summarise(rec, h, command, budget)
 
 
-def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> None:
+def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> list[float]:
     """Seeds outside ``h.select_seeds`` report each cascade row at the split those chose: they need
-    the select seeds' split cells recorded, or run in the same call (after them)."""
+    the select seeds' split cells recorded, or run in the same call (after them). Returns the budgets
+    the other seeds must skip in this call, because the select seeds' cells of that budget are
+    neither recorded nor trained by it (e.g. ``--seeds 1,2`` beside a ``--seeds 0`` still at 2B);
+    refuses a call that would have nothing to do."""
     todo = [k for k in h.select_seeds if k not in seeds]
     have = {(c["seed"], c["budget"], c["row"], c["split"]) for c in rec.cells.values() if c["kind"] == SELECT}
-    missing = [k for k in todo for b in h.budgets for row in h.rows(b) for f in h.splits if (k, b, row, f) not in have]
-    if missing and any(k not in h.select_seeds for k in seeds):
+    waiting = [b for b in h.budgets
+               if any((k, b, row, f) not in have for k in todo for row in h.rows(b) for f in h.splits)]
+    others = [k for k in seeds if k not in h.select_seeds]
+    if others and waiting == list(h.budgets):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: the cascade rows' split is chosen on training "
-                          f"seed(s) {list(h.select_seeds)}, whose cells are not all recorded; run those first "
-                          f"(--seeds {','.join(map(str, h.select_seeds))}) or all seeds together")
+                          f"seed(s) {list(h.select_seeds)}, whose cells are not recorded for any budget; run those "
+                          f"first (--seeds {','.join(map(str, h.select_seeds))}) or all seeds together")
     order = [k for k in seeds if k in h.select_seeds] + [k for k in seeds if k not in h.select_seeds]
     if list(seeds) != order:
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: list the select seed(s) "
                           f"{list(h.select_seeds)} first, they choose the split the others use")
+    return waiting if others else []
 
 
 def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:

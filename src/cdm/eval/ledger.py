@@ -10,6 +10,7 @@ fingerprints identify weights (:func:`stage_fingerprint`) and tensors (:func:`te
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
@@ -54,13 +55,17 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def append_row(path: str | Path, row: dict) -> None:
     """Add one row to a ``results.jsonl``, rewriting the file atomically (a killed process leaves
-    the old file or the new one, never half a line)."""
+    the old file or the new one, never half a line). Processes appending to the same file at once
+    (e.g. two parts of one study on one machine) take turns on ``PATH.lock``, so no row is lost."""
     path = Path(path)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    text = old + json.dumps(row) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, however the process ends
+        old = path.read_text() if path.exists() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        text = old + json.dumps(row) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_samples(path: str | Path, images: Tensor, labels: Tensor, lowres: Tensor | None = None) -> Path:
