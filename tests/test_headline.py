@@ -198,3 +198,31 @@ def test_two_processes_appending_to_one_record_lose_no_row(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     rows = read_rows(path)
     assert sorted((r["who"], r["i"]) for r in rows) == [(w, i) for w in (0, 1) for i in range(40)]
+
+
+@needs_data
+def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_kept_samples(tmp_path):
+    # a lent GPU cannot carry the Inception weights: its row cells wait for them, and the samples it
+    # kept give, scored elsewhere, the Inception FID the run would have recorded itself
+    from dataclasses import replace
+
+    from cdm.config import ConfigError
+    from cdmrepro.headline import fill_inception, markdown, run_headline
+
+    p = get_profile("smoke")
+    h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(0.5,), splits=(0.3,), inception=True)
+    args = (p, h, "cpu", "", "test", print)
+    deferred = run_headline(tmp_path / "gpu", *args, record=tmp_path / "rec", defer_inception=True)
+    rows = deferred["rows"]
+    assert len(rows) == 3 and all(r["inception_fid"] is None and r["inception_pending"] for r in rows)
+    assert deferred["inception_pending"] == sorted(r["cell"] for r in rows)
+    assert "Inception FID pending for 3 cells" in markdown(deferred)
+    with pytest.raises(ConfigError, match="has its report samples"):  # the samples are elsewhere
+        fill_inception(tmp_path / "elsewhere", *args, record=tmp_path / "rec")
+    filled = fill_inception(tmp_path / "gpu", *args, record=tmp_path / "rec")
+    assert filled["inception_pending"] == [] and "pending" not in markdown(filled)
+    direct = run_headline(tmp_path / "cpu", *args, record=tmp_path / "rec2")  # the same cells, scored at once
+    got = {r["cell"]: r["inception_fid"] for r in filled["rows"]}
+    assert got == pytest.approx({r["cell"]: r["inception_fid"] for r in direct["rows"]}, rel=1e-6)
+    assert all(math.isfinite(v) for v in got.values())
+    assert fill_inception(tmp_path / "gpu", *args, record=tmp_path / "rec")["rows"] == filled["rows"]  # nothing left

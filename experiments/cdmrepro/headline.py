@@ -27,6 +27,12 @@ chosen split, ``b1/seed0/3-stage``: trained, selected and reported) in the recor
 ``--record docs/headline`` keeps it in the repository). A re-run, even on a fresh clone, trains only
 the cells missing there; within one run, stages train once and every scored sample set is a row of
 ``points/results.jsonl`` (``cdm.eval.ledger``), so a killed run loses at most the point in progress.
+
+A machine without the FID Inception weights (a lent GPU, whose copy of the repository cannot carry
+the 87 MB file) runs with ``defer_inception``: its row cells are recorded with ``inception_fid``
+pending and their report samples kept (``OUT/points/samples/``, named by the cell's ``samples``);
+:func:`fill_inception`, on a machine that has the weights, scores those samples and records the
+cells again, complete (the record keeps a cell's last line).
 """
 
 from __future__ import annotations
@@ -44,9 +50,9 @@ from typing import Callable
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, load_stage
 from cdm.config import ConfigError, to_dict
-from cdm.data import DataConfig, load_dataset
+from cdm.data import DataConfig, load_dataset, to_float
 from cdm.distributed import pick_device
-from cdm.eval.ledger import Judge, append_row, read_rows, score_point, stage_fingerprint
+from cdm.eval.ledger import Judge, append_row, load_samples, read_rows, score_point, stage_fingerprint
 from cdm.eval.sweep import SweepConfig, run_sweep
 from cdm.generate import cycle_labels, sample_batched
 
@@ -200,14 +206,15 @@ class Record:
 
 def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
                  log: Log, record: Path | None = None, seeds: tuple[int, ...] | None = None,
-                 after_cell: Callable[[dict], None] | None = None) -> dict:
+                 after_cell: Callable[[dict], None] | None = None, defer_inception: bool = False) -> dict:
     """Train, select and score every cell of the grid not yet in ``record`` (default ``out``), seed by
     seed (``seeds``: a subset of ``h.seeds``); returns the summary of every recorded cell
-    (:func:`summarise`), also passed to ``after_cell`` after each new cell."""
+    (:func:`summarise`), also passed to ``after_cell`` after each new cell. With ``defer_inception``
+    the row cells' Inception FIDs are left to :func:`fill_inception` (``out``'s report samples)."""
     out.mkdir(parents=True, exist_ok=True)
     settings = study_settings(profile, h)
-    profile = replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if h.inception else 0,
-                      n_incep_ref=settings["n_incep_ref"])
+    pending = h.inception and defer_inception
+    profile = _scoring_profile(profile, h, settings, inception=h.inception and not defer_inception)
     rec = Record(Path(record or out), settings, log)
     run_seeds = seeds if seeds is not None else h.seeds
     waiting = _check_select_seeds(rec, h, run_seeds)
@@ -272,6 +279,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
             return done
         t = time.time()
         got = make()
+        if pending and ident["kind"] == REPORT:
+            got["inception_pending"] = True
         row = rec.add({"cell": key, **ident, **got, "metric": loaded["metric"], "stages": stages,
                        "classifier": file_id(clf_file),
                        "train_flops": sum(plans[s].train_flops for s in stage_keys),
@@ -330,6 +339,66 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     return summary
 
 
+def _scoring_profile(profile: Profile, h: Headline, settings: dict, inception: bool) -> Profile:
+    """``profile`` at the study's scale and sample counts, scoring in Inception space or not."""
+    return replace(profile, steps_scale=h.steps_scale, n=h.n_report, n_incep=h.n_report if inception else 0,
+                   n_incep_ref=settings["n_incep_ref"])
+
+
+def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str, log: Log,
+                   record: Path) -> dict:
+    """Score in Inception space the row cells of ``record`` recorded with ``inception_pending`` (by a
+    run with ``defer_inception``), from their report samples under ``out/points`` (that run's
+    ``--out``, or a copy of its ``points/samples``), and record each cell again with its Inception
+    FID. Each sample file is first checked against its cell: its classifier FID must be the one
+    recorded (up to the two machines' arithmetic). Returns the summary (:func:`summarise`)."""
+    if not (record / RECORD).exists():
+        raise ConfigError(f"{record / RECORD} does not exist: no cells recorded there yet")
+    settings = study_settings(profile, h)
+    rec = Record(record, settings, log)
+    budget = reference_budget(plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path))
+    todo = [c for c in rec.cells.values() if c["kind"] == REPORT and c.get("inception_pending")]
+    if not h.inception or not todo:
+        log("no cell waits for its Inception FID")
+        return summarise(rec, h, command, budget)
+    files = {c["cell"]: out / "points" / c["samples"] if c.get("samples") else None for c in todo}
+    missing = [k for k, f in files.items() if f is None or not f.exists()]
+    if len(missing) == len(todo):
+        raise ConfigError(f"none of the {len(todo)} cells waiting for their Inception FID has its report samples "
+                          f"under {out / 'points' / 'samples'} (e.g. {files[todo[0]['cell']]}): pass as --out the "
+                          f"folder of the run that recorded them, or unpack its points/samples there")
+    for k in missing:
+        log(f"cell {k}: its report samples are not under {out / 'points' / 'samples'}; left pending")
+    dev = pick_device(device or profile.device)
+    machine = machine_info(dev)
+    ledger = Ledger(out / "timings.json", command, machine, profile.name)
+    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+    scorer, _, _ = build_scorer(_scoring_profile(profile, h, settings, inception=True), out, data_cfg, str(dev),
+                                ledger, log, record / "classifier")
+    for c in todo:
+        if c["cell"] in missing:
+            continue
+        t = time.time()
+        kept = load_samples(files[c["cell"]])
+        if kept is None:
+            raise ConfigError(f"{files[c['cell']]}: not a readable sample file (a broken copy?); copy it again")
+        labels = kept["labels"]
+        x = to_float(kept["images"])
+        check = scorer(x, labels, inception=False)["fid"]
+        if not math.isclose(check, c["fid"], rel_tol=1e-3, abs_tol=1e-3):
+            raise ConfigError(f"{files[c['cell']]}: its classifier FID is {check:.4f}, but cell {c['cell']} "
+                              f"recorded {c['fid']:.4f}: these are not that cell's report samples")
+        with ledger.task(f"inception {c['cell']}"):
+            v = scorer.inception_fid(x[:h.n_report])
+        done = {k: v2 for k, v2 in c.items() if k != "inception_pending"}
+        rec.add({**done, "inception_fid": v, "inception_scored": {
+            "machine": {"cpu": machine["cpu"], "threads": machine["threads"], "device": machine["device"]},
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t, 1)}})
+        log(f"cell {c['cell']}: Inception FID {v:.3f} (classifier FID {check:.3f}, recorded {c['fid']:.3f})")
+    ledger.finish()
+    return summarise(rec, h, command, budget)
+
+
 def report_from_record(record: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
                        log: Log) -> dict:
     """The summary (:func:`summarise`) of the cells recorded in ``record``, training nothing (e.g. after
@@ -378,6 +447,7 @@ def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:
             "seeds_recorded": sorted({r["seed"] for r in rows}), "rows": rows, "selected": selected,
             "table": table, "claims": claims(table), "cell_seconds": round(sum(r["seconds"] for r in cells), 1),
             "cells_recorded": len(cells),
+            "inception_pending": sorted(r["cell"] for r in rows if r.get("inception_pending")),
             "cells_planned": len(h.seeds) * per_seed
             + len(h.select_seeds) * len(h.splits) * sum(len(h.rows(b)) for b in h.budgets)}
 
@@ -428,7 +498,8 @@ def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline,
 
 def _metrics(point: dict) -> dict:
     m = point.get("metrics", {})
-    return {"fid": m.get("fid", point["value"]), "fid_se": m.get("fid_se"), "inception_fid": m.get("inception_fid")}
+    return {"fid": m.get("fid", point["value"]), "fid_se": m.get("fid_se"), "inception_fid": m.get("inception_fid"),
+            "samples": point.get("samples")}  # under the run's points/: what fill_inception scores
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float, int]:
@@ -464,7 +535,8 @@ def _entry(b: float, row: str, split: float | None, rs: list[dict], per_split: d
     incep = [r["inception_fid"] for r in rs if r["inception_fid"] is not None]
     return {"budget": b, "row": row, "split": split, "fid_mean": m, "fid_sd": sd, "seeds": k,
             "levels": [r["level"] for r in rs], "inception_mean": statistics.fmean(incep) if incep else None,
-            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "select_fid_by_split": per_split}
+            "inception_sd": statistics.stdev(incep) if len(incep) > 1 else None, "inception_seeds": len(incep),
+            "select_fid_by_split": per_split}
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -518,12 +590,17 @@ def markdown(summary: dict) -> str:
              "| selection FID by split |", "|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
-            f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "")
+            f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "") + (
+            f" ({e['inception_seeds']} seeds)" if e.get("inception_seeds", e["seeds"]) < e["seeds"] else "")
         split = "" if e["split"] is None else f"{e['split']:g}"
         by = ", ".join(f"{float(g):g}: {v:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
         sd = "–" if math.isnan(e["fid_sd"]) else f"{e['fid_sd']:.3f}"
         lines.append(f"| {e['budget']:g}B | {e['row']} | {split} | {e['fid_mean']:.3f} ± {sd} | "
                      f"{e['seeds']} | {e['levels']} | {inc} | {by} |")
+    if summary.get("inception_pending"):
+        lines += ["", f"Inception FID pending for {len(summary['inception_pending'])} cells (recorded on a machine "
+                      f"without the Inception weights; `headline.py --fill-inception` scores their kept samples): "
+                      f"{', '.join(summary['inception_pending'])}."]
     lines += ["", "| claim | budget | difference | SE over seeds | verdict |", "|---|---|---|---|---|"]
     for c in summary["claims"]:
         se = "–" if math.isnan(c["se"]) else f"{c['se']:.3f}"

@@ -33,8 +33,8 @@ def make_grid(images: Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> 
 
 def pair_with_inputs(outputs: Tensor, inputs: Tensor) -> Tensor:
     """Interleave each low-resolution input (nearest-upsampled to the output size) before its
-    output: ``[N, C, H, W]`` x2 -> ``[2N, C, H, W]``."""
-    up = F.interpolate(inputs.float().clamp(-1, 1), size=outputs.shape[-2:], mode="nearest")
+    output: ``[N, C, H, W]`` x2 -> ``[2N, C, H, W]``, on the outputs' device."""
+    up = F.interpolate(inputs.to(outputs.device).float().clamp(-1, 1), size=outputs.shape[-2:], mode="nearest")
     return torch.stack([up, outputs.float()], dim=1).flatten(0, 1)
 
 
