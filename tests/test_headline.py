@@ -226,3 +226,26 @@ def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_
     assert got == pytest.approx({r["cell"]: r["inception_fid"] for r in direct["rows"]}, rel=1e-6)
     assert all(math.isfinite(v) for v in got.values())
     assert fill_inception(tmp_path / "gpu", *args, record=tmp_path / "rec")["rows"] == filled["rows"]  # nothing left
+
+
+@needs_data
+def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(tmp_path):
+    # --only lets several processes (on a GPU's spare capacity, say) share seed 0's cells; a row is
+    # reported only once every split of it is selected, never at the best of a partial sweep
+    from dataclasses import replace
+
+    from cdmrepro.headline import run_headline
+
+    p = get_profile("smoke")
+    h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(0.5,))
+    logged: list[str] = []
+    args = (p, h, "cpu", "", "test", logged.append)
+    first = run_headline(tmp_path / "a", *args, record=tmp_path / "rec", only=("b0.5/seed0/f0.3/*",))
+    assert {r["cell"] for r in first["selected"]} == {"b0.5/seed0/f0.3/sr-none", "b0.5/seed0/f0.3/sr-gaussian"}
+    assert first["rows"] == [] and not any("skipped" in m for m in logged)  # the reports were not its cells
+    second = run_headline(tmp_path / "b", *args, record=tmp_path / "rec", only=("b0.5/seed0/sr-*",))
+    assert second["rows"] == [] and any("b0.5/seed0/sr-none skipped" in m and "f0.5/sr-none" in m for m in logged)
+    third = run_headline(tmp_path / "c", *args, record=tmp_path / "rec")  # the rest
+    assert len(third["selected"]) == 4 and {r["row"] for r in third["rows"]} == {"single", "sr-none", "sr-gaussian"}
+    assert {r["cell"]: r["select_fid"] for r in third["selected"] if "f0.3" in r["cell"]} == {
+        r["cell"]: r["select_fid"] for r in first["selected"]}  # f0.3's selections were kept, not redone

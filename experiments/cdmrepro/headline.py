@@ -38,6 +38,7 @@ cells again, complete (the record keeps a cell's last line).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -206,11 +207,14 @@ class Record:
 
 def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
                  log: Log, record: Path | None = None, seeds: tuple[int, ...] | None = None,
-                 after_cell: Callable[[dict], None] | None = None, defer_inception: bool = False) -> dict:
+                 after_cell: Callable[[dict], None] | None = None, defer_inception: bool = False,
+                 only: tuple[str, ...] = ()) -> dict:
     """Train, select and score every cell of the grid not yet in ``record`` (default ``out``), seed by
-    seed (``seeds``: a subset of ``h.seeds``); returns the summary of every recorded cell
-    (:func:`summarise`), also passed to ``after_cell`` after each new cell. With ``defer_inception``
-    the row cells' Inception FIDs are left to :func:`fill_inception` (``out``'s report samples)."""
+    seed (``seeds``: a subset of ``h.seeds``; ``only``: glob patterns of the cell keys to run, e.g.
+    ``b2/seed0/f0.1/*``, so that processes can share one seed's cells); returns the summary of every
+    recorded cell (:func:`summarise`), also passed to ``after_cell`` after each new cell. With
+    ``defer_inception`` the row cells' Inception FIDs are left to :func:`fill_inception` (``out``'s
+    report samples). A cascade row is reported only once every split of it is selected."""
     out.mkdir(parents=True, exist_ok=True)
     settings = study_settings(profile, h)
     pending = h.inception and defer_inception
@@ -271,7 +275,9 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
         return {"level": pick["level"], "select_fid": pick["value"],
                 "select": {str(r["level"]): r["value"] for r in sel}}
 
-    def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> dict:
+    def cell(key: str, stage_keys: list[str], make: Callable[[], dict], **ident) -> dict | None:
+        if only and not any(fnmatch.fnmatchcase(key, pat) for pat in only):
+            return None
         stages = {s: ids[s] for s in stage_keys}
         rec.reload()
         done = rec.get(key, stages, file_id(clf_file))
@@ -311,6 +317,14 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                         cell(key, [f"b{b:g}/seed{k}/f{f:g}/{BASE}", key], lambda key=key, row=row: {
                             **select(key, row), "fid": None, "fid_se": None, "inception_fid": None},
                             kind=SELECT, budget=b, seed=k, split=f, row=row)
+                rec.reload()
+                unselected = [f"b{b:g}/seed{s}/f{f:g}/{row}" for s in h.select_seeds for f in h.splits
+                              if f"b{b:g}/seed{s}/f{f:g}/{row}" not in rec.cells]
+                if unselected:  # another process (--only) selects them, or the time ran out
+                    if not only or any(fnmatch.fnmatchcase(f"b{b:g}/seed{k}/{row}", pat) for pat in only):
+                        log(f"b{b:g}/seed{k}/{row} skipped: its splits are not all selected yet "
+                            f"({', '.join(unselected)}); run again once they are")
+                    continue
                 f = chosen_split([c for c in rec.cells.values() if c["kind"] == SELECT], b, row)
                 at = f"b{b:g}/seed{k}/f{f:g}/{row}"
 
