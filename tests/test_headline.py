@@ -249,3 +249,23 @@ def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(
     assert len(third["selected"]) == 4 and {r["row"] for r in third["rows"]} == {"single", "sr-none", "sr-gaussian"}
     assert {r["cell"]: r["select_fid"] for r in third["selected"] if "f0.3" in r["cell"]} == {
         r["cell"]: r["select_fid"] for r in first["selected"]}  # f0.3's selections were kept, not redone
+
+
+@needs_data
+def test_a_budget_waiting_for_its_splits_still_trains_the_other_seeds_single_stage(tmp_path):
+    from dataclasses import replace
+
+    from cdmrepro.headline import SELECT, Record, run_headline, study_settings
+
+    p, h = get_profile("smoke"), HEADLINES["smoke"]
+    rec = Record(tmp_path / "rec", study_settings(p, h), print)
+    for row in h.rows(0.5):  # budget 0.5 is ready, budget 1 waits for seed 0's selections
+        for f in h.splits:
+            rec.add({"cell": f"b0.5/seed0/f{f:g}/{row}", "kind": SELECT, "seed": 0, "budget": 0.5, "row": row,
+                     "split": f, "select_fid": 1.0, "level": 0, "metric": "fid", "seconds": 1.0})
+    logged: list[str] = []
+    s = run_headline(tmp_path / "out", p, replace(h, seeds=(1,)), "cpu", "", "test", logged.append,
+                     record=tmp_path / "rec", seeds=(1,), only=("b1/*",))
+    # the rows that need no split: the single stage and the three-stage cascade
+    assert [r["cell"] for r in s["rows"]] == ["b1/seed1/single", "b1/seed1/3-stage"]
+    assert any("cascade rows at budget(s) 1B skipped" in m for m in logged)

@@ -223,9 +223,9 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     run_seeds = seeds if seeds is not None else h.seeds
     waiting = _check_select_seeds(rec, h, run_seeds)
     if waiting:
-        log(f"budget(s) {', '.join(f'{b:g}B' for b in waiting)} skipped for seed(s) "
+        log(f"cascade rows at budget(s) {', '.join(f'{b:g}B' for b in waiting)} skipped for seed(s) "
             f"{[k for k in run_seeds if k not in h.select_seeds]}: the select seed(s) {list(h.select_seeds)} "
-            f"have not chosen their splits yet; run again once they have")
+            f"have not chosen their splits yet; run again once they have (the single stages run now)")
     clf_dir = rec.path.parent / "classifier"
     clf_file = clf_dir / "classifier.safetensors"
     dev = pick_device(device or profile.device)
@@ -299,8 +299,6 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     for k in run_seeds:  # a whole seed first
         for b in h.budgets:
-            if k not in h.select_seeds and b in waiting:
-                continue
             key = f"b{b:g}/seed{k}/single"
 
             def single(key=key) -> dict:
@@ -321,7 +319,8 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                 unselected = [f"b{b:g}/seed{s}/f{f:g}/{row}" for s in h.select_seeds for f in h.splits
                               if f"b{b:g}/seed{s}/f{f:g}/{row}" not in rec.cells]
                 if unselected:  # another process (--only) selects them, or the time ran out
-                    if not only or any(fnmatch.fnmatchcase(f"b{b:g}/seed{k}/{row}", pat) for pat in only):
+                    if b not in waiting and (not only or any(fnmatch.fnmatchcase(f"b{b:g}/seed{k}/{row}", pat)
+                                                             for pat in only)):
                         log(f"b{b:g}/seed{k}/{row} skipped: its splits are not all selected yet "
                             f"({', '.join(unselected)}); run again once they are")
                     continue
@@ -427,9 +426,9 @@ def report_from_record(record: Path, profile: Profile, h: Headline, device: str,
 def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> list[float]:
     """Seeds outside ``h.select_seeds`` report each cascade row at the split those chose: they need
     the select seeds' split cells recorded, or run in the same call (after them). Returns the budgets
-    the other seeds must skip in this call, because the select seeds' cells of that budget are
-    neither recorded nor trained by it (e.g. ``--seeds 1,2`` beside a ``--seeds 0`` still at 2B);
-    refuses a call that would have nothing to do."""
+    whose cascade rows the other seeds skip in this call (their single stages run), because the
+    select seeds' cells of that budget are neither recorded nor trained by it (e.g. ``--seeds 1,2``
+    beside a ``--seeds 0`` still at 2B); refuses a call for which no budget is ready."""
     todo = [k for k in h.select_seeds if k not in seeds]
     have = {(c["seed"], c["budget"], c["row"], c["split"]) for c in rec.cells.values() if c["kind"] == SELECT}
     waiting = [b for b in h.budgets
