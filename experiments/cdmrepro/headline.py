@@ -604,7 +604,8 @@ def markdown(summary: dict) -> str:
     for e in summary["table"]:
         inc = "" if e["inception_mean"] is None else f"{e['inception_mean']:.2f}" + (
             f" ± {e['inception_sd']:.2f}" if e["inception_sd"] is not None else "") + (
-            f" ({e['inception_seeds']} seeds)" if e.get("inception_seeds", e["seeds"]) < e["seeds"] else "")
+            f" ({e['inception_seeds']} seed{'s' if e['inception_seeds'] != 1 else ''})"
+            if e.get("inception_seeds", e["seeds"]) < e["seeds"] else "")
         split = "" if e["split"] is None else f"{e['split']:g}"
         by = ", ".join(f"{float(g):g}: {v:.2f}" for g, v in (e["select_fid_by_split"] or {}).items())
         sd = "–" if math.isnan(e["fid_sd"]) else f"{e['fid_sd']:.3f}"
