@@ -269,3 +269,15 @@ def test_a_budget_waiting_for_its_splits_still_trains_the_other_seeds_single_sta
     # the rows that need no split: the single stage and the three-stage cascade
     assert [r["cell"] for r in s["rows"]] == ["b1/seed1/single", "b1/seed1/3-stage"]
     assert any("cascade rows at budget(s) 1B skipped" in m for m in logged)
+
+
+def test_a_cell_recorded_again_supersedes_the_first_and_is_not_taken_for_another_study(tmp_path):
+    from cdmrepro.headline import Record, study_settings
+
+    settings = study_settings(get_profile("smoke"), HEADLINES["smoke"])
+    rec = Record(tmp_path, settings, print)
+    rec.add({"cell": "b1/seed0/single", "fid": 1.0, "inception_fid": None, "inception_pending": True})
+    rec.add({"cell": "b1/seed0/single", "fid": 1.0, "inception_fid": 30.0})  # as --fill-inception does
+    logged: list[str] = []
+    again = Record(tmp_path, settings, logged.append)
+    assert again.cells["b1/seed0/single"]["inception_fid"] == 30.0 and logged == []

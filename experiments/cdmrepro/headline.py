@@ -181,9 +181,9 @@ class Record:
     def __init__(self, folder: Path, settings: dict, log: Log):
         self.path = folder / RECORD
         self.study = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        rows = self.reload()
-        if len(self.cells) < len(rows):
-            log(f"{self.path}: {len(rows) - len(self.cells)} cells of other study settings are ignored")
+        other = sum(r.get("study") != self.study for r in self.reload())  # not a cell recorded again
+        if other:
+            log(f"{self.path}: {other} cells of other study settings are ignored")
 
     def reload(self) -> list[dict]:
         """Read the file again (another process may be recording other seeds into it); returns
