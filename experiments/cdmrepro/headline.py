@@ -51,7 +51,7 @@ from typing import Callable
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, load_stage
 from cdm.config import ConfigError, to_dict
-from cdm.data import DataConfig, load_dataset, to_float
+from cdm.data import load_dataset, to_float
 from cdm.distributed import pick_device
 from cdm.eval.ledger import Judge, append_row, load_samples, read_rows, score_point, stage_fingerprint
 from cdm.eval.sweep import SweepConfig, run_sweep
@@ -60,7 +60,7 @@ from cdm.generate import cycle_labels, sample_batched
 from .ledger import Ledger, machine_info
 from .plan import AUGMENT, BASE, STUDY_PINS, StagePlan, _load, _match_flops, _plan, plan_stages
 from .profiles import Profile
-from .run import Log, _write_json, build_scorer, single_point, train
+from .run import Log, _write_json, build_scorer, single_point, study_data, train
 from .scoring import PRIMARY
 
 CASCADE_ROWS = ("sr-none", "sr-gaussian")  # at every budget
@@ -231,7 +231,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     dev = pick_device(device or profile.device)
     machine = machine_info(dev)
     ledger = Ledger(out / "timings.json", command, machine, profile.name)
-    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+    data_cfg = study_data(data_path)
     plans = plan_headline(profile, h, str(dev), data_path)
     _write_json(out / "plan.json", {k: {"steps": v.config.train.steps, "train_flops": v.train_flops}
                                     for k, v in plans.items()})
@@ -253,7 +253,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     plan = SamplingPlan.uniform(2, steps=profile.sample_steps, sampler=profile.sampler, spacing=profile.spacing)
     points = out / "points"
-    about = {"cpu": machine["cpu"], "threads": machine["threads"], "device": machine["device"]}
+    about = _about(machine)
 
     def cascade_points(key: str, levels, n: int, seed: int, phase: str) -> list[dict]:
         """The cascade ``key`` (``b{b}/seed{k}/f{f}/{row}``) sampled at ``levels`` and scored (report
@@ -365,11 +365,8 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
     ``--out``, or a copy of its ``points/samples``), and record each cell again with its Inception
     FID. Each sample file is first checked against its cell: its classifier FID must be the one
     recorded (up to the two machines' arithmetic). Returns the summary (:func:`summarise`)."""
-    if not (record / RECORD).exists():
-        raise ConfigError(f"{record / RECORD} does not exist: no cells recorded there yet")
+    rec, budget = _recorded(record, profile, h, device, data_path, log)
     settings = study_settings(profile, h)
-    rec = Record(record, settings, log)
-    budget = reference_budget(plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path))
     todo = [c for c in rec.cells.values() if c["kind"] == REPORT and c.get("inception_pending")]
     if not h.inception or not todo:
         log("no cell waits for its Inception FID")
@@ -385,7 +382,7 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
     dev = pick_device(device or profile.device)
     machine = machine_info(dev)
     ledger = Ledger(out / "timings.json", command, machine, profile.name)
-    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+    data_cfg = study_data(data_path)
     scorer, _, _ = build_scorer(_scoring_profile(profile, h, settings, inception=True), out, data_cfg, str(dev),
                                 ledger, log, record / "classifier")
     for c in todo:
@@ -405,7 +402,7 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
             v = scorer.inception_fid(x[:h.n_report])
         done = {k: v2 for k, v2 in c.items() if k != "inception_pending"}
         rec.add({**done, "inception_fid": v, "inception_scored": {
-            "machine": {"cpu": machine["cpu"], "threads": machine["threads"], "device": machine["device"]},
+            "machine": _about(machine),
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t, 1)}})
         log(f"cell {c['cell']}: Inception FID {v:.3f} (classifier FID {check:.3f}, recorded {c['fid']:.3f})")
     ledger.finish()
@@ -416,11 +413,22 @@ def report_from_record(record: Path, profile: Profile, h: Headline, device: str,
                        log: Log) -> dict:
     """The summary (:func:`summarise`) of the cells recorded in ``record``, training nothing (e.g. after
     copying in cells another machine recorded)."""
+    rec, budget = _recorded(record, profile, h, device, data_path, log)
+    return summarise(rec, h, command, budget)
+
+
+def _recorded(record: Path, profile: Profile, h: Headline, device: str, data_path: str,
+              log: Log) -> tuple[Record, int]:
+    """The study's record in ``record`` (which must exist) and B, the reference budget."""
     if not (record / RECORD).exists():
         raise ConfigError(f"{record / RECORD} does not exist: no cells recorded there yet")
     rec = Record(record, study_settings(profile, h), log)
-    budget = reference_budget(plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path))
-    return summarise(rec, h, command, budget)
+    return rec, reference_budget(plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path))
+
+
+def _about(machine: dict) -> dict:
+    """What a cell keeps of :func:`machine_info`: the CPU, its threads and the device."""
+    return {"cpu": machine["cpu"], "threads": machine["threads"], "device": machine["device"]}
 
 
 def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> list[float]:

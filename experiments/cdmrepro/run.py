@@ -58,6 +58,11 @@ class RunConfig:
     diagnostics: bool = False  # also train and score the profile's variants of the SR stages
 
 
+def study_data(data_path: str = "") -> DataConfig:
+    """The experiments' data: Fashion-MNIST padded to 32x32 (``data_path``: its IDX folder, default Debian's)."""
+    return DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+
+
 def run_experiment(rc: RunConfig, log: Log) -> dict:
     """Run (or resume) the whole experiment; returns the summary (also ``summary.json``)."""
     p, out = rc.profile, Path(rc.out)
@@ -65,7 +70,7 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
     dev = pick_device(rc.device or p.device)
     ledger = Ledger(out / "timings.json", rc.command, machine_info(dev), p.name)
     log(f"profile {p.name}: {p.about}; device {dev}, {torch.get_num_threads()} threads")
-    data_cfg = DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=rc.data_path)
+    data_cfg = study_data(rc.data_path)
     with ledger.task("load data"):
         train_set = load_dataset(data_cfg)
     variants = {v.key: v for v in (p.diagnostics if rc.diagnostics else ())}
@@ -110,7 +115,7 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
 
 def describe_plan(p: Profile, device: str = "", data_path: str = "", diagnostics: bool = False) -> str:
     """The profile and every stage's training plan (steps, batch, FLOPs), as text."""
-    data = load_dataset(DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path))
+    data = load_dataset(study_data(data_path))
     plans = plan_all(p, str(pick_device(device or p.device)), data_path, data.images.shape[1], data.num_classes,
                      diagnostics)
     lines = [json.dumps(asdict(p), indent=1)]
