@@ -1,4 +1,5 @@
-"""The paper's headline at equal compute on Fashion-MNIST 8x8 -> 32x32: cascades (no / Gaussian
+"""The paper's headline at equal compute on Fashion-MNIST 8x8 -> 32x32 (16x16 -> 64x64 with
+``--profile gpu``): cascades (no / Gaussian
 augmentation, several base-stage shares of the budget) against a single stage with the same
 training FLOPs, at several budgets, over several training seeds (``cdmrepro/headline.py``).
 

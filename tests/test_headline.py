@@ -281,3 +281,76 @@ def test_a_cell_recorded_again_supersedes_the_first_and_is_not_taken_for_another
     logged: list[str] = []
     again = Record(tmp_path, settings, logged.append)
     assert again.cells["b1/seed0/single"]["inception_fid"] == 30.0 and logged == []
+
+
+@needs_data
+def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
+    # issue #15: the GPU profile runs the study at 16 -> 64 px (Fashion-MNIST upsampled, said so in its
+    # description), every stage at its resolution, the budget split as at 8 -> 32
+    from dataclasses import replace
+
+    p = get_profile("gpu")
+    assert (p.base_resolution, p.resolution, p.fit) == (16, 64, "resize") and "upsampled" in p.about
+    h = replace(HEADLINES["gpu"], seeds=(0,), budgets=(1.0,), splits=(0.2,))
+    plans = plan_headline(p, h, "cpu")
+    res = {k: (v.config.lowres_resolution, v.config.resolution) for k, v in plans.items()}
+    assert res == {"b1/seed0/single": (0, 64), "b1/seed0/f0.2/base": (0, 16), "b1/seed0/f0.2/sr-none": (16, 64),
+                   "b1/seed0/f0.2/sr-gaussian": (16, 64), "b1/seed0/f0.2/sr-blur": (16, 64),
+                   "b1/seed0/3-stage/base": (0, 16), "b1/seed0/3-stage/sr16to32": (16, 32),
+                   "b1/seed0/3-stage/sr32to64": (32, 64)}
+    assert all((v.config.data.resolution, v.config.data.fit) == (64, "resize") for v in plans.values())
+    assert plans["b1/seed0/f0.2/sr-gaussian"].config.unet.channel_mult == [1, 2, 2, 4]
+    single, base = plans["b1/seed0/single"].train_flops, plans["b1/seed0/f0.2/base"].train_flops
+    assert base + plans["b1/seed0/f0.2/sr-gaussian"].train_flops == pytest.approx(single, rel=0.01)
+    assert base / single == pytest.approx(0.2, rel=0.01)
+
+
+def _fmnist_subset(folder: Path, n_train: int, n_test: int) -> Path:
+    """The first images of Debian's Fashion-MNIST, as IDX files in ``folder`` (a study's data, small)."""
+    import gzip
+
+    import numpy as np
+
+    from cdm.data import FASHION_MNIST_DIR, read_idx
+
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            arr = read_idx(Path(FASHION_MNIST_DIR) / f"{prefix}-{kind}-ubyte.gz")[:n]
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+    return folder
+
+
+@needs_data
+def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
+    # the gpu profile's scale (16 -> 64 px, resized data) with the smoke profile's tiny networks: every
+    # stage trains at its resolution, and the domain classifier and the reference are at 64 px
+    from dataclasses import replace
+
+    from cdm.checkpoint import load_stage
+    from cdmrepro.headline import markdown, run_headline
+
+    quick = ("train.sample_every=0", "train.log_every=1")
+    tiny = ("unet.base_channels=8", "unet.num_res_blocks=1", "unet.head_channels=8", "train.batch_size=8", *quick)
+    p = replace(get_profile("smoke"), resolution=64, base_resolution=16, fit="resize", classifier_limit=640,
+                classifier={"width": 4, "feature_dim": 8, "epochs": 1, "min_steps": 10, "batch_size": 64},
+                overrides={"base": (*tiny, "unet.channel_mult=1,2", "unet.attention_resolutions=8"),
+                           "sr": (*tiny, "unet.channel_mult=1,2", "unet.attention_resolutions=32"),
+                           "single": quick})
+    h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(1.0,), splits=(0.1,), levels=(0,), n_select=8,
+                n_report=8, blur_budgets=())
+    s = run_headline(tmp_path / "hl", p, h, "cpu", str(_fmnist_subset(tmp_path / "fmnist", 1000, 300)), "test",
+                     print, record=tmp_path / "rec")
+    assert {r["row"] for r in s["rows"]} == {"single", "sr-none", "sr-gaussian", "3-stage"}
+    assert all(math.isfinite(r["fid"]) for r in s["rows"])
+    stages = {d.name: load_stage(sorted((d / "checkpoints").glob("*.safetensors"))[-1], "cpu")
+              for d in (tmp_path / "hl" / "stages").iterdir()}
+    assert {k: (st.config.lowres_resolution, st.config.resolution) for k, st in stages.items()} == {
+        "b1__seed0__single": (0, 64), "b1__seed0__f0.1__base": (0, 16), "b1__seed0__f0.1__sr-none": (16, 64),
+        "b1__seed0__f0.1__sr-gaussian": (16, 64), "b1__seed0__3-stage__base": (0, 16),
+        "b1__seed0__3-stage__sr16to32": (16, 32), "b1__seed0__3-stage__sr32to64": (32, 64)}
+    assert json.loads((tmp_path / "rec" / "classifier" / "summary.json").read_text())["data"]["resolution"] == 64
+    assert any("-64px-" in f.name for f in (tmp_path / "hl" / "cache").iterdir())
+    assert "Fashion-MNIST, 16×16 → 64×64 (its 28-px images upsampled (bicubic) to 64 px)" in markdown(s)

@@ -4,7 +4,7 @@ one, and does the best cascade beat a single-stage model given the same training
 For each training budget ``b`` (a multiple of the reference budget ``B``: the base and SR presets'
 training FLOPs at the profile's scale) and each training seed:
 
-- a single 32x32 stage trained for ``b * B`` FLOPs;
+- a single stage at the final resolution (32 px; 64 px in the ``gpu`` profile) trained for ``b * B`` FLOPs;
 - for each split ``f`` (the base stage's share): a base stage trained for ``f * b * B`` FLOPs and
   each SR row (no augmentation, Gaussian augmentation; blur too at the budgets ``blur_budgets``)
   for ``(1 - f) * b * B`` — the base stage is retrained for every budget, split and seed, never
@@ -65,7 +65,7 @@ from .scoring import PRIMARY
 
 CASCADE_ROWS = ("sr-none", "sr-gaussian")  # at every budget
 BLUR = "sr-blur"  # at the budgets Headline.blur_budgets
-THREE, THREE_STAGES = "3-stage", ("base", "sr8to16", "sr16to32")
+THREE = "3-stage"
 SELECT, REPORT = "select", "report"  # a cell's kind: a select seed's cascade at one split / a reported row
 Z = 2.0  # a claim holds beyond Z standard errors over seeds
 
@@ -83,8 +83,9 @@ class Headline:
     n_report: int = 2000  # report samples per point (classifier FID); the table's rows also in Inception space
     steps_scale: float = 0.5  # multiplies the presets' steps: B, the reference budget, follows
     inception: bool = True  # score the table's rows in Inception space too (n_report samples each)
-    # the three-stage cascade 8 -> 16 -> 32 at budget 1 x B: the shares of base, 8->16 and 16->32 (both
-    # Gaussian-augmented; their levels chosen jointly on the selection samples among `levels`)
+    # the three-stage cascade (8 -> 16 -> 32 at the cpu profile's scale, :func:`three_stages`) at budget
+    # 1 x B: the shares of base, first and second SR stage (both Gaussian-augmented; their levels chosen
+    # jointly on the selection samples among `levels`)
     three_stage: tuple[float, float, float] = (0.15, 0.3, 0.55)
     blur_budgets: tuple[float, ...] = (1.0,)  # budgets with a blur-augmented SR row too (every split)
 
@@ -106,12 +107,23 @@ def reference_budget(stages: dict[str, StagePlan]) -> int:
     return stages[BASE].train_flops + stages["sr-gaussian"].train_flops
 
 
+def three_stages(profile: Profile) -> list[tuple[str, int, int]]:
+    """The three-stage cascade's stages as ``(name, resolution, lowres_resolution)``: the base stage,
+    then two SR stages through the geometric middle (8 -> 16 -> 32: ``sr8to16``, ``sr16to32``)."""
+    lo, hi = profile.base_resolution, profile.resolution
+    mid = math.isqrt(lo * hi)
+    if mid * mid != lo * hi or not lo < mid < hi:
+        raise ConfigError(f"profile {profile.name!r}: a three-stage cascade from {lo} to {hi} px needs a middle "
+                          f"resolution: make resolution / base_resolution a square (4, 16, ...)")
+    return [(BASE, lo, 0), (f"sr{lo}to{mid}", mid, lo), (f"sr{mid}to{hi}", hi, mid)]
+
+
 def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StagePlan]:
     """Every stage the study trains, keyed ``b{b}/seed{k}/single`` and ``b{b}/seed{k}/f{f}/{row}``
     (row: base, sr-none, sr-gaussian, sr-blur at ``h.blur_budgets``), each trained for its share of ``b * B`` FLOPs."""
     stages = plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path)
     total = reference_budget(stages)
-    single_template = stages["single"].config  # the SR stage's U-Net, 32 px
+    single_template = stages["single"].config  # the SR stage's U-Net, at its resolution
     plans: dict[str, StagePlan] = {}
     for b in h.budgets:
         for k in h.seeds:
@@ -130,13 +142,13 @@ def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "
                     plans[f"{key}/{row}"] = _match_flops(_plan(row, sr, 1, 10), round((1 - f) * b * total))
             if b == 1.0 and h.three_stage:
                 key = f"b1/seed{k}/{THREE}"
-                shares = dict(zip(THREE_STAGES, h.three_stage))
+                (_, *srs), shares = three_stages(profile), h.three_stage
                 base = _load(profile, "fmnist-base8", "base", f"3stage-base-seed{k}", device, data_path, None, seed)
-                plans[f"{key}/base"] = _match_flops(_plan(BASE, base, 1, 10), round(shares["base"] * total))
-                for name, (res, low) in (("sr8to16", (16, 8)), ("sr16to32", (32, 16))):
+                plans[f"{key}/base"] = _match_flops(_plan(BASE, base, 1, 10), round(shares[0] * total))
+                for (name, res, low), share in zip(srs, shares[1:]):
                     sr = _load(profile, "fmnist-sr8to32", "sr", f"3stage-{name}-seed{k}", device, data_path,
                                {"resolution": res, "lowres_resolution": low}, seed)
-                    plans[f"{key}/{name}"] = _match_flops(_plan(name, sr, 1, 10), round(shares[name] * total))
+                    plans[f"{key}/{name}"] = _match_flops(_plan(name, sr, 1, 10), round(share * total))
     return plans
 
 
@@ -231,7 +243,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
     dev = pick_device(device or profile.device)
     machine = machine_info(dev)
     ledger = Ledger(out / "timings.json", command, machine, profile.name)
-    data_cfg = study_data(data_path)
+    data_cfg = study_data(profile, data_path)
     plans = plan_headline(profile, h, str(dev), data_path)
     _write_json(out / "plan.json", {k: {"steps": v.config.train.steps, "train_flops": v.train_flops}
                                     for k, v in plans.items()})
@@ -294,7 +306,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
         log(f"cell {key}: " + (f"FID {row['fid']:.3f}" if row["fid"] is not None else
                                f"selection FID {row['select_fid']:.3f}") + f" (level {row['level']})")
         if after_cell:
-            after_cell(summarise(rec, h, command, budget))
+            after_cell(summarise(rec, h, command, budget, profile))
         return row
 
     for k in run_seeds:  # a whole seed first
@@ -337,7 +349,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
                      kind=REPORT, budget=b, seed=k, split=f, row=row)
             if b == 1.0 and h.three_stage:
                 key = f"b1/seed{k}/{THREE}"
-                names = [f"{key}/{n}" for n in THREE_STAGES]
+                names = [f"{key}/{n}" for n, _, _ in three_stages(profile)]
 
                 def three(k=k, names=names) -> dict:
                     got = needs()
@@ -346,7 +358,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
                 cell(key, names, three, kind=REPORT, budget=1.0, seed=k, split=None, row=THREE)
     ledger.finish()
-    summary = summarise(rec, h, command, budget)
+    summary = summarise(rec, h, command, budget, profile)
     summary["timings"] = ledger.data
     _write_json(out / "headline.json", summary)
     return summary
@@ -370,7 +382,7 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
     todo = [c for c in rec.cells.values() if c["kind"] == REPORT and c.get("inception_pending")]
     if not h.inception or not todo:
         log("no cell waits for its Inception FID")
-        return summarise(rec, h, command, budget)
+        return summarise(rec, h, command, budget, profile)
     files = {c["cell"]: out / "points" / c["samples"] if c.get("samples") else None for c in todo}
     missing = [k for k, f in files.items() if f is None or not f.exists()]
     if len(missing) == len(todo):
@@ -382,7 +394,7 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
     dev = pick_device(device or profile.device)
     machine = machine_info(dev)
     ledger = Ledger(out / "timings.json", command, machine, profile.name)
-    data_cfg = study_data(data_path)
+    data_cfg = study_data(profile, data_path)
     scorer, _, _ = build_scorer(_scoring_profile(profile, h, settings, inception=True), out, data_cfg, str(dev),
                                 ledger, log, record / "classifier")
     for c in todo:
@@ -406,7 +418,7 @@ def fill_inception(out: Path, profile: Profile, h: Headline, device: str, data_p
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t, 1)}})
         log(f"cell {c['cell']}: Inception FID {v:.3f} (classifier FID {check:.3f}, recorded {c['fid']:.3f})")
     ledger.finish()
-    return summarise(rec, h, command, budget)
+    return summarise(rec, h, command, budget, profile)
 
 
 def report_from_record(record: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
@@ -414,7 +426,7 @@ def report_from_record(record: Path, profile: Profile, h: Headline, device: str,
     """The summary (:func:`summarise`) of the cells recorded in ``record``, training nothing (e.g. after
     copying in cells another machine recorded)."""
     rec, budget = _recorded(record, profile, h, device, data_path, log)
-    return summarise(rec, h, command, budget)
+    return summarise(rec, h, command, budget, profile)
 
 
 def _recorded(record: Path, profile: Profile, h: Headline, device: str, data_path: str,
@@ -453,9 +465,9 @@ def _check_select_seeds(rec: Record, h: Headline, seeds: tuple[int, ...]) -> lis
     return waiting if others else []
 
 
-def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:
+def summarise(rec: Record, h: Headline, command: str, budget: int, profile: Profile) -> dict:
     """Every recorded cell of this grid, its table over seeds (:func:`aggregate`) and the claims
-    (``budget``: B, :func:`reference_budget`)."""
+    (``budget``: B, :func:`reference_budget`; ``profile``: the study's scale)."""
     grid = {(b, f) for b in h.budgets for f in (None, *h.splits)}
     cells = [r for r in rec.cells.values() if (r["budget"], r["split"]) in grid]
     rows = [r for r in cells if r["kind"] == REPORT]
@@ -463,6 +475,7 @@ def summarise(rec: Record, h: Headline, command: str, budget: int) -> dict:
     table = aggregate(rows, selected, h)
     per_seed = sum(1 + len(h.rows(b)) for b in h.budgets) + (1 if 1.0 in h.budgets and h.three_stage else 0)
     return {"headline": asdict(h), "study": rec.study, "command": command,
+            "scale": {"base_resolution": profile.base_resolution, "resolution": profile.resolution, "fit": profile.fit},
             "metric": cells[0]["metric"] if cells else PRIMARY,
             "reference_budget_flops": budget,
             "seeds_recorded": sorted({r["seed"] for r in rows}), "rows": rows, "selected": selected,
@@ -596,10 +609,14 @@ def markdown(summary: dict) -> str:
     def seq(v) -> str:
         return ", ".join(f"{x:g}" for x in v)
 
+    sc = summary.get("scale", {})
+    lo, hi = sc.get("base_resolution", 8), sc.get("resolution", 32)
+    fit = f"its 28-px images {'upsampled (bicubic)' if sc.get('fit') == 'resize' else 'padded'} to {hi} px"
+
     lines = ["# The headline at equal compute (issue #15)", "",
              "Written by `make repro` (experiments/headline.py) after every cell, from "
              "[headline/cells.jsonl](headline/cells.jsonl); the reading is in [RESULTS.md](RESULTS.md).", "",
-             f"Training seeds {seq(h['seeds'])} (reported so far: {seq(summary['seeds_recorded']) or 'none'}; "
+             f"Fashion-MNIST, {lo}×{lo} → {hi}×{hi} ({fit}); training seeds {seq(h['seeds'])} (reported so far: {seq(summary['seeds_recorded']) or 'none'}; "
              f"{summary['cells_recorded']} of {summary['cells_planned']} cells recorded); "
              f"budgets {seq(h['budgets'])} x B (B = "
              f"{summary['reference_budget_flops'] / 1e12:.1f} TFLOP); base-stage shares {seq(h['splits'])}; metric "

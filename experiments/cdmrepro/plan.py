@@ -1,12 +1,13 @@
 """The experiment's stages: one shared base, three SR stages (no / Gaussian / blur augmentation)
-and a single-stage 32x32 model given the training FLOPs of base + one SR stage."""
+and a single-stage model given the training FLOPs of base + one SR stage, at the profile's scale
+(8 -> 32 px with the presets as they are, or other resolutions: :func:`at_scale`)."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
-from cdm.config import DERIVED_UNET_FIELDS, ConfigError, StageConfig, load_stage_config, to_dict
+from cdm.config import DERIVED_UNET_FIELDS, ConfigError, StageConfig, deep_merge, load_stage_config, to_dict
 from cdm.flops import train_flops_per_image
 
 from .profiles import Profile, Variant
@@ -53,7 +54,7 @@ def _plan(key: str, cfg: StageConfig, channels: int, num_classes: int) -> StageP
 
 def plan_stages(profile: Profile, device: str, data_path: str = "", channels: int = 1,
                 num_classes: int = 10) -> dict[str, StagePlan]:
-    """Every stage's resolved config. The SR stages are the ``fmnist-sr8to32`` preset with
+    """Every stage's resolved config, at the profile's scale. The SR stages are the ``fmnist-sr8to32`` preset with
     ``augment.kind`` none / gaussian (as shipped) / blur; the single stage is ``fmnist-single32``
     with the SR stage's U-Net (without the low-res input) and batch size, trained for as many
     steps as make its training FLOPs those of the base plus one (Gaussian) SR stage. ``data_path``:
@@ -80,11 +81,21 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
 STUDY_PINS = ("train.p_uncond=0",)
 
 
+def at_scale(profile: Profile, kind: str) -> dict:
+    """The config keys that put a stage of ``kind`` (base, sr, single) at the profile's scale: its
+    resolutions and the study's data (:attr:`Profile.resolution`, ``base_resolution``, ``fit``)."""
+    res, low = {"base": (profile.base_resolution, 0), "sr": (profile.resolution, profile.base_resolution),
+                "single": (profile.resolution, 0)}[kind]
+    return {"resolution": res, "lowres_resolution": low, "data": {"resolution": profile.resolution, "fit": profile.fit}}
+
+
 def _load(profile: Profile, preset: str, kind: str, name: str, device: str, data_path: str,
           extra: dict | None = None, overrides: tuple[str, ...] = ()) -> StageConfig:
+    """The preset at the profile's scale (:func:`at_scale`), then ``extra`` (a nested dict), then the
+    study's pins, the profile's overrides of ``kind``, the machine, and ``overrides``."""
     over = [*STUDY_PINS, *profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
             *([f"data.path={data_path}"] if data_path else []), *overrides]
-    return load_stage_config(preset, over, extra={"name": name, **(extra or {})})
+    return load_stage_config(preset, over, extra=deep_merge(at_scale(profile, kind), {"name": name, **(extra or {})}))
 
 
 def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StagePlan], device: str, data_path: str = "",

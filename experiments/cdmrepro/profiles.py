@@ -1,5 +1,5 @@
-"""Profiles: how big a run is. ``cpu`` (the default) is the laptop-scale experiment, ``smoke`` a
-CI-sized run of every code path, ``gpu`` the real scale (untested on a GPU)."""
+"""Profiles: how big a run is. ``cpu`` (the default) is the laptop-scale experiment at 8 -> 32 px,
+``smoke`` a CI-sized run of every code path, ``gpu`` the real scale at 16 -> 64 px (untested on a GPU)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ DIAGNOSTICS = (
 class Profile:
     name: str
     about: str
+    # The scale: the base stage at base_resolution px, the last SR stage and the single stage at
+    # resolution px (4x: the three-stage cascade puts its middle stage at 2x), Fashion-MNIST's
+    # 28-px images brought to `resolution` by `fit` ("pad": a black border; "resize": bicubic
+    # upsampling, which adds no detail a 28-px image lacks).
+    resolution: int = 32
+    base_resolution: int = 8
+    fit: str = "pad"
     steps_scale: float = 1.0  # multiplies the presets' training steps (the single stage follows by FLOPs)
     n: int = 1000  # samples per point
     n_ref: int = 10000  # real test images: the classifier-space reference
@@ -76,6 +83,10 @@ _TINY_BASE = ("unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blo
               "unet.attention_resolutions=4", "unet.head_channels=8", "train.batch_size=8")
 _TINY_32 = ("unet.base_channels=8", "unet.channel_mult=1,2", "unet.num_res_blocks=1",
             "unet.attention_resolutions=16", "unet.head_channels=8", "train.batch_size=8")
+# the presets' networks one level deeper, for 4x the pixels (the 16-px base stage: feature maps of 16, 8
+# and 4 px; the SR stages and the single stage, which takes the SR stage's network: 64, 32, 16, 8 px)
+_UNET_16 = ("unet.channel_mult=1,2,2", "unet.attention_resolutions=4")
+_UNET_64 = ("unet.channel_mult=1,2,2,4", "unet.attention_resolutions=8")
 _SMOKE_TRAIN = ("train.sample_every=0", "train.sample_steps=2", "train.log_every=1")
 
 PROFILES: dict[str, Profile] = {
@@ -96,10 +107,12 @@ PROFILES: dict[str, Profile] = {
                      Variant("single-p50", "FLOP-matched to base + sr-gaussian-p50", row="single",
                              match_flops="sr-gaussian-p50"))),
     "gpu": Profile(
-        name="gpu", about="real scale, UNTESTED on a GPU: 10x the presets' training steps, 10000 samples per "
-                          "point, every sample scored in Inception space",
+        name="gpu", about="real scale, UNTESTED on a GPU at this size: 16 -> 64 px on Fashion-MNIST upsampled "
+                          "(bicubic) from 28 to 64 px, 10x the presets' training steps, 10000 samples per point, "
+                          "every sample scored in Inception space",
+        resolution=64, base_resolution=16, fit="resize",
         steps_scale=10.0, n=10000, n_ref=10000, n_incep=10000, n_incep_ref=10000, sample_batch=1000,
-        device="auto"),
+        device="auto", overrides={"base": _UNET_16, "sr": _UNET_64}),
 }
 
 

@@ -29,12 +29,21 @@ from .run import best, condition, main_points
 READING_OPEN, READING_CLOSE = "<!-- reading -->", "<!-- /reading -->"
 READING_PLACEHOLDER = ("_Not written yet: after the full run, say here what the numbers show about the paper's "
                        "claims, and how far to trust them. This text survives re-publishing._")
-ROW_NAMES = {"single": "single-stage 32×32", "sr-none": "cascade, no augmentation",
+ROW_NAMES = {"single": "single-stage {hi}×{hi}", "sr-none": "cascade, no augmentation",
              "sr-gaussian": "cascade, Gaussian augmentation", "sr-blur": "cascade, blur augmentation",
              "real": "real data"}
 
 
 # ----------------------------------------------------------------------------- formatting
+def _row_name(row: str, profile: dict) -> str:
+    return ROW_NAMES.get(row, f"diagnostic variant {row}").format(hi=_scale(profile)[1])
+
+
+def _scale(profile: dict) -> tuple[int, int]:
+    """The study's base and final resolution (a summary written before profiles had them: 8 and 32)."""
+    return profile.get("base_resolution", 8), profile.get("resolution", 32)
+
+
 def _f(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -130,7 +139,8 @@ def assets(summary: dict, out: Path) -> dict[str, bytes]:
 def render(summary: dict, prefix: str, reading: str, out: Path) -> str:
     """The report's Markdown; assets are referred to as ``prefix + name``; ``out``: the run directory."""
     p, inv = summary["profile"], summary["timings"]["invocations"]
-    head = ["# Conditioning augmentation on Fashion-MNIST 8×8 → 32×32: a reproduction\n", reading + "\n",
+    lo, hi = _scale(p)
+    head = [f"# Conditioning augmentation on Fashion-MNIST {lo}×{lo} → {hi}×{hi}: a reproduction\n", reading + "\n",
             f"Profile **{p['name']}** ({p['about']}). Written {time.strftime('%Y-%m-%d %H:%M')}; total wall time "
             f"{_dur(summary['total_seconds'])} over {len(inv)} invocation(s). Every cascade row shares one base "
             f"stage; sampling: {p['sampler']}, {p['sample_steps']} steps per stage, {p['spacing']} time grid.\n"]
@@ -142,13 +152,14 @@ def render(summary: dict, prefix: str, reading: str, out: Path) -> str:
 
 def _main_section(summary: dict) -> list[str]:
     p, plan, tasks = summary["profile"], summary["plan"], summary["timings"]["tasks"]
+    lo, _ = _scale(p)
     cas = {(c["row"], c.get("condition"), c.get("level")): c for c in summary["cas"]}
     rows = []
     for r in _main_table_points(summary["points"]):
         key = r["row"]
         c = cas.get((key, condition(r), r["level"]))
         train_s = sum(tasks.get(f"train {k}", 0.0) for k in (("single",) if key == "single" else ("base", key)))
-        rows.append([ROW_NAMES[key], condition(r), r["level"], _fid(r), r["metrics"].get("kid"),
+        rows.append([_row_name(key, p), condition(r), r["level"], _fid(r), r["metrics"].get("kid"),
                      r["metrics"].get("inception_fid"), None if c is None else f"{c['top1']:.1f}%",
                      _flops(plan[key]["row_flops"]), _dur(train_s)])
     real = cas.get(("real", "real train images", None))
@@ -168,7 +179,7 @@ def _main_section(summary: dict) -> list[str]:
             f"classifier recipe trained on the {p['n']} samples with their conditioning labels, tested on {test} "
             f"real test images, against the same recipe on {p['n']} real train images. Best s: the lowest "
             f"classifier FID of that condition. Training FLOPs: counted forward + backward FLOPs per example "
-            f"(`cdm.flops`) × steps × batch, base + SR stage for the cascades. Ground-truth conditioning: real 8×8 "
+            f"(`cdm.flops`) × steps × batch, base + SR stage for the cascades. Ground-truth conditioning: real {lo}×{lo} "
             f"inputs made from a seeded subset of {p['n']} *train*-split images (with their labels), downsampled "
             f"exactly as in training and corrupted by the forward process at s; the train split keeps them out of "
             f"the test-split reference.\n"]
@@ -200,6 +211,7 @@ def _diagnostics_section(summary: dict, out: Path) -> list[str]:
     variants = summary.get("diagnostics") or []
     if not variants:
         return []
+    lo, _ = _scale(summary["profile"])
     pts, plan, tasks = summary["points"], summary["plan"], summary["timings"]["tasks"]
     levels = sorted({lv for v in variants for lv in v["levels"]})
     conds = ("non-truncated", "ground-truth")
@@ -212,7 +224,7 @@ def _diagnostics_section(summary: dict, out: Path) -> list[str]:
         if key not in plan:
             continue
         border = [at.get((key, c, 0)) for c in conds]
-        border = [None if r is None else _border_noise(out / "points" / r["samples"]) for r in border]
+        border = [None if r is None else _border_noise(out / "points" / r["samples"], summary["data"]) for r in border]
         gt0 = at.get((key, "ground-truth", 0))
         rows.append([key, about, f"{plan[key]['steps']} × {plan[key]['batch_size']}", _flops(plan[key]["row_flops"]),
                      _dur(tasks.get(f"train {key}")),
@@ -227,9 +239,9 @@ def _diagnostics_section(summary: dict, out: Path) -> list[str]:
             "Classifier FID ± SE, scored as the main rows (same base samples, same ground-truth inputs); "
             "generated inputs are non-truncated. Each variant is a shipped SR stage with one change (the "
             "*what differs* column), trained from scratch. Background noise: the fraction of pixels in the "
-            "2-pixel border that padding 28×28 to 32×32 adds which are brighter than 16/255 (black, 0%, in "
-            "every real image). Consistency PSNR: the samples downsampled to 8×8 against the real 8×8 inputs they "
-            "were conditioned on, in dB (higher: the stage follows its input more faithfully). Made with "
+            "border that padding 28×28 to the study's size adds which are brighter than 16/255 (black, 0%, in "
+            f"every real image; — where the data are resized rather than padded). Consistency PSNR: the samples "
+            f"downsampled to {lo}×{lo} against the real {lo}×{lo} inputs they were conditioned on, in dB (higher: the stage follows its input more faithfully). Made with "
             "`--diagnostics`.\n"]
 
 
@@ -240,7 +252,7 @@ def _ground_truth(data_json: str, n: int, resolution: int, seed: int):
 
 
 def _consistency(path: Path, summary: dict) -> str | None:
-    """Consistency PSNR (dB) of a ground-truth-conditioned point's samples with their 8×8 inputs."""
+    """Consistency PSNR (dB) of a ground-truth-conditioned point's samples with their low-resolution inputs."""
     z = load_samples(path)
     if z is None:
         return None
@@ -253,14 +265,16 @@ def _consistency(path: Path, summary: dict) -> str | None:
     return f"{consistency_psnr(x, lowres):.1f} dB"
 
 
-def _border_noise(path: Path) -> float | None:
-    """The fraction of border pixels (outside the central 28×28) above 16/255 in a point's samples."""
-    z = load_samples(path)
+def _border_noise(path: Path, data: dict) -> float | None:
+    """The fraction of border pixels (outside the central 28×28 that padding keeps; ``data``: the
+    study's :class:`DataConfig` as a dict) above 16/255 in a point's samples; None for resized data."""
+    z = load_samples(path) if data.get("fit", "pad") == "pad" else None
     if z is None:
         return None
     x = z["images"]
+    w = (x.shape[-1] - 28) // 2
     inner = torch.zeros(x.shape[-2:], dtype=torch.bool)
-    inner[2:-2, 2:-2] = True
+    inner[w:-w, w:-w] = True
     return (x[..., ~inner] > 16).float().mean().item()
 
 
@@ -274,7 +288,7 @@ def _variant_points(summary: dict) -> list[dict]:
 def _samples_section(summary: dict, prefix: str) -> list[str]:
     out = ["## Samples\n"]
     for r in main_points(summary["points"]) + _variant_points(summary):
-        name = ROW_NAMES.get(r["row"], f"diagnostic variant {r['row']}")
+        name = _row_name(r["row"], summary["profile"])
         out.append(f"**{name}, {condition(r)}, s = {r['level']}** (first 40 samples; column = "
                    f"class)\n\n![samples]({prefix}samples-{r['row']}-{condition(r)}-s{r['level']}.png)\n")
     return out + [f"**Real test images** (4 per class)\n\n![real images]({prefix}samples-real.png)\n"]

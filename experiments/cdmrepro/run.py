@@ -58,9 +58,10 @@ class RunConfig:
     diagnostics: bool = False  # also train and score the profile's variants of the SR stages
 
 
-def study_data(data_path: str = "") -> DataConfig:
-    """The experiments' data: Fashion-MNIST padded to 32x32 (``data_path``: its IDX folder, default Debian's)."""
-    return DataConfig(source="fashion-mnist", resolution=32, fit="pad", path=data_path)
+def study_data(p: Profile, data_path: str = "") -> DataConfig:
+    """The experiments' data: Fashion-MNIST at the profile's resolution (padded from 28 to 32 px in
+    the ``cpu`` profile; ``data_path``: its IDX folder, default Debian's)."""
+    return DataConfig(source="fashion-mnist", resolution=p.resolution, fit=p.fit, path=data_path)
 
 
 def run_experiment(rc: RunConfig, log: Log) -> dict:
@@ -70,7 +71,7 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
     dev = pick_device(rc.device or p.device)
     ledger = Ledger(out / "timings.json", rc.command, machine_info(dev), p.name)
     log(f"profile {p.name}: {p.about}; device {dev}, {torch.get_num_threads()} threads")
-    data_cfg = study_data(rc.data_path)
+    data_cfg = study_data(p, rc.data_path)
     with ledger.task("load data"):
         train_set = load_dataset(data_cfg)
     variants = {v.key: v for v in (p.diagnostics if rc.diagnostics else ())}
@@ -115,7 +116,7 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
 
 def describe_plan(p: Profile, device: str = "", data_path: str = "", diagnostics: bool = False) -> str:
     """The profile and every stage's training plan (steps, batch, FLOPs), as text."""
-    data = load_dataset(study_data(data_path))
+    data = load_dataset(study_data(p, data_path))
     plans = plan_all(p, str(pick_device(device or p.device)), data_path, data.images.shape[1], data.num_classes,
                      diagnostics)
     lines = [json.dumps(asdict(p), indent=1)]
@@ -173,13 +174,13 @@ def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: L
     with ledger.task("reference statistics"):
         ex = make_extractor("classifier", clf_dir)
         test = load_reference(data, ReferenceSpec(split="test", n=p.n_ref))
-        ref = reference_features(ex, test, 32, cache_dir=out / "cache")
+        ref = reference_features(ex, test, data.resolution, cache_dir=out / "cache")
         references = {"reference": test.fingerprint}
         incep = incep_ref = None
         if p.n_incep > 0:
             incep = make_extractor("inception", None, device)
             incep_test = load_reference(data, ReferenceSpec(split="test", n=p.n_incep_ref))
-            incep_ref = reference_features(incep, incep_test, 32, cache_dir=out / "cache")
+            incep_ref = reference_features(incep, incep_test, data.resolution, cache_dir=out / "cache")
             references["incep_reference"] = incep_test.fingerprint
     scorer = PointScorer(ex, ref, p.bootstrap, incep, incep_ref, p.n_incep, p.seed)
     return scorer, f"{PRIMARY}[{ex.name}]", references
@@ -251,7 +252,8 @@ def cas_points(picks: list[dict], points_dir: Path, path: Path, data: DataConfig
     tested on the real test split, or a class-stratified subset of ``p.cas_test_limit`` of it) and of
     as many real train images (a class-stratified subset); rows in ``cas.jsonl``."""
     test = load_reference(data, ReferenceSpec(split="test", n=p.cas_test_limit))
-    cfg = ClassifierConfig(**{**p.cas, "resolution": 32, "channels": 1, "num_classes": len(test.class_names)})
+    cfg = ClassifierConfig(**{**p.cas, "resolution": data.resolution, "channels": 1,
+                              "num_classes": len(test.class_names)})
     recipe = {**to_dict(cfg), "test_limit": p.cas_test_limit}
     rows = read_rows(path)
     out = []
