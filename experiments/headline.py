@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cdmrepro.headline import (HEADLINES, fill_inception, plan_headline, report_from_record, run_headline,  # noqa: E402
-                               write_markdown)
+from cdmrepro.headline import (HEADLINES, fill_inception, plan_headline, report_from_record, report_name,  # noqa: E402
+                               run_headline, write_markdown)
 from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.out).mkdir(parents=True, exist_ok=True)
             write_markdown(summary, Path(a.out) / "headline.md")
             if a.publish:
-                write_markdown(summary, Path(a.publish) / "HEADLINE.md")
+                write_markdown(summary, Path(a.publish) / report_name(profile))
 
         if a.fill_inception:
             s = fill_inception(Path(a.out), profile, h, a.device or profile.device, a.data_path, command, log,
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                              record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write,
                              defer_inception=a.defer_inception, only=tuple(g for g in a.only.split(",") if g))
         write(s)
-        log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / 'HEADLINE.md'}" if a.publish else ""))
+        log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / report_name(profile)}"
+                                                          if a.publish else ""))
     except USER_ERRORS as e:
         print(f"headline: error: {e}", file=sys.stderr)
         return 2

@@ -330,7 +330,8 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     from dataclasses import replace
 
     from cdm.checkpoint import load_stage
-    from cdmrepro.headline import markdown, run_headline
+    from cdm.config import ConfigError
+    from cdmrepro.headline import markdown, report_name, run_headline
 
     quick = ("train.sample_every=0", "train.log_every=1")
     tiny = ("unet.base_channels=8", "unet.num_res_blocks=1", "unet.head_channels=8", "train.batch_size=8", *quick)
@@ -354,3 +355,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "rec" / "classifier" / "summary.json").read_text())["data"]["resolution"] == 64
     assert any("-64px-" in f.name for f in (tmp_path / "hl" / "cache").iterdir())
     assert "Fashion-MNIST, 16×16 → 64×64 (its 28-px images upsampled (bicubic) to 64 px)" in markdown(s)
+    assert report_name(p) == "HEADLINE-16to64.md" and report_name(get_profile("cpu")) == "HEADLINE.md"
+    # the 8 -> 32 study recorded into the same folder would score in the 64-px classifier's space: refused
+    with pytest.raises(ConfigError, match="its own --record"):
+        run_headline(tmp_path / "hl32", get_profile("smoke"), h, "cpu", "", "test", print, record=tmp_path / "rec")

@@ -654,6 +654,13 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_name(profile: Profile) -> str:
+    """The published report's file name: ``HEADLINE.md`` for the 8 -> 32 study, ``HEADLINE-16to64.md``
+    for another scale, so that studies at two scales never overwrite each other's report."""
+    lo, hi = profile.base_resolution, profile.resolution
+    return "HEADLINE.md" if (lo, hi) == (8, 32) else f"HEADLINE-{lo}to{hi}.md"
+
+
 def write_markdown(summary: dict, path: Path) -> Path:
     text = markdown(summary)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

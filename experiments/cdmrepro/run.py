@@ -27,7 +27,7 @@ import torch
 
 from cdm.cascade import Cascade, SamplingPlan
 from cdm.checkpoint import atomic_write, list_checkpoints, load_stage
-from cdm.config import to_dict
+from cdm.config import ConfigError, to_dict
 from cdm.data import DataConfig, ImageSet, load_dataset, to_float
 from cdm.distributed import pick_device
 from cdm.eval.classifier import ClassifierConfig, train_and_test, train_domain_classifier
@@ -171,6 +171,8 @@ def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: L
             s = train_domain_classifier(replace(data, limit=p.classifier_limit), clf_dir,
                                         ClassifierConfig(**p.classifier), progress=False)
         log(f"domain classifier: test top-1 {s['test']['top1']:.2f}%")
+    else:
+        _check_classifier(clf_dir, data)
     with ledger.task("reference statistics"):
         ex = make_extractor("classifier", clf_dir)
         test = load_reference(data, ReferenceSpec(split="test", n=p.n_ref))
@@ -184,6 +186,16 @@ def build_scorer(p: Profile, out: Path, data: DataConfig, device: str, ledger: L
             references["incep_reference"] = incep_test.fingerprint
     scorer = PointScorer(ex, ref, p.bootstrap, incep, incep_ref, p.n_incep, p.seed)
     return scorer, f"{PRIMARY}[{ex.name}]", references
+
+
+def _check_classifier(clf_dir: Path, data: DataConfig) -> None:
+    """Refuse a domain classifier trained on other data than the study's (e.g. another profile's
+    scale recorded into the same folder): its FIDs would be computed in the wrong feature space."""
+    got, want = json.loads((clf_dir / "summary.json").read_text()).get("data", {}), to_dict(data)
+    if any(got.get(k) != want[k] for k in ("source", "resolution", "fit")):
+        raise ConfigError(f"{clf_dir}: its domain classifier was trained on {got.get('source')} at "
+                          f"{got.get('resolution')} px ({got.get('fit')}), but this study's data are {want['source']} "
+                          f"at {want['resolution']} px ({want['fit']}): give this profile its own --record/--out folder")
 
 
 def single_point(ckpt: Path, sampling: SamplingPlan, p: Profile, scorer, points_dir: Path, metric: str,
