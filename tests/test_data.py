@@ -11,12 +11,7 @@ import torch
 
 from cdm.data import (DataConfig, DataError, FASHION_MNIST_DIR, downsample, fit_to, load_dataset, random_flip,
                       read_idx, to_float, to_uint8)
-
-
-def write_idx(path, arr: np.ndarray, gz: bool = True):
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    raw = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(raw)
+from conftest import write_idx
 
 
 @pytest.fixture

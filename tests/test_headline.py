@@ -307,19 +307,14 @@ def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
 
 def _fmnist_subset(folder: Path, n_train: int, n_test: int) -> Path:
     """The first images of Debian's Fashion-MNIST, as IDX files in ``folder`` (a study's data, small)."""
-    import gzip
-
-    import numpy as np
-
     from cdm.data import FASHION_MNIST_DIR, read_idx
+    from conftest import write_idx
 
     folder.mkdir(parents=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         for kind in ("images-idx3", "labels-idx1"):
-            arr = read_idx(Path(FASHION_MNIST_DIR) / f"{prefix}-{kind}-ubyte.gz")[:n]
-            header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+            name = f"{prefix}-{kind}-ubyte.gz"
+            write_idx(folder / name, read_idx(Path(FASHION_MNIST_DIR) / name)[:n])
     return folder
 
 
