@@ -2,8 +2,9 @@
 #   make demo   train the 8->32 Fashion-MNIST cascade and write sample grids to runs/demo/samples
 #   make test   run the test suite
 #   make repro  the paper's conditioning-augmentation experiments on Fashion-MNIST (~3.5 h on 2 cores),
-#               then the equal-compute headline study with seeds (experiments/headline.py; ~22 h on a
-#               2-core AVX2 CPU, kept as cells in docs/headline/ so that it resumes on a fresh clone)
+#               then the equal-compute headline study with seeds (experiments/headline.py; ~27 h of
+#               1-thread process time, ~14 h as two processes on 2 cores: docs/headline/README.md;
+#               kept as cells in docs/headline/ so that it resumes on a fresh clone)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
