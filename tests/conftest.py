@@ -21,8 +21,8 @@ torch.set_num_threads(1)  # tiny networks: one thread is fastest, and immune to 
 def write_idx(path, arr: np.ndarray, gz: bool = True):
     """``arr`` as an IDX file of unsigned bytes (Fashion-MNIST's format), gzipped if ``gz``."""
     header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    raw = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(raw)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
 
 
 def tiny_config(resolution: int = 8, lowres: int = 0, aug: str = "none", classes: int = 3, channels: int = 1,
