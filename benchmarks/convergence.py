@@ -12,7 +12,8 @@ bootstrap standard error, and KID):
   and at every checkpoint on *generated* inputs — ``--n`` samples of one fixed base checkpoint
   (``--lower``), the same for every recipe — non-truncated at level ``--level`` (fixed beforehand).
 
-Every sample is drawn with SDE-DPM-Solver++(2M), 25 uniform steps; sample ``j`` uses seed ``j``.
+Every sample is drawn with SDE-DPM-Solver++(2M), 25 uniform steps; sample ``j`` uses seed ``j``;
+``--guidance W`` samples the SR stage with classifier-free guidance (its rows record ``guidance``).
 Every run also keeps two power-function EMAs (sigma_rel 0.05 and 0.10, snapshots every 100 steps),
 which do not change its training: ``--posthoc`` then scores post-hoc EMAs of the last step on
 *selection* seeds (100000 + j), picks the best length per run, and scores that one on the report
@@ -80,7 +81,9 @@ OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=
 # dropout (train.p_uncond = 0.1, issue #16), which "new-puncond0.1" adds back: the published rows were
 # trained without it. The single-change variants of the old recipe are the ones tried while choosing
 # the new one (docs/BENCHMARKS.md).
-NEW = ["train.p_uncond=0"]
+# Both pin the share of clean SR training examples they were run with, 0.1: the preset took 0.7 since
+# (guided, as good a cascade and a stage that follows its input; "new-puncond0.1-pzero0.7").
+NEW = ["train.p_uncond=0", "augment.p_zero=0.1"]
 RECIPES: dict[str, dict[str, list[str]]] = {
     stage: {
         "old": OLD[stage],
@@ -114,7 +117,11 @@ RECIPES["sr"]["new-bs16"] = NEW + ["train.batch_size=16", "train.steps=3200"]
 RECIPES["sr"]["new-bs64"] = NEW + ["train.batch_size=64", "train.steps=800"]
 # Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
 for _stage in ("base", "sr"):
-    RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1"]
+    RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1", "augment.p_zero=0.1"]
+# With label dropout, so that they can be guided: 70% clean examples (the preset since; does guidance win
+# back what they cost the unguided cascade?), and the unaugmented reference.
+RECIPES["sr"]["new-puncond0.1-pzero0.7"] = ["train.p_uncond=0.1", "augment.p_zero=0.7"]
+RECIPES["sr"]["new-puncond0.1-noaug"] = ["train.p_uncond=0.1", "augment.kind=none"]
 TRACK_EMA = ["train.ema_profiles=0.05,0.1", "train.ema_snapshot_every=100"]
 
 
@@ -182,10 +189,11 @@ class Scorer:
 
 @torch.no_grad()
 def draw(stage, index: int, labels: torch.Tensor, seeds: list[int], lowres: torch.Tensor | None = None,
-         level: int = 0, batch: int = 250) -> torch.Tensor:
-    """Samples of one stage in batches (each depends only on its seed), clipped to [-1, 1]."""
+         level: int = 0, batch: int = 250, guidance: float = 0.0) -> torch.Tensor:
+    """Samples of one stage in batches (each depends only on its seed), clipped to [-1, 1];
+    ``guidance`` is the classifier-free guidance weight w (0: unguided)."""
     out = []
-    plan = StagePlan(steps=SAMPLE_STEPS, level=level, sampler=SAMPLER, spacing=SPACING)
+    plan = StagePlan(steps=SAMPLE_STEPS, level=level, sampler=SAMPLER, spacing=SPACING, guidance=guidance)
     for i in range(0, len(labels), batch):
         lo = None if lowres is None else lowres[i:i + batch]
         x, _ = sample_stage(stage, index, labels[i:i + batch], seeds[i:i + batch], plan, lowres=lo)
@@ -206,22 +214,25 @@ def lower_inputs(out: Path, lower: str, n: int) -> tuple[torch.Tensor, torch.Ten
     return z0, labels, fp
 
 
-def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: int) -> list[dict]:
+def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: int, guidance: float = 0.0
+                ) -> list[dict]:
     """The rows of one network: base samples, or SR samples on real (``gt``) and on generated
-    (``gen``) inputs; either may be None to skip it."""
+    (``gen``) inputs; either may be None to skip it. ``guidance`` (SR only) is the weight w the SR
+    stage samples with; a row records it when it is not 0."""
     n = scorer.n
     seeds = list(range(seed0, seed0 + n))
     if kind in ("base", "single"):
         return [{"condition": kind, **scorer(draw(stage, 0, cycle_labels(n, stage.num_classes), seeds))}]
     rows = []
+    w = {"guidance": guidance} if guidance else {}
     if gt is not None:
         z_gt, lab_gt = gt
-        x = draw(stage, 1, lab_gt, seeds, z_gt, 0)
-        rows.append({"condition": "real", "level": 0, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
+        x = draw(stage, 1, lab_gt, seeds, z_gt, 0, guidance=guidance)
+        rows.append({"condition": "real", "level": 0, **w, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
     if gen is not None:
-        z_gen, lab_gen, fp = gen
-        x = draw(stage, 1, lab_gen, seeds, z_gen, level)
-        rows.append({"condition": "generated", "level": level, "lower": fp, **scorer(x),
+        z_gen, lab_gen, fp = gen()
+        x = draw(stage, 1, lab_gen, seeds, z_gen, level, guidance=guidance)
+        rows.append({"condition": "generated", "level": level, "lower": fp, **w, **scorer(x),
                      "consistency_psnr": consistency_psnr(x, z_gen)})
     return rows
 
@@ -236,8 +247,14 @@ def run(a: argparse.Namespace, log) -> None:
     scorer = Scorer(out, a.n, log)
     data = DataConfig(source="fashion-mnist", resolution=32, fit="pad")
     gt = real_inputs(data, "train", a.n, 8, seed=0) if a.stage == "sr" else None
-    gen = lower_inputs(out, a.lower, a.n) if a.stage == "sr" and a.lower else None
+    cached: list = []  # the base's samples are drawn when first needed: a run may train before its base exists
+
+    def gen():
+        cached[:] = cached or [lower_inputs(out, a.lower, a.n)]
+        return cached[0]
+    gen = gen if a.stage == "sr" and a.lower else None
     done = {_key(r) for r in read_rows(results)}
+    guided = {"guidance": a.guidance} if a.guidance else {}  # part of a row's key; unguided rows never carry it
     for recipe in a.recipes:
         for seed in a.seeds:
             cfg = stage_config(a.stage, recipe, seed, a.steps, a.eval_every)
@@ -253,13 +270,14 @@ def run(a: argparse.Namespace, log) -> None:
                     "total_steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "n": a.n,
                     "sampler": SAMPLER, "sample_steps": SAMPLE_STEPS, "floor": scorer.floor[cfg.resolution]}
             for step, path in list_checkpoints(rd):
-                key = {**base, "step": step, "ema": "checkpoint", "sample_seed": 0}
+                key = {**base, "step": step, "ema": "checkpoint", "sample_seed": 0, **guided}
                 if _key(key) in done:
                     continue
                 t = time.time()
                 stage = load_stage(path)
                 last = step == cfg.train.steps  # real inputs: every checkpoint with --real-every, else the last
-                for r in score_stage(stage, a.stage, scorer, 0, gt if (last or a.real_every) else None, gen, a.level):
+                for r in score_stage(stage, a.stage, scorer, 0, gt if (last or a.real_every) else None, gen, a.level,
+                                     a.guidance):
                     row = {**key, **r, "train_flops": per_image * cfg.train.batch_size * step,
                            "fingerprint": stage_fingerprint(stage), "score_s": round(time.time() - t, 1),
                            "train_s": train_s, "cpu": facts["cpu"], "load": load_average()}
@@ -300,7 +318,7 @@ def posthoc(a, rd: Path, cfg: StageConfig, base: dict, per_image: int, scorer: S
     done.add(_key(key))
 
 
-_ID = ("stage", "recipe", "seed", "total_steps", "step", "ema", "sample_seed", "n")
+_ID = ("stage", "recipe", "seed", "total_steps", "step", "ema", "sample_seed", "n", "guidance")
 
 
 def _key(row: dict) -> str:
@@ -308,7 +326,8 @@ def _key(row: dict) -> str:
 
 
 def _describe(r: dict) -> str:
-    extra = f" psnr {r['consistency_psnr']:.1f} dB" if "consistency_psnr" in r else ""
+    extra = (f" psnr {r['consistency_psnr']:.1f} dB" if "consistency_psnr" in r else "") + (
+        f" (guided, w = {r['guidance']:g})" if r.get("guidance") else "")
     return (f"{r['stage']}/{r['recipe']} seed {r['seed']} step {r['step']} [{r['ema']}, seeds from "
             f"{r['sample_seed']}] {r['condition']}: FID {r['fid']:.2f} ± {r['fid_se']:.2f}{extra}")
 
@@ -446,14 +465,18 @@ def reference_table(rows: list[dict]) -> str:
                  and r["sample_seed"] == 0 and r["step"] in steps and r["n"] == ref[0]["n"]
                  and r["total_steps"] == ref[0]["total_steps"]]
     lines = ["**SR stage: the shipped recipe and its variants at the same step** (`new-noaug`: no augmentation; "
-             "`new-pzero0.5`: clean inputs half of the time)", "",
+             "`new-pzero0.5`: clean inputs half of the time; `w`: sampled with classifier-free guidance)", "",
              "| recipe | seed | step | real inputs: FID ± SE | consistency PSNR | generated inputs (s): FID ± SE |",
              "|---|---|---|---|---|---|"]
-    for recipe, seed, step in sorted({(r["recipe"], r["seed"], r["step"]) for r in sel},
-                                     key=lambda k: (_recipe_order(k[0]), k[1], k[2])):
-        got = {r["condition"]: r for r in sel if (r["recipe"], r["seed"], r["step"]) == (recipe, seed, step)}
+
+    def ident(r: dict) -> tuple:
+        return r["recipe"], r["seed"], r["step"], r.get("guidance", 0)
+
+    for recipe, seed, step, w in sorted({ident(r) for r in sel}, key=lambda k: (_recipe_order(k[0]), k[3], k[1], k[2])):
+        got = {r["condition"]: r for r in sel if ident(r) == (recipe, seed, step, w)}
         real, gen = got.get("real"), got.get("generated")
-        lines.append(f"| {recipe} | {seed} | {step} | "
+        name = recipe + (f" (w = {w:g})" if w else "")
+        lines.append(f"| {name} | {seed} | {step} | "
                      + (f"{real['fid']:.2f} ± {real['fid_se']:.2f} | {real['consistency_psnr']:.1f} dB" if real
                         else "— | —")
                      + (f" | {gen['fid']:.2f} ± {gen['fid_se']:.2f} (s = {gen['level']}) |" if gen else " | — |"))
@@ -560,6 +583,8 @@ def main() -> None:
     p.add_argument("--real-every", action="store_true",
                    help="SR: score real inputs at every checkpoint (default: only the last; generated at every one)")
     p.add_argument("--level", type=int, default=100, help="augmentation level s for generated inputs")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="SR: sample with classifier-free guidance weight w (rows record it; 0: unguided, as published)")
     p.add_argument("--posthoc", type=lambda t: [float(v) for v in t.split(",")], default=[],
                    help="post-hoc EMA lengths (sigma_rel) to choose from at the last step")
     p.add_argument("--publish", help="write convergence.png/.md/.json here from OUT/results.jsonl and stop")
@@ -574,6 +599,8 @@ def main() -> None:
         return
     if not a.stage:
         p.error("--stage is required unless --publish is given")
+    if a.guidance and (a.stage != "sr" or a.posthoc):
+        p.error("--guidance applies to the SR stage's checkpoints only (not to --posthoc, nor to a base stage)")
     unknown = [r for r in a.recipes if r not in RECIPES[a.stage]]
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES[a.stage])}")

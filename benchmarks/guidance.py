@@ -56,7 +56,8 @@ def point(r: dict) -> dict:
 
 
 def run_seed(a, k: int, ev: EvalConfig) -> dict:
-    ckpts = [resolve_checkpoint_path(Path(a.runs) / stage / a.recipe / f"seed{k}") for stage in ("base", "sr")]
+    ckpts = [resolve_checkpoint_path(Path(a.runs) / stage / recipe / f"seed{k}")
+             for stage, recipe in (("base", a.recipe), ("sr", a.sr_recipe or a.recipe))]
     out = Path(a.out) / f"seed{k}"
     log = lambda s: print(f"[seed {k}] {s}", flush=True)  # noqa: E731
     sweep = lambda name, p, **cfg: sweep_cascade(  # noqa: E731
@@ -134,6 +135,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--runs", default="runs/convergence", help="convergence.py's --out (holds the stages)")
     p.add_argument("--recipe", default="new-puncond0.1", help="the convergence recipe whose stages are guided")
+    p.add_argument("--sr-recipe", default="", help="the SR stage's convergence recipe, if not --recipe's "
+                   "(e.g. new-puncond0.1-pzero0.7, the preset since issue #12)")
     p.add_argument("--classifier", default="runs/convergence/classifier")
     p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1])
     p.add_argument("--weights-base", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.25, 0.5, 1, 2])

@@ -61,3 +61,13 @@ def test_ladder_table_gives_each_seeds_flops_to_each_target_and_the_ratio_of_the
     assert "| new / old (means) | 0.20 | — | — |" in table
     rows = [r for r in rows if not (r["recipe"] == "new" and r["step"] == 2)]  # new first scored at 0.4
     assert "| new | ≤4.0 / ≤4.0 | — / — | — / — |" in ladder_table(rows)
+
+
+def test_reference_table_keeps_guided_rows_apart_from_the_unguided_ones_of_the_same_checkpoint():
+    rows = [_row("new-puncond0.1", 0, 1600, 1.3, "real", "sr", consistency_psnr=33.0),
+            _row("new-puncond0.1", 0, 1600, 2.3, "generated", "sr", level=100, consistency_psnr=25.0),
+            _row("new-puncond0.1", 0, 1600, 0.9, "real", "sr", consistency_psnr=34.0, guidance=1.0),
+            _row("new-puncond0.1", 0, 1600, 0.8, "generated", "sr", level=100, consistency_psnr=25.5, guidance=1.0)]
+    table = reference_table(rows).splitlines()
+    assert table[-2] == "| new-puncond0.1 | 0 | 1600 | 1.30 ± 0.10 | 33.0 dB | 2.30 ± 0.10 (s = 100) |"
+    assert table[-1] == "| new-puncond0.1 (w = 1) | 0 | 1600 | 0.90 ± 0.10 | 34.0 dB | 0.80 ± 0.10 (s = 100) |"

@@ -354,3 +354,17 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     # the 8 -> 32 study recorded into the same folder would score in the 64-px classifier's space: refused
     with pytest.raises(ConfigError, match="its own --record"):
         run_headline(tmp_path / "hl32", get_profile("smoke"), h, "cpu", "", "test", print, record=tmp_path / "rec")
+
+
+def test_the_studies_keep_the_clean_share_their_sr_stages_were_run_with_whatever_the_preset_says():
+    """The studies sample unguided and were run with augment.p_zero = 0.1; the preset took 0.7 after them
+    (issue #12). Every planned SR stage keeps 0.1 unless a variant sets its own."""
+    from cdm.config import load_stage_config
+    from cdmrepro.plan import plan_all
+
+    assert load_stage_config("fmnist-sr8to32").augment.p_zero == 0.7
+    plans = plan_headline(get_profile("cpu"), HEADLINES["cpu"], "cpu")
+    srs = {k: v.config.augment.p_zero for k, v in plans.items() if v.config.lowres_resolution}
+    assert srs and set(srs.values()) == {0.1}
+    repro = plan_all(get_profile("cpu"), "cpu", diagnostics=True)
+    assert repro["sr-gaussian"].config.augment.p_zero == 0.1 and repro["sr-gaussian-p50"].config.augment.p_zero == 0.5

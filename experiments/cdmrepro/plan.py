@@ -79,6 +79,11 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
 # train.p_uncond = 0.1 for classifier-free guidance (issue #16): pinned, so that a study started
 # before keeps its configs (and resumes), and its rows stay comparable. Nothing here samples guided.
 STUDY_PINS = ("train.p_uncond=0",)
+# Their SR stages also keep the share of clean training examples they were run with, 0.1 (the preset
+# took 0.7 with issue #12: a stage that follows a clean input, as good a cascade as 0.1 once guided;
+# unguided, as the studies sample, 0.1 makes the better cascade). A config identical to the one a
+# cell was recorded with, so recorded cells stay valid.
+SR_PINS = ("augment.p_zero=0.1",)
 
 
 def at_scale(profile: Profile, kind: str) -> dict:
@@ -92,8 +97,9 @@ def at_scale(profile: Profile, kind: str) -> dict:
 def _load(profile: Profile, preset: str, kind: str, name: str, device: str, data_path: str,
           extra: dict | None = None, overrides: tuple[str, ...] = ()) -> StageConfig:
     """The preset at the profile's scale (:func:`at_scale`), then ``extra`` (a nested dict), then the
-    study's pins, the profile's overrides of ``kind``, the machine, and ``overrides``."""
-    over = [*STUDY_PINS, *profile.overrides.get(kind, ()), f"train.device={device}", f"train.seed={profile.seed}",
+    study's pins (and an SR stage's), the profile's overrides of ``kind``, the machine, and ``overrides``."""
+    over = [*STUDY_PINS, *(SR_PINS if kind == "sr" else ()), *profile.overrides.get(kind, ()), f"train.device={device}",
+            f"train.seed={profile.seed}",
             *([f"data.path={data_path}"] if data_path else []), *overrides]
     return load_stage_config(preset, over, extra=deep_merge(at_scale(profile, kind), {"name": name, **(extra or {})}))
 
