@@ -33,6 +33,7 @@ Run it alone on the machine: it records the CPU and load average with every row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -217,22 +218,21 @@ def lower_inputs(out: Path, lower: str, n: int) -> tuple[torch.Tensor, torch.Ten
 def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: int, guidance: float = 0.0
                 ) -> list[dict]:
     """The rows of one network: base samples, or SR samples on real (``gt``) and on generated
-    (``gen``) inputs; either may be None to skip it. ``guidance`` (SR only) is the weight w the SR
-    stage samples with; a row records it when it is not 0."""
+    (``gen``: a function returning them, called only when they are needed) inputs; either may be None
+    to skip it. ``guidance`` (SR only) is the weight w the SR stage samples with."""
     n = scorer.n
     seeds = list(range(seed0, seed0 + n))
     if kind in ("base", "single"):
         return [{"condition": kind, **scorer(draw(stage, 0, cycle_labels(n, stage.num_classes), seeds))}]
     rows = []
-    w = {"guidance": guidance} if guidance else {}
     if gt is not None:
         z_gt, lab_gt = gt
         x = draw(stage, 1, lab_gt, seeds, z_gt, 0, guidance=guidance)
-        rows.append({"condition": "real", "level": 0, **w, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
+        rows.append({"condition": "real", "level": 0, **scorer(x), "consistency_psnr": consistency_psnr(x, z_gt)})
     if gen is not None:
         z_gen, lab_gen, fp = gen()
         x = draw(stage, 1, lab_gen, seeds, z_gen, level, guidance=guidance)
-        rows.append({"condition": "generated", "level": level, "lower": fp, **w, **scorer(x),
+        rows.append({"condition": "generated", "level": level, "lower": fp, **scorer(x),
                      "consistency_psnr": consistency_psnr(x, z_gen)})
     return rows
 
@@ -247,12 +247,8 @@ def run(a: argparse.Namespace, log) -> None:
     scorer = Scorer(out, a.n, log)
     data = DataConfig(source="fashion-mnist", resolution=32, fit="pad")
     gt = real_inputs(data, "train", a.n, 8, seed=0) if a.stage == "sr" else None
-    cached: list = []  # the base's samples are drawn when first needed: a run may train before its base exists
-
-    def gen():
-        cached[:] = cached or [lower_inputs(out, a.lower, a.n)]
-        return cached[0]
-    gen = gen if a.stage == "sr" and a.lower else None
+    # the base's samples are drawn when first needed: a run may train before its base exists
+    gen = functools.cache(lambda: lower_inputs(out, a.lower, a.n)) if a.stage == "sr" and a.lower else None
     done = {_key(r) for r in read_rows(results)}
     guided = {"guidance": a.guidance} if a.guidance else {}  # part of a row's key; unguided rows never carry it
     for recipe in a.recipes:
