@@ -28,6 +28,14 @@ Subprocesses run with OMP_NUM_THREADS/MKL_NUM_THREADS=``--threads`` (default 1).
 summary and the JSON; ``--json PATH`` also writes it; exits 1 if any check fails::
 
     .venv/bin/python benchmarks/faults.py --json /tmp/faults.json
+
+``--nproc 2`` trains under torchrun (gloo on loopback) and each kill takes the launcher and its
+workers at once (one process group, as when a machine dies); the final weights are then also
+compared with one process training the same global batch in memory (``vs_one_process_in_memory``:
+equal up to float rounding, the gradient sums running in another order). ``--prepared`` trains on
+a prepared set of the toy images (cdm prepare)::
+
+    .venv/bin/python benchmarks/faults.py --nproc 2 --prepared --kills 10 --steps 100 --json /tmp/faults2.json
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -159,6 +168,24 @@ def compare(a_path: Path, b_path: Path) -> dict:
             "differing_tensors": differ[:20]}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_difference(a_path: Path, b_path: Path) -> dict:
+    """The largest absolute and relative differences between two checkpoints' model and EMA weights."""
+    from cdm.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(a_path), load_checkpoint(b_path)
+    diff = max((a.model[k] - b.model[k]).abs().max().item() for k in a.model)
+    diff_ema = max((a.ema[k] - b.ema[k]).abs().max().item() for k in a.ema)
+    scale = max(a.model[k].abs().max().item() for k in a.model)
+    return {"max_abs_diff_model": diff, "max_abs_diff_ema": diff_ema, "max_abs_weight": scale,
+            "max_rel_diff_model": diff / scale}
+
+
 def git_state() -> dict | None:
     """The commit of the checkout measured, and the files under src/ it changes (uncommitted)."""
     root = Path(__file__).resolve().parent.parent
@@ -180,7 +207,8 @@ def run_attempt(cmd: list[str], env: dict, run: Path, err_path: Path, rng: rando
     delay = rng.uniform(a.delay_min, a.delay_max) if kill else 0.0
     with open(err_path, "w") as err:
         t0, wall0 = time.monotonic(), time.time()
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        # its own process group: a kill takes torchrun's workers with it, as a machine dying would
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
         try:
             t_from = t0 if a.kill_from == "start" else None
             while kill:
@@ -194,14 +222,18 @@ def run_attempt(cmd: list[str], env: dict, run: Path, err_path: Path, rng: rando
                     if recs and recs[-1].get("time", 0) >= wall0:
                         t_from = now
                 if t_from is not None and now - t_from >= delay:
-                    os.kill(child.pid, signal.SIGKILL)
+                    os.killpg(child.pid, signal.SIGKILL)
                     break
                 time.sleep(0.005)
             child.wait(timeout=a.attempt_timeout)
         finally:
             if child.poll() is None:
-                child.kill()
+                os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+            try:  # no worker outlives its attempt
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     return {"returncode": child.returncode, "killed": child.returncode == -signal.SIGKILL,
             "delay_s": round(delay, 3) if kill else None, "wall_start": wall0,
             "wall_s": round(time.monotonic() - t0, 2)}
@@ -224,6 +256,10 @@ def main() -> int:
     p.add_argument("--attempt-timeout", type=float, default=300.0)
     p.add_argument("--keep", default="", help="keep the run directories here instead of deleting them")
     p.add_argument("--json", default="", help="also write the JSON here")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train under torchrun with this many processes (gloo, loopback); a kill takes them all")
+    p.add_argument("--prepared", action="store_true",
+                   help="train on a prepared set of the toy images (cdm prepare) instead of the .npz")
     a = p.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -249,8 +285,22 @@ def main() -> int:
         cfg.write_text(TINY.format(npz=npz, steps=a.steps, ckpt_every=a.ckpt_every, seed=a.seed))
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
 
-        def train_cmd(run: Path) -> list[str]:
-            return [sys.executable, "-m", "cdm.cli", "train", str(cfg), "--out", str(run), "--no-progress"]
+        data_sets: list[str] = []
+        if a.prepared:
+            from cdm.prepare import PrepareConfig, prepare
+
+            prep = prepare(PrepareConfig(str(npz), str(work / "prepared"), 16, workers=1, progress=False))
+            data_sets = ["--set", "data.source=prepared", "--set", f"data.path={prep.path}"]
+            result["prepared_fingerprint"] = prep.fingerprint
+
+        def train_cmd(run: Path, nproc: int = a.nproc, data: list[str] = data_sets) -> list[str]:
+            launch = [sys.executable, "-m", "cdm.cli"] if nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cdm.cli"]
+            return [*launch, "train", str(cfg), "--out", str(run), "--no-progress", *data]
+
+        if a.nproc > 1:
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
         ref, run = work / "reference", work / "killed"
         result["train_command"] = shlex.join(train_cmd(Path("RUN")))
@@ -305,6 +355,13 @@ def main() -> int:
 
         from cdm.checkpoint import list_checkpoints
 
+        if a.nproc > 1:  # the same global batch on one process, in memory: equal up to float rounding
+            single = work / "single"
+            r = run_attempt(train_cmd(single, 1, []), env, single, work / "single.stderr", rng, a, kill=False)
+            if r["returncode"] != 0:
+                raise Failed(f"the one-process run failed:\n{(work / 'single.stderr').read_text()[-3000:]}")
+            result["vs_one_process_in_memory"] = max_difference(list_checkpoints(single)[-1][1],
+                                                                list_checkpoints(run)[-1][1])
         steps = log_steps(run)
         counts = Counter(steps)
         lost = [k["steps_lost"] for k in kills]

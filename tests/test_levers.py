@@ -17,7 +17,7 @@ from cdm.distributed import DistributedError, World
 from cdm.flops import train_flops_per_image
 from cdm.stage import Stage
 from cdm.train import train_stage
-from cdm.step import Batcher, accumulate_gradients, training_step_loss
+from cdm.step import Batcher, accumulate_gradients, draw_step_noise, training_step_loss
 from cdm.unet import UNet, UNetConfig
 
 from conftest import tiny_config, toy_images
@@ -78,7 +78,8 @@ def test_micro_batches_of_each_rank_make_up_the_single_process_step():
         g = torch.Generator().manual_seed(5)
         batch = Batcher(data, cfg, g)(8, World(rank, size).part(8))
         stage.net.zero_grad()
-        loss = accumulate_gradients(stage, *batch, g, cfg.train.p_uncond, micro, World(rank, size))
+        noise = draw_step_noise(stage, batch[0], batch[1], g, cfg.train.p_uncond, rank, size)
+        loss = accumulate_gradients(stage, *batch, noise, micro)
         return loss, [p.grad.clone() for p in stage.net.parameters()], g.get_state()
 
     g = torch.Generator().manual_seed(5)

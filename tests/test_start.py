@@ -185,7 +185,7 @@ def test_the_resume_rule_directly():
     b.unet.dropout, b.data.limit = 0.0, 0
     assert check_resume(a, b, "RUN") == {"train.ckpt_every": [2, 7], "train.device": ["auto", "cpu"],
                                          "train.steps": [100, 200]}
-    assert all(k.split(".")[0] in ("name", "train") or k == "unet.checkpoint" for k in RESUMABLE)
+    assert all(k.split(".")[0] in ("name", "train") or k in ("unet.checkpoint", "data.workers") for k in RESUMABLE)
     # a decaying learning rate: the summary line says how the lengthened schedule moves it
     a.train.lr_schedule = b.train.lr_schedule = "cosine"
     (line,) = change_lines({"train.steps": [100, 200]}, 50, a, b)

@@ -168,11 +168,13 @@ def study_settings(profile: Profile, h: Headline) -> dict:
 
 
 def config_id(cfg) -> str:
-    """A stage config's identity, without what names the machine (device, data folder) or the run."""
+    """A stage config's identity, without what names the machine (device, data folder) or the run, or how
+    its batches are read (data.workers; data.fingerprint, a prepared set's, which data.path would name)."""
     d = to_dict(cfg)
     d.pop("name", None)
     d["train"].pop("device", None)
-    d["data"].pop("path", None)
+    for k in ("path", "workers", "fingerprint"):
+        d["data"].pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

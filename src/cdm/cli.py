@@ -213,6 +213,16 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .prepare import PrepareConfig, describe, prepare
+
+    ps = prepare(PrepareConfig(source=a.source, out=a.out, resolution=a.resolution, fit=a.fit, channels=a.channels,
+                               on_bad=a.on_bad, workers=a.workers, progress=not a.no_progress))
+    print(describe(ps))
+    print(f"train on it: --set data.source=prepared --set data.path={ps.path} --set data.resolution={a.resolution}")
+    return 0
+
+
 def cmd_presets(a: argparse.Namespace) -> int:
     for p in list_presets():
         print(p)
@@ -454,6 +464,29 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--device", default="auto", help="auto (default): cuda if available, else cpu")
     di.add_argument("--no-progress", action="store_true")
     di.set_defaults(func=cmd_distill)
+
+    pp = sub.add_parser("prepare", help="write a data set once at its data resolution, for training and "
+                                        "evaluation to read lazily (data sets larger than memory)",
+                        description="Decode SOURCE once into a prepared set at --resolution (docs/SCALE.md): "
+                                    "uint8 images read by index, labels, and a manifest with the held-out split and "
+                                    "a content fingerprint. Resumes after a kill; refuses an --out holding "
+                                    "another data set.")
+    pp.add_argument("source", help="a folder of images (one sub-folder per class), an .npz with 'images' (and "
+                                   "'labels'), a folder of Fashion-MNIST IDX files, or fashion-mnist")
+    pp.add_argument("--out", required=True, help="the prepared set's folder")
+    pp.add_argument("--resolution", type=_positive, required=True,
+                    help="the data resolution R of the cascade that trains on it (data.resolution)")
+    pp.add_argument("--fit", choices=["pad", "resize"], default="pad",
+                    help="how images reach R: pad (centre, black; smaller images) or resize (after a centre crop "
+                         "to square); default pad")
+    pp.add_argument("--channels", type=int, choices=[0, 1, 3], default=0,
+                    help="0 (default): as stored (a folder with any colour image: RGB); 1 or 3 converts")
+    pp.add_argument("--on-bad", choices=["skip", "fail"], default="skip",
+                    help="an unreadable image is skipped and counted (default), or stops the preparation")
+    pp.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="decoding processes for a folder (default 0: one per core)")
+    pp.add_argument("--no-progress", action="store_true")
+    pp.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("presets", help="list the shipped stage presets")
     pr.set_defaults(func=cmd_presets)

@@ -33,10 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .prepared import PreparedImages, PreparedSet, is_prepared, open_prepared
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLITS = ("train", "test", "all")
+SOURCES = ("fashion-mnist", "folder", "npz", "prepared")
 MAX_CLASSES = 100_000  # labels of an .npz above this are surely not class indices
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -47,8 +50,8 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # "fashion-mnist", "folder" or "npz"
-    path: str = ""  # "" = the default location (fashion-mnist only)
+    source: str = "fashion-mnist"  # "fashion-mnist", "folder", "npz" or "prepared" (a `cdm prepare` output)
+    path: str = ""  # "" = the default location (fashion-mnist only); a folder that is a prepared set is read as one
     split: str = "train"  # "train", "test" (held out) or "all" (module docstring)
     held_out: float = 0.1  # folder / npz: the fraction of images in the "test" split (module docstring)
     resolution: int = 32  # R, the data resolution the whole cascade shares
@@ -58,11 +61,15 @@ class DataConfig:
     flip: bool = False  # random horizontal flip during training
     limit: int = 0  # use only the first `limit` images (0 = all)
     on_bad: str = "skip"  # folder: an unreadable image file is "skip"ped (a warning counts them) or "fail"s
+    # prepared sets: background threads that read the next step's batch while this step computes
+    # (0 = read it in the step); which images a step sees does not depend on it
+    workers: int = 1
     class_names: list[str] = field(default_factory=list)  # filled in when loaded
+    fingerprint: str = ""  # a prepared set's content fingerprint, filled in when loaded (a resume checks it)
 
     def __post_init__(self) -> None:
-        if self.source not in ("fashion-mnist", "folder", "npz"):
-            raise DataError(f"data.source must be 'fashion-mnist', 'folder' or 'npz', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise DataError(f"data.source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.fit not in ("pad", "resize"):
             raise DataError(f"data.fit must be 'pad' or 'resize', got {self.fit!r}")
         if self.channels not in (0, 1, 3):
@@ -79,16 +86,47 @@ class DataConfig:
             raise DataError(f"data.limit must be >= 0 (0 = all images), got {self.limit}")
         if self.classes < 0:
             raise DataError(f"data.classes must be >= 0 (0 = as found in the data set), got {self.classes}")
+        if self.workers < 0:
+            raise DataError(f"data.workers must be >= 0 (0 = read each batch in its step), got {self.workers}")
+
+    @property
+    def is_prepared(self) -> bool:
+        """Whether this names a prepared set (``source = "prepared"``, or a folder that is one)."""
+        return self.source == "prepared" or (self.source == "folder" and bool(self.path)
+                                             and is_prepared(Path(self.path).expanduser()))
 
 
 @dataclass
 class ImageSet:
-    images: Tensor  # uint8 [N, C, R, R]
+    """A split of a data set: ``images[idx]`` gives uint8 ``[k, C, R, R]`` rows, whether the images
+    are in memory (a ``Tensor``) or on disk (a prepared set's :class:`~cdm.prepared.PreparedImages`,
+    read on demand)."""
+
+    images: Tensor | PreparedImages  # uint8 [N, C, R, R]
     labels: Tensor  # int64 [N]
     class_names: list[str]
+    prepared: PreparedSet | None = None  # the prepared set the images are read from
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the images and labels take in this process's memory (a prepared set: its labels)."""
+        pixels = 0 if self.prepared is not None else self.images.numel()
+        return pixels + 8 * len(self.labels)
+
+    def describe(self) -> str:
+        """The data set in words, for start-up lines and reports."""
+        if self.prepared is None:
+            return ""
+        m = self.prepared.manifest
+        return (f"prepared set {self.prepared.path} (fingerprint {self.prepared.fingerprint}; {m['count']:,} images "
+                f"from {m['source']['kind']} {m['source']['path']}, fit {m['fit']})")
 
     @property
     def num_classes(self) -> int:
@@ -122,11 +160,21 @@ def stage_input(images: Tensor, resolution: int) -> Tensor:
     return downsample(to_float(images), resolution)
 
 
+def held_out_key(key: str) -> int:
+    """The 64-bit number that decides whether an item is held out: the first 8 bytes of a SHA-256
+    of its key, big-endian. It is held out when this falls below ``data.held_out * 2^64``."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+def held_out_cut(fraction: float) -> int:
+    """Items whose :func:`held_out_key` is below this are held out (the ``test`` split)."""
+    return int(fraction * 2 ** 64)
+
+
 def held_out_mask(keys: list[str], fraction: float) -> Tensor:
     """``[N]`` bool: which items are held out (the ``test`` split), by a SHA-256 of each key."""
-    cut = int(fraction * 2 ** 64)
-    return torch.tensor([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") < cut for k in keys],
-                        dtype=torch.bool)
+    cut = held_out_cut(fraction)
+    return torch.tensor([held_out_key(k) < cut for k in keys], dtype=torch.bool)
 
 
 def fit_to(x: Tensor, size: int, fit: str) -> Tensor:
@@ -203,37 +251,64 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray,
     return images, labels
 
 
-def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
-                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str], list[str]]:
-    """A folder with one sub-folder per class (or images directly in it: one class) ->
-    ``(images uint8 [N, C, size, size], labels [N], class names, file paths relative to the folder)``. Files with an image suffix
-    that cannot be decoded (not an image, truncated) are skipped with a warning and a count
-    (``on_bad='skip'``) or raise :class:`DataError` (``on_bad='fail'``)."""
-    from PIL import Image, UnidentifiedImageError
-
+def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
+    """A folder with one sub-folder per class (or images directly in it: one class) -> ``(class
+    names, each class's image files in sorted order)``: the order every reader of the folder keeps."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} " + ("is not a folder; set data.path to a folder of class sub-folders"
                                                     if root.exists() else "does not exist"))
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
+    files = [sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for _, d in groups]
+    return [g[0] for g in groups], files
+
+
+def folder_mode(channels: int, stored_mode: str) -> str:
+    """The PIL mode a folder image is decoded in: ``L`` or ``RGB`` as ``channels`` asks, else (0)
+    greyscale images stay greyscale and every other mode becomes RGB."""
+    return {1: "L", 3: "RGB"}.get(channels) or ("L" if stored_mode in ("L", "1", "I;16", "I") else "RGB")
+
+
+def decode_image(path: Path, size: int, fit: str, channels: int) -> Tensor:
+    """One image file -> uint8 ``[C, size, size]`` (:func:`folder_mode`, then :func:`fit_to`); an
+    unreadable file raises ``OSError`` or ``ValueError`` (:data:`DECODE_ERRORS`)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        im = im.convert(folder_mode(channels, im.mode))
+        a = np.asarray(im, dtype=np.uint8)
+    t = torch.from_numpy(a.copy())
+    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+    return fit_to(t[None], size, fit)[0]
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    return OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
+def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
+                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str], list[str]]:
+    """A folder with one sub-folder per class (or images directly in it: one class) ->
+    ``(images uint8 [N, C, size, size], labels [N], class names, file paths relative to the folder)``. Files with an image suffix
+    that cannot be decoded (not an image, truncated) are skipped with a warning and a count
+    (``on_bad='skip'``) or raise :class:`DataError` (``on_bad='fail'``)."""
+    root = Path(root)
+    names, files = list_folder(root)
     images, labels, keys, bad = [], [], [], []
-    mode = {1: "L", 3: "RGB"}.get(channels, None)
-    for label, (_, d) in enumerate(groups):
-        for f in sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    errors = _decode_errors()
+    for label, group in enumerate(files):
+        for f in group:
             try:
-                with Image.open(f) as im:
-                    im.load()
-                    im = im.convert(mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
-                    a = np.asarray(im, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                images.append(decode_image(f, size, fit, channels))
+            except errors as e:
                 if on_bad != "skip":
                     raise DataError(f"cannot read image {f} ({e}); remove it, or set data.on_bad=skip") from e
                 bad.append(f)
                 continue
-            t = torch.from_numpy(a.copy())
-            t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-            images.append(fit_to(t[None], size, fit)[0])
             labels.append(label)
             keys.append(f.relative_to(root).as_posix())
     if bad:
@@ -244,7 +319,7 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
     chans = {im.shape[0] for im in images}
     if len(chans) > 1:  # mixed grayscale and colour: make them all RGB
         images = [convert_channels(im[None], 3)[0] for im in images]
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), [g[0] for g in groups], keys
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), names, keys
 
 
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
@@ -287,7 +362,10 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
 
 
 def load_dataset(cfg: DataConfig) -> ImageSet:
-    """Load the configured split of the data set at ``cfg.resolution`` into memory."""
+    """The configured split of the data set at ``cfg.resolution``: decoded into memory, or, for a
+    prepared set, its labels in memory and its images read on demand (:func:`load_prepared`)."""
+    if cfg.is_prepared:
+        return load_prepared(cfg)
     if cfg.source == "fashion-mnist":
         splits = ["train", "test"] if cfg.split == "all" else [cfg.split]
         parts = [load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, sp) for sp in splits]
@@ -326,6 +404,43 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         raise DataError(f"data.classes = {cfg.classes}, but the data set has {len(names)} classes; "
                         f"set data.classes = {len(names)} (or 0: as found)")
     return ImageSet(x.contiguous(), y, names)
+
+
+def load_prepared(cfg: DataConfig) -> ImageSet:
+    """The configured split of a prepared set (``cfg.path``), without reading its images: the split,
+    ``data.limit`` and the checks are made on its labels and split data, as :func:`load_dataset`
+    makes them on a decoded set, so both give the same images in the same order."""
+    if not cfg.path:
+        raise DataError("data.source = 'prepared' needs data.path, a folder written by cdm prepare: pass "
+                        "--set data.path=DIR")
+    ps = open_prepared(cfg.path)
+    m = ps.manifest
+    c, r = ps.image_shape[0], ps.image_shape[1]
+    if r != cfg.resolution:
+        raise DataError(f"{ps.path} was prepared at {r}px, but data.resolution is {cfg.resolution}: set "
+                        f"data.resolution = {r}, or prepare the source again with --resolution {cfg.resolution}")
+    if cfg.channels not in (0, c):
+        raise DataError(f"{ps.path} holds {c}-channel images, but data.channels is {cfg.channels}: set "
+                        f"data.channels = {c} (or 0), or prepare the source again with --channels {cfg.channels}")
+    if cfg.fingerprint and cfg.fingerprint != ps.fingerprint:
+        raise DataError(f"{ps.path} has fingerprint {ps.fingerprint}, but the config asks for data.fingerprint = "
+                        f"{cfg.fingerprint}: point data.path at that set, or remove data.fingerprint")
+    rows = np.arange(ps.count)
+    if cfg.split != "all":
+        rows = rows[ps.test_mask(cfg.held_out) == (cfg.split == "test")]
+        if not len(rows):
+            raise DataError(f"the {cfg.split!r} split of {ps.path} is empty ({ps.count} images"
+                            + (f", data.held_out = {cfg.held_out}" if m["split"]["rule"] == "hash" else "")
+                            + "): use data.split = all" + (", or change data.held_out" if m["split"]["rule"] == "hash"
+                                                          else ""))
+    if cfg.limit:
+        rows = rows[:cfg.limit]
+    names = ps.class_names
+    y = torch.from_numpy(ps.labels[rows])
+    if cfg.classes and cfg.classes != len(names):
+        raise DataError(f"data.classes = {cfg.classes}, but {ps.path} has {len(names)} classes; "
+                        f"set data.classes = {len(names)} (or 0: as found)")
+    return ImageSet(ps.images().subset(rows), y, names, prepared=ps)
 
 
 def crop(x: Tensor, corners: Tensor, size: int) -> Tensor:

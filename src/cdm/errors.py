@@ -12,13 +12,14 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .distributed import DistributedError
+from .prepared import PreparedError
 from .eval.features import FeatureError
 from .runlock import RunLockedError
 from .shards import ShardError
 from .train import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError, TrainingError, DistributedError,
-               RunLockedError, FeatureError)
+               RunLockedError, FeatureError, PreparedError)
 
 
 # What an OS error on a file cdm reads or writes says to do, by errno.

@@ -40,8 +40,8 @@ process's context holds a few hundred MiB of GPU memory outside PyTorch's alloca
 CUDA caching allocator reserves beyond what it hands out (fragmentation: ``max_memory_reserved``
 exceeds ``max_memory_allocated``); cuDNN/cuBLAS workspaces beyond the margin; sampling the grids
 during training (the EMA network on a few dozen images, without gradients); the data set, which every
-process holds in memory as uint8 (given separately, :attr:`TrainingPlan.data_bytes`, when it was
-loaded).
+process holds in memory as uint8 unless it is a prepared set (given separately,
+:attr:`TrainingPlan.data_bytes`, when it was loaded; a prepared set's size on disk beside it).
 
 :func:`measure_throughput` times real training steps (synthetic inputs) for images per second.
 """
@@ -189,7 +189,9 @@ class TrainingPlan:
     cpu: MemoryEstimate
     cuda: MemoryEstimate
     data_images: int | None = None  # images in the training split, when the data set was loaded
-    data_bytes: int | None = None  # their uint8 bytes, held in memory by every process
+    data_bytes: int | None = None  # what every process holds of them in memory (a prepared set: its labels)
+    data_disk_bytes: int | None = None  # a prepared set's size on disk
+    data_name: str = ""  # a prepared set: where it is and its fingerprint
 
     @property
     def total_flops(self) -> float:
@@ -235,7 +237,9 @@ def training_plan(config: StageConfig, processes: int = 1, data: ImageSet | None
         precision=planned_precision(tc.precision), ema_copies=ema, activation_bytes_per_image=float(per_image),
         activation_bytes_fixed=fixed, cpu=cpu, cuda=cuda,
         data_images=len(data) if data is not None else None,
-        data_bytes=data.images.numel() * data.images.element_size() if data is not None else None)
+        data_bytes=data.memory_bytes if data is not None else None,
+        data_disk_bytes=data.prepared.disk_bytes if data is not None and data.prepared is not None else None,
+        data_name=data.describe() if data is not None else "")
 
 
 def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None, str]:
@@ -247,6 +251,11 @@ def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None,
     parameters per class), and the note says so. Returns the config (resolved in place), the data
     set if it was loaded, and the note ("" when nothing was assumed)."""
     d = config.data
+    if d.is_prepared:  # opening one reads its manifest and labels only: seconds for any size
+        from .train import resolve_config
+
+        data = load_dataset(d)
+        return resolve_config(config, data), data, ""
     if d.channels and (d.classes or not config.class_conditional):
         return config.resolve(channels=d.channels, num_classes=d.classes), None, ""
     if d.channels and not d.path and d.source == "folder":
@@ -306,9 +315,12 @@ def format_plan(plan: TrainingPlan, gpu_tflops: float | None = None, measured_im
         f"    state: weights, gradients, AdamW (2x), EMA (x{plan.ema_copies})"
         + (", DDP buckets" if plan.processes > 1 else "") + f", {_gib(m.weights)} each",
     ]
-    if plan.data_bytes is not None:
+    if plan.data_disk_bytes is not None:
+        lines.append(f"  data set            {plan.data_name}: {_gib(plan.data_disk_bytes)} on disk, read by index; "
+                     f"{_gib(plan.data_bytes)} in memory per process ({plan.data_images:,} images' labels)")
+    elif plan.data_bytes is not None:
         lines.append(f"  data set in memory  {_gib(plan.data_bytes)} ({plan.data_images:,} images, uint8; "
-                     f"every process holds it)")
+                     f"every process holds it; a prepared set, cdm prepare, holds ~0)")
     tflops = gpu_tflops or DEFAULT_GPU_TFLOPS
     how = (f"at {tflops:g} TFLOP/s per GPU" if gpu_tflops else
            f"at {tflops:g} TFLOP/s per GPU (40% of an A100's bf16 peak; --gpu-tflops)")

@@ -129,7 +129,12 @@ RESUMABLE = ("name", "train.steps", "train.log_every", "train.ckpt_every", "trai
              "train.device", "train.channels_last", "train.tensorboard",
              # memory levers: how a step runs, not what it computes (grad_accum: the same gradient up
              # to float rounding; with dropout, other masks from the same stream)
-             "train.grad_accum", "unet.checkpoint")
+             "train.grad_accum", "unet.checkpoint",
+             # how batches are read, not which images they hold
+             "data.workers")
+# ... and where the data set lies, when the checkpoint's prepared set and this one have the same
+# content fingerprint (data.fingerprint): a prepared set moved or copied elsewhere resumes
+SAME_DATA = ("data.path", "data.source")
 
 # Parts of a stage config that define the model: a change in one of them is "a different stage".
 _MODEL_KEYS = ("resolution", "lowres_resolution", "class_conditional", "unet", "diffusion", "augment")
@@ -151,13 +156,17 @@ def check_resume(saved: StageConfig, new: StageConfig, run_dir: Path) -> dict[st
     :class:`CheckpointError` naming every such key with its old and new values."""
     a, b = _flat(to_dict(saved)), _flat(to_dict(new))
     changed = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    refused = [k for k in changed if k not in RESUMABLE]
+    resumable = RESUMABLE
+    if saved.data.fingerprint and saved.data.fingerprint == new.data.fingerprint:
+        resumable += SAME_DATA  # the same prepared set, found at another path: its content decides
+    refused = [k for k in changed if k not in resumable]
     if refused:
         stage = any(k.split(".")[0] in _MODEL_KEYS for k in refused)
         what = "a run of a different stage" if stage else "a run trained with settings a resume cannot change"
         keys = "; ".join(f"{k}: {_value(a.get(k))} -> {_value(b.get(k))}" for k in refused)
         raise CheckpointError(f"{run_dir} holds {what} ({keys}); pass --fresh to start over there, or another "
-                              f"--out (a resume may change only {', '.join(RESUMABLE)})")
+                              f"--out (a resume may change only {', '.join(RESUMABLE)}, and data.path to the same "
+                              f"prepared set)")
     return {k: [a.get(k), b.get(k)] for k in changed}
 
 
@@ -224,8 +233,9 @@ def startup_summary(cfg: StageConfig, data: ImageSet, out: Path, device: str, n_
     used = resolve_precision(cfg.train.precision, device.split()[0].split(":")[0])  # device: e.g. "cuda:0 x 2 processes"
     precision = ("bf16 autocast" if used == "bf16" else "fp32") + (
         " (auto: this device has no native bf16)" if cfg.train.precision == "auto" and used == "fp32" else "")
+    where = data.describe() or f"{d.source} {path}"
     return [f"cdm train {cfg.name} -> {out}",
-            f"  data: {d.source} {path}, split {d.split}: {len(data):,} images at {d.resolution}px, {classes}",
+            f"  data: {where}, split {d.split}: {len(data):,} images at {d.resolution}px, {classes}",
             f"  {kind}: {n_params:,} parameters; training to step {cfg.train.steps:,}, batch "
             f"{cfg.train.batch_size}, on {device} in {precision}",
             f"  {start}", *(f"  changed on resume: {c}" for c in changed)]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,18 +24,74 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import StageConfig
-from .data import ImageSet, crop, random_flip, stage_input
-from .distributed import World
+from .data import ImageSet, crop, stage_input
 from .recipe import loss_weight, lr_factor
 from .stage import Stage
 
 
+@dataclass(frozen=True)
+class BatchDraw:
+    """What a batch's draw from the run's generator decided for this process's rows: which images
+    (``rows`` ``[b]``, indices into the data set), which are flipped (``flip`` ``[b]`` bool or None)
+    and each crop's corner in low-res pixels (``corners`` ``[b, 2]`` or None)."""
+
+    rows: Tensor
+    flip: Tensor | None
+    corners: Tensor | None
+
+    def same(self, other: "BatchDraw") -> bool:
+        return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                   for a, b in ((self.rows, other.rows), (self.flip, other.flip), (self.corners, other.corners)))
+
+
 class Batcher:
-    """Draws training batches from an in-memory :class:`ImageSet` with its own generator (whose
-    state goes into checkpoints, so a resumed run sees the same batches)."""
+    """Draws training batches from an :class:`ImageSet` (in memory, or a prepared set read on
+    demand) with the run's generator, whose state goes into checkpoints, so a resumed run sees the
+    same batches. Each process reads only its own rows of the global batch.
+
+    :meth:`prefetch` makes the next step's batch in a background thread while this step computes
+    (``data.workers`` threads; prepared sets only, whose rows come from disk). It draws on a copy of
+    the generator, which it never advances: the next call draws for real and takes the prefetched
+    batch only if the draws agree (they do when nothing else drew from the generator in between),
+    else makes it itself. So prefetching never changes which images a step sees."""
 
     def __init__(self, data: ImageSet, cfg: StageConfig, generator: torch.Generator):
         self.data, self.cfg, self.g = data, cfg, generator
+        self.workers = cfg.data.workers if data.prepared is not None else 0
+        self._pool = self._readers = None
+        self._pending: tuple[BatchDraw, Future] | None = None
+
+    def draw(self, batch_size: int, part: slice, g: torch.Generator) -> BatchDraw:
+        """The draws of a global batch of ``batch_size`` from ``g`` (every process draws the whole batch,
+        so all advance ``g`` alike), kept for rows ``part``."""
+        cfg = self.cfg
+        idx = torch.randint(len(self.data), (batch_size,), generator=g)
+        flip = torch.rand(batch_size, generator=g) < 0.5 if cfg.data.flip else None
+        c, f = cfg.train.crop, cfg.resolution // max(cfg.lowres_resolution, 1)
+        corners = torch.randint((cfg.resolution - c) // f + 1, (batch_size, 2), generator=g) if c else None
+        return BatchDraw(idx[part], None if flip is None else flip[part], None if corners is None else corners[part])
+
+    def make(self, d: BatchDraw) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The batch a draw names: ``(x0 [b, C, R, R], z0 [b, C, r, r] or None, labels [b])`` in [-1, 1]."""
+        cfg = self.cfg
+        x = self._read(d.rows)  # uint8: only this process's rows are read
+        if d.flip is not None:
+            x = torch.where(d.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x0 = stage_input(x, cfg.resolution)
+        z0 = stage_input(x, cfg.lowres_resolution) if cfg.is_super_resolution else None
+        if d.corners is not None:
+            c, f = cfg.train.crop, cfg.resolution // cfg.lowres_resolution
+            x0, z0 = crop(x0, d.corners * f, c), crop(z0, d.corners, c // f)
+        return x0, z0, self.data.labels[d.rows]
+
+    def _read(self, rows: Tensor) -> Tensor:
+        k = min(self.workers, len(rows))
+        if k <= 1:
+            return self.data.images[rows]
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(self.workers, thread_name_prefix="cdm-read")
+        parts = torch.tensor_split(rows, k)  # the rows read by k threads at once (a disk serves them in parallel)
+        return torch.cat(list(self._readers.map(self.data.images.__getitem__, parts)))
 
     def __call__(self, batch_size: int, part: slice = slice(None)) -> tuple[Tensor, Tensor | None, Tensor]:
         """Rows ``part`` of a global batch of ``batch_size``: ``(x0 [B, C, R, R], z0 [B, C, r, r] or
@@ -47,20 +104,29 @@ class Batcher:
         so a crop's conditioning is exactly the part of the whole image's that covers it. Augmentation
         then corrupts the crop's ``z0`` (Gaussian noise is per pixel, so this is the whole input's
         corruption cut to the window; a blur sees the window's edge as an image border)."""
-        cfg = self.cfg
-        idx = torch.randint(len(self.data), (batch_size,), generator=self.g)
-        x = self.data.images[idx]  # uint8, the whole global batch: cheap
-        if cfg.data.flip:
-            x = random_flip(x, self.g)
-        c, f = cfg.train.crop, cfg.resolution // max(cfg.lowres_resolution, 1)
-        if c:  # each example's window corner, in low-res pixels
-            corners = torch.randint((cfg.resolution - c) // f + 1, (batch_size, 2), generator=self.g)[part]
-        x, labels = x[part], self.data.labels[idx][part]
-        x0 = stage_input(x, cfg.resolution)
-        z0 = stage_input(x, cfg.lowres_resolution) if cfg.is_super_resolution else None
-        if c:
-            x0, z0 = crop(x0, corners * f, c), crop(z0, corners, c // f)
-        return x0, z0, labels
+        d = self.draw(batch_size, part, self.g)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0].same(d):
+            return pending[1].result()
+        return self.make(d)
+
+    def prefetch(self, batch_size: int, part: slice = slice(None)) -> None:
+        """Start making the batch the next call will draw, if the generator is not drawn from meanwhile."""
+        if not self.workers:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cdm-prefetch")
+        ahead = torch.Generator().set_state(self.g.get_state())
+        d = self.draw(batch_size, part, ahead)
+        self._pending = (d, self._pool.submit(self.make, d))
+
+    def close(self) -> None:
+        """Stop the background threads (a pending batch is dropped)."""
+        for pool in (self._pool, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._readers = None
+        self._pending = None
 
 
 @dataclass
@@ -133,15 +199,15 @@ def batch_loss(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, nois
     return stage.diffusion.training_loss(out, x0, xt, t, eps, weight).mean()
 
 
-def accumulate_gradients(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, g: torch.Generator,
-                         p_uncond: float, micro: int, w: World) -> Tensor:
+def accumulate_gradients(stage: Stage, x0: Tensor, z0: Tensor | None, labels: Tensor, noise: StepNoise,
+                         micro: int) -> Tensor:
     """The forward and backward passes of one optimiser step over this process's rows ``x0`` ``[n, C,
     R, R]`` (``z0``, ``labels``) of the global batch, in ``micro`` equal micro-batches; returns the
-    rows' mean loss (detached). The step's randomness is drawn once for the global batch and split,
-    and each micro-batch's loss is scaled by ``1 / micro``, so the accumulated gradient is the rows'
-    mean-loss gradient and ``g`` ends where one pass leaves it. Under DDP the gradients are averaged
-    over the processes at the last micro-batch only (``no_sync`` before it)."""
-    noise = draw_step_noise(stage, x0, z0, g, p_uncond, w.rank, w.size)
+    rows' mean loss (detached). ``noise`` is the step's randomness for these rows
+    (:func:`draw_step_noise`, drawn once for the global batch), split among the micro-batches, and
+    each micro-batch's loss is scaled by ``1 / micro``, so the accumulated gradient is the rows'
+    mean-loss gradient. Under DDP the gradients are averaged over the processes at the last
+    micro-batch only (``no_sync`` before it)."""
     m, losses = x0.shape[0] // micro, []
     for j in range(micro):
         rows = slice(j * m, (j + 1) * m)

@@ -55,7 +55,7 @@ from .livelog import NoLiveLog, open_live_log
 from .metrics import consistency_psnr
 from .samplers import derive_seed
 from .stage import Stage
-from .step import Batcher, accumulate_gradients, lr_at
+from .step import Batcher, accumulate_gradients, draw_step_noise, lr_at
 from .start import (InitFrom, change_lines, check_resume, describe_start, load_init_weights, record_start,
                     startup_summary)
 
@@ -141,7 +141,9 @@ def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfi
     run trains with (``cdm train --dry-run`` prints it). Returns ``cfg``, resolved in place."""
     data = data if data is not None else load_dataset(cfg.data)
     cfg.data.class_names = data.class_names
-    cfg.resolve(channels=data.images.shape[1], num_classes=data.num_classes)
+    if data.prepared is not None:  # the set's identity (a resume checks it) and how it reached R
+        cfg.data.fingerprint, cfg.data.fit = data.prepared.fingerprint, data.prepared.manifest["fit"]
+    cfg.resolve(channels=data.channels, num_classes=data.num_classes)
     return cfg
 
 
@@ -295,8 +297,10 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             x0, z0, labels = batcher(tc.batch_size, part)
+            noise = draw_step_noise(stage, x0, z0, g, tc.p_uncond, w.rank, w.size)
+            batcher.prefetch(tc.batch_size, part)  # the next step's batch is read while this one computes
             opt.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(stage, x0, z0, labels, g, tc.p_uncond, tc.grad_accum, w)
+            loss = accumulate_gradients(stage, x0, z0, labels, noise, tc.grad_accum)
             loss_all = w.mean(loss)  # the whole batch's loss, the same on every process
             if not torch.isfinite(loss_all):
                 raise stop("the loss", loss_all.item())
@@ -349,4 +353,5 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         live.close()
         if log:
             log.close()
+        batcher.close()
     return last

@@ -24,6 +24,7 @@ from ..checkpoint import CheckpointError, atomic_write
 from ..config import from_dict, to_dict
 from ..stage import autocast
 from ..data import DataConfig, to_float
+from ..prepared import PreparedImages
 from .report import Report
 from .reference import ReferenceSpec, load_reference
 
@@ -105,12 +106,13 @@ def _augment(x: Tensor, cfg: ClassifierConfig, g: torch.Generator) -> Tensor:
     return x
 
 
-def train_classifier(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, config: ClassifierConfig,
+def train_classifier(images: Tensor | np.ndarray | PreparedImages, labels: Tensor | np.ndarray, config: ClassifierConfig,
                      progress: bool = False, log=None) -> Classifier:
-    """Train a classifier on ``images`` (uint8 or float ``[N, C, H, W]``) and ``labels`` ``[N]``."""
+    """Train a classifier on ``images`` (uint8 or float ``[N, C, H, W]``; a prepared set's rows are
+    read a batch at a time) and ``labels`` ``[N]``."""
     from tqdm.auto import tqdm
 
-    x = as_float_images(images)
+    x = torch.as_tensor(images) if isinstance(images, np.ndarray) else images  # made float a batch at a time
     y = torch.as_tensor(labels).long()
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
@@ -132,7 +134,7 @@ def train_classifier(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, c
         for i in range(steps_per_epoch):
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             with autocast(torch.device("cpu"), "fp32" if torch.cuda.is_available() else "auto"):
-                logits = net(_augment(x[idx], config, g))
+                logits = net(_augment(as_float_images(x[idx]), config, g))
             loss = F.cross_entropy(logits.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,13 +150,13 @@ def train_classifier(images: Tensor | np.ndarray, labels: Tensor | np.ndarray, c
 
 
 @torch.no_grad()
-def predict(net: Classifier, images: Tensor | np.ndarray, batch_size: int = 500) -> dict[str, Tensor]:
+def predict(net: Classifier, images: Tensor | np.ndarray | PreparedImages, batch_size: int = 500) -> dict[str, Tensor]:
     """``{"features": [N, D] float64, "logits": [N, K], "probs": [N, K]}`` for uint8/float images."""
     net.eval()
-    x = as_float_images(images)
+    x = torch.as_tensor(images) if isinstance(images, np.ndarray) else images  # a tensor, or a prepared set's rows
     feats, logits = [], []
     for i in range(0, len(x), batch_size):
-        f = net.features(x[i:i + batch_size])
+        f = net.features(as_float_images(x[i:i + batch_size]))
         feats.append(f.double())
         logits.append(net.head(f).float())
     lg = torch.cat(logits)

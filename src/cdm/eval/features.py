@@ -290,12 +290,18 @@ class ReferenceFeatures:
     sigma: np.ndarray | None = None  # [D, D]
 
 
+STREAM_BATCH = 8000  # reference images per extractor call: a multiple of Inception's 64 and the classifier's 500
+
+
 def reference_features(extractor, ref: ReferenceSet, resolution: int,
                        cache_dir: str | os.PathLike | None = None) -> ReferenceFeatures:
     """Cached reference statistics of the images ``ref`` at ``resolution`` in the extractor's
     feature space (keyed by the set's fingerprint), labelled with where they came from."""
     desc = {"reference": ref.fingerprint, "source": ref.source}
-    stats = reference_stats(extractor.name, desc, len(ref), resolution,
-                            lambda: extractor(ref.at(resolution))["features"], cache_dir=cache_dir)
+
+    def compute() -> np.ndarray:  # a batch of images at a time (8000: a multiple of the extractors' own batches)
+        return np.concatenate([np.asarray(extractor(b)["features"]) for b, _ in ref.batches(resolution, STREAM_BATCH)])
+
+    stats = reference_stats(extractor.name, desc, len(ref), resolution, compute, cache_dir=cache_dir)
     return ReferenceFeatures(features=stats.features, space=extractor.name, mu=stats.mu, sigma=stats.sigma,
                              source=f"{ref.source} @{resolution}px")
