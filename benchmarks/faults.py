@@ -30,7 +30,7 @@ summary and the JSON; ``--json PATH`` also writes it; exits 1 if any check fails
     .venv/bin/python benchmarks/faults.py --json /tmp/faults.json
 
 ``--nproc 2`` trains under torchrun (gloo on loopback) and each kill takes the launcher and its
-workers at once (one process group, as when a machine dies); the final weights are then also
+workers at once (every process below the launcher, found in /proc, as when a machine dies); the final weights are then also
 compared with one process training the same global batch in memory (``vs_one_process_in_memory``:
 equal up to float rounding, the gradient sums running in another order). ``--prepared`` trains on
 a prepared set of the toy images (cdm prepare)::
@@ -168,6 +168,35 @@ def compare(a_path: Path, b_path: Path) -> dict:
             "differing_tensors": differ[:20]}
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc): torchrun starts its workers in sessions of
+    their own, so a process-group kill would miss them."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once, as when a machine dies."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,8 +236,7 @@ def run_attempt(cmd: list[str], env: dict, run: Path, err_path: Path, rng: rando
     delay = rng.uniform(a.delay_min, a.delay_max) if kill else 0.0
     with open(err_path, "w") as err:
         t0, wall0 = time.monotonic(), time.time()
-        # its own process group: a kill takes torchrun's workers with it, as a machine dying would
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         try:
             t_from = t0 if a.kill_from == "start" else None
             while kill:
@@ -222,18 +250,15 @@ def run_attempt(cmd: list[str], env: dict, run: Path, err_path: Path, rng: rando
                     if recs and recs[-1].get("time", 0) >= wall0:
                         t_from = now
                 if t_from is not None and now - t_from >= delay:
-                    os.killpg(child.pid, signal.SIGKILL)
+                    kill_tree(child.pid)
                     break
                 time.sleep(0.005)
             child.wait(timeout=a.attempt_timeout)
         finally:
             if child.poll() is None:
-                os.killpg(child.pid, signal.SIGKILL)
+                child.kill()
                 child.wait()
-            try:  # no worker outlives its attempt
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(child.pid)  # no worker outlives its attempt
     return {"returncode": child.returncode, "killed": child.returncode == -signal.SIGKILL,
             "delay_s": round(delay, 3) if kill else None, "wall_start": wall0,
             "wall_s": round(time.monotonic() - t0, 2)}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue #17): everything cdm claims about CUDA, in one run of at most ~8 minutes on
+# The GPU check (issue #17): everything cdm claims about CUDA, in one run of at most ~10 minutes on
 # one GPU. It prints what it ran on first and a one-line verdict last; commit its output, with
 # the device named, in docs/BENCHMARKS.md ("GPU check").
 #
@@ -9,6 +9,9 @@
 #   4. a 64x64 SR stage's training img/s against diffusers' UNet2DModel of matched shape
 #      (benchmarks/vs_diffusers.py --device cuda);
 #   5. a 2-process DDP training run (torchrun, NCCL), when the machine has two GPUs;
+#   5b. the prepared-data reader feeding the GPU: a synthetic prepared set of 100k 64 px images
+#      (cdm prepare synthetic:100000), and folder-sr16to64 trained on it at batch 256 with data.workers
+#      0 (each batch read in its step) and 1 (prefetched): img/s of each (docs/SCALE.md);
 #   6. with HEADLINE_SECONDS=N (default 0: skipped), N seconds of the headline study's missing cells
 #      (experiments/headline.py, issue #15) on cuda:0, from a copy of docs/headline/ into
 #      $OUT/headline-record/: one process per entry of HEADLINE_SEEDS (default "0"; e.g. "1 2 0"
@@ -21,7 +24,7 @@
 #      runs/headline-gpu/ and run `experiments/headline.py --out runs/headline-gpu --record
 #      docs/headline --fill-inception` (docs/headline/README.md).
 #
-# PARTS picks the steps 2-6 (default "suite presets diffusers ddp headline"; "devices" runs only
+# PARTS picks the steps 2-6 (default "suite presets diffusers ddp prepared headline"; "devices" runs only
 # tests/test_devices.py instead of the whole suite), so a short GPU lease spends its time where needed.
 #
 # A GPU machine often has no network and no Fashion-MNIST: prepare both here first,
@@ -48,7 +51,7 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 mkdir -p "$RES"
-PARTS=${PARTS:-suite presets diffusers ddp headline}
+PARTS=${PARTS:-suite presets diffusers ddp prepared headline}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 PASSED=() FAILED=()
 step() { echo; echo "## $1"; }
@@ -131,6 +134,27 @@ elif [ "$NGPU" -ge 2 ] && [ -n "$DATA" ]; then
     ok $? "DDP 2 GPUs"
 else
     echo "skipped: $NGPU GPU(s) here (needs 2, and the data)"
+fi
+
+if want prepared; then
+    step "prepared data feeding cuda:0: folder-sr16to64 at batch 256 on 100k synthetic 64 px images"
+    timeout 120 "$PY" -m cdm.cli prepare synthetic:100000 --out "$RES/syn64" --resolution 64 --channels 3 \
+        --no-progress 2>&1 | tail -2
+    rc=$?
+    for w in 0 1; do
+        timeout 150 "$PY" -m cdm.cli train folder-sr16to64 --out "$RES/prepared-w$w" --fresh --no-progress \
+            --set data.path="$RES/syn64" --set data.workers=$w --set train.device=cuda --set train.batch_size=256 \
+            --set train.steps=150 --set train.log_every=10 --set train.sample_every=0 --set train.ckpt_every=1000 \
+            >"$RES/prepared-w$w.txt" 2>&1
+        rc=$((rc || $?))
+        "$PY" - "$RES/prepared-w$w/log.jsonl" "$w" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"img_per_s"' in l]
+rates = [r["img_per_s"] for r in rows[len(rows) // 2:]]
+print(f"data.workers={sys.argv[2]}: {statistics.median(rates):,.0f} img/s (median of the last {len(rates)} log lines)")
+EOF
+    done
+    ok $rc "prepared data on the GPU"
 fi
 
 if want headline; then

@@ -209,7 +209,8 @@ def train(cfg, out, *sets) -> dict:
 
 def test_training_on_a_prepared_set_is_bit_identical(tmp_path, toy_npz, one_thread):
     """The same batches (flips, crops, label dropout) in memory and from a prepared set, with or
-    without prefetching threads, and after a resume: the same weights, bit for bit."""
+    without prefetching threads, with gradient accumulation, and after a resume: the same weights,
+    bit for bit."""
     cfg = write_tiny(tmp_path, toy_npz, "sr", 16, 8, "gaussian")
     prep = prepare(PrepareConfig(str(toy_npz), str(tmp_path / "prep"), 16, workers=1, progress=False)).path
     mem = train(cfg, tmp_path / "mem")
@@ -217,6 +218,8 @@ def test_training_on_a_prepared_set_is_bit_identical(tmp_path, toy_npz, one_thre
     for workers in (0, 1, 3):
         w = train(cfg, tmp_path / f"w{workers}", *lazy, f"data.workers={workers}")
         assert all(torch.equal(w[k], mem[k]) for k in mem), workers
+    acc = train(cfg, tmp_path / "mem-accum", "train.grad_accum=2")  # micro-batches: their own rounding, alike
+    assert all(torch.equal(acc[k], train(cfg, tmp_path / "accum", *lazy, "train.grad_accum=2")[k]) for k in acc)
     half = train(cfg, tmp_path / "resumed", *lazy, "train.steps=2")
     assert any(not torch.equal(half[k], mem[k]) for k in mem)
     resumed = train(cfg, tmp_path / "resumed", *lazy, "data.workers=2")  # a resume may change data.workers
@@ -281,12 +284,13 @@ def test_two_processes_on_a_prepared_set_train_what_one_does(tmp_path, toy_npz, 
     prep = prepare(PrepareConfig(str(toy_npz), str(tmp_path / "prep"), 16, workers=1, progress=False)).path
     sets = [f"--set={kv}" for kv in [*SETS, "data.source=prepared", f"data.path={prep}", "train.steps=2",
                                      "train.warmup_steps=0"]]
+    accum = ["--set=train.grad_accum=2"]  # the 2 processes also accumulate 2 micro-batches each
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cdm.cli", "train", str(cfg),
-                        "--out", str(tmp_path / "ddp"), "--no-progress", *sets],
+                        "--out", str(tmp_path / "ddp"), "--no-progress", *sets, *accum],
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert main(["train", str(cfg), "--out", str(tmp_path / "one"), "--no-progress",

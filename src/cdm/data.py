@@ -435,8 +435,12 @@ def load_prepared(cfg: DataConfig) -> ImageSet:
                                                           else ""))
     if cfg.limit:
         rows = rows[:cfg.limit]
-    names = ps.class_names
+    # an .npz names its classes in the config (as when it is read directly); other sources named them
+    names = list(cfg.class_names) if cfg.class_names and m["source"]["kind"] == "npz" else ps.class_names
     y = torch.from_numpy(ps.labels[rows])
+    if y.numel() and y.max() >= len(names):
+        raise DataError(f"labels must lie in [0, {len(names) - 1}], got up to {int(y.max())}: data.class_names "
+                        f"names too few classes for {ps.path}")
     if cfg.classes and cfg.classes != len(names):
         raise DataError(f"data.classes = {cfg.classes}, but {ps.path} has {len(names)} classes; "
                         f"set data.classes = {len(names)} (or 0: as found)")
