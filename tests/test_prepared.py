@@ -299,3 +299,47 @@ def test_two_processes_on_a_prepared_set_train_what_one_does(tmp_path, toy_npz, 
     for k in a.model:  # the gradient sums run in another order: float rounding only
         torch.testing.assert_close(b.model[k], a.model[k], rtol=1e-4, atol=2e-5)
     assert torch.equal(a.rng["data"], b.rng["data"])
+
+
+def test_images_smaller_than_the_data_resolution_are_reported(tmp_path, toy_npz):
+    """Enlarging small images is never silent: loading a folder or an .npz in memory and preparing
+    one each say how many were enlarged (data.fit = resize); padding them is not enlarging."""
+    import warnings
+
+    src = photo_folder(tmp_path / "photos", n=12)  # 12..40 px images, one 20 px 16-bit, one unreadable
+    sides = [min(Image.open(f).size) for f in sorted(src.rglob("*")) if f.is_file() and f.name != "broken.png"]
+    small, total = sum(m < 24 for m in sides), len(sides)
+    assert 0 < small < total
+    with pytest.warns(UserWarning, match=rf"{small} of {total} images in .* smaller than data.resolution = 24px"):
+        load_dataset(DataConfig(source="folder", path=str(src), resolution=24, fit="resize", split="all"))
+    with pytest.warns(UserWarning, match=rf"{small} of {total} images in .* smaller than data.resolution = 24px"):
+        ps = prepare(PrepareConfig(str(src), str(tmp_path / "p"), 24, fit="resize", workers=1, progress=False))
+    assert ps.manifest["upsampled"] == small
+    with pytest.warns(UserWarning, match="24 of 24 images .* smaller than data.resolution = 32px"):
+        load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=32, fit="resize", split="all"))
+    with warnings.catch_warnings(record=True) as seen:  # padded, not enlarged: nothing to say
+        warnings.simplefilter("always")
+        load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=32, fit="pad", split="all"))
+    assert not [w for w in seen if "smaller than" in str(w.message)]
+
+
+def test_a_stage_that_cannot_be_guided_says_so(tmp_path, toy_npz, one_thread):
+    cfg = write_tiny(tmp_path, toy_npz, "sr", 16, 8, "gaussian")
+    with pytest.warns(UserWarning, match=r"class-conditional but trains without label dropout .* cannot be guided"):
+        train(cfg, tmp_path / "r", "train.steps=1", "train.p_uncond=0")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(cfg, tmp_path / "g", "train.steps=1", "train.p_uncond=0.1")
+    assert not [w for w in seen if "label dropout" in str(w.message)]
+
+
+def test_presets_say_what_they_are_for(capsys):
+    from cdm.config import list_presets
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+    assert any(line.startswith("folder-sr16to64") and "not guidable" in line for line in lines)

@@ -8,7 +8,7 @@ import math
 import sys
 import warnings
 
-from .config import PRECISIONS, ConfigError, list_presets, load_stage_config, to_dict
+from .config import PRECISIONS, ConfigError, list_presets, load_stage_config, preset_description, to_dict
 from .diffusion import Spacing
 from .errors import USER_ERRORS, OneLineParser, os_error_message, warning_line
 from .samplers import SAMPLERS
@@ -224,8 +224,10 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
-    for p in list_presets():
-        print(p)
+    names = list_presets()
+    width = max(map(len, names))
+    for p in names:
+        print(f"{p:<{width}}  {preset_description(p)}")
     return 0
 
 
@@ -488,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(func=cmd_prepare)
 
-    pr = sub.add_parser("presets", help="list the shipped stage presets")
+    pr = sub.add_parser("presets", help="list the shipped stage presets, each with what it is for")
     pr.set_defaults(func=cmd_presets)
     return p
 

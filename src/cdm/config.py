@@ -400,6 +400,12 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("cdm.presets").iterdir() if p.name.endswith(".toml"))
 
 
+def preset_description(name: str) -> str:
+    """A preset's one-line description: its first line that starts with ``#:``."""
+    text = (resources.files("cdm.presets") / f"{name}.toml").read_text()
+    return next((line[2:].strip() for line in text.splitlines() if line.startswith("#:")), "")
+
+
 def read_preset(name: str) -> dict:
     f = resources.files("cdm.presets") / f"{name}.toml"
     if not f.is_file():

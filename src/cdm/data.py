@@ -270,9 +270,10 @@ def folder_mode(channels: int, stored_mode: str) -> str:
     return {1: "L", 3: "RGB"}.get(channels) or ("L" if stored_mode in ("L", "1", "I;16", "I") else "RGB")
 
 
-def decode_image(path: Path, size: int, fit: str, channels: int) -> Tensor:
-    """One image file -> uint8 ``[C, size, size]`` (:func:`folder_mode`, then :func:`fit_to`); an
-    unreadable file raises ``OSError`` or ``ValueError`` (:data:`DECODE_ERRORS`)."""
+def decode_image(path: Path, size: int, fit: str, channels: int) -> tuple[Tensor, bool]:
+    """One image file -> ``(uint8 [C, size, size], upsampled)`` (:func:`folder_mode`, then
+    :func:`fit_to`; ``upsampled``: its square crop was smaller than ``size`` and ``fit = "resize"``
+    enlarged it). An unreadable file raises one of :func:`_decode_errors`."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -281,7 +282,15 @@ def decode_image(path: Path, size: int, fit: str, channels: int) -> Tensor:
         a = np.asarray(im, dtype=np.uint8)
     t = torch.from_numpy(a.copy())
     t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    return fit_to(t[None], size, fit)[0]
+    return fit_to(t[None], size, fit)[0], fit == "resize" and min(t.shape[1:]) < size
+
+
+def warn_upsampled(count: int, total: int, where, size: int) -> None:
+    """Say that ``count`` of ``total`` images were smaller than the data resolution and enlarged."""
+    if count:
+        warnings.warn(f"{count:,} of {total:,} images in {where} are smaller than data.resolution = {size}px and "
+                      f"were enlarged (bicubic, data.fit = resize): a stage learns interpolated pixels from them; "
+                      f"use a data.resolution (and stage resolutions) at or below their size, or data.fit = pad")
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:
@@ -299,11 +308,13 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
     root = Path(root)
     names, files = list_folder(root)
     images, labels, keys, bad = [], [], [], []
-    errors = _decode_errors()
+    errors, small = _decode_errors(), 0
     for label, group in enumerate(files):
         for f in group:
             try:
-                images.append(decode_image(f, size, fit, channels))
+                im, up = decode_image(f, size, fit, channels)
+                images.append(im)
+                small += up
             except errors as e:
                 if on_bad != "skip":
                     raise DataError(f"cannot read image {f} ({e}); remove it, or set data.on_bad=skip") from e
@@ -316,6 +327,7 @@ def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
                       f"(set data.on_bad=fail to stop instead)")
     if not images:
         raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+    warn_upsampled(small, len(images), root, size)
     chans = {im.shape[0] for im in images}
     if len(chans) > 1:  # mixed grayscale and colour: make them all RGB
         images = [convert_channels(im[None], 3)[0] for im in images]
@@ -361,6 +373,12 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     return x.contiguous(), y
 
 
+def _warn_if_enlarged(hw, n: int, cfg: DataConfig) -> None:
+    """An array source's images (all ``hw`` in size) enlarged to ``cfg.resolution``: say so."""
+    if cfg.fit == "resize" and min(hw) < cfg.resolution:
+        warn_upsampled(n, n, cfg.path or cfg.source, cfg.resolution)
+
+
 def load_dataset(cfg: DataConfig) -> ImageSet:
     """The configured split of the data set at ``cfg.resolution``: decoded into memory, or, for a
     prepared set, its labels in memory and its images read on demand (:func:`load_prepared`)."""
@@ -370,6 +388,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         splits = ["train", "test"] if cfg.split == "all" else [cfg.split]
         parts = [load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, sp) for sp in splits]
         imgs, labs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        _warn_if_enlarged(imgs.shape[1:], len(imgs), cfg)
         x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit)
         y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
     else:
@@ -384,6 +403,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         else:
             x, y = load_npz(path)
             keys = [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in x]
+            _warn_if_enlarged(x.shape[2:], len(x), cfg)
             x = fit_to(x, cfg.resolution, cfg.fit)
             if y is None:
                 y = torch.zeros(len(x), dtype=torch.int64)

@@ -33,7 +33,7 @@ from .checkpoint import atomic_write
 from .runlock import LOCK_FILE as LOCK, run_lock
 from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_SUFFIXES, DataError, _decode_errors,
                    convert_channels, decode_image, fit_to, folder_mode, held_out_key, list_folder, load_fashion_mnist,
-                   load_npz)
+                   load_npz, warn_upsampled)
 from .prepared import (CHUNK, FORMAT, IMAGES, LABELS, MANIFEST, SPLIT, SPLIT_DTYPES, VERSION, PreparedError,
                        PreparedSet, is_prepared, open_prepared, read_manifest)
 
@@ -143,15 +143,16 @@ def _folder_modes(files: list[Path]) -> set[str]:
     return modes
 
 
-def _decode_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _decode_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int]:
     """One chunk of a folder: ``(images uint8 [k, C, R, R], labels int64 [k], held-out keys uint64 [k],
-    unreadable files)``."""
+    unreadable files, how many images were enlarged to R)``."""
     root, items, size, fit, channels, out_channels, on_bad = job
     torch.set_num_threads(1)
-    images, labels, keys, bad = [], [], [], []
+    images, labels, keys, bad, small = [], [], [], [], 0
     for label, f in items:
         try:
-            im = decode_image(f, size, fit, channels)
+            im, up = decode_image(f, size, fit, channels)
+            small += up
         except _decode_errors() as e:
             if on_bad == "fail":
                 raise PreparedError(f"cannot read image {f} ({e}); remove it, or pass --on-bad skip") from None
@@ -161,7 +162,7 @@ def _decode_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[
         labels.append(label)
         keys.append(held_out_key(Path(f).relative_to(root).as_posix()))
     x = torch.stack(images).numpy() if images else np.empty((0, out_channels, size, size), np.uint8)
-    return x, np.array(labels, dtype=np.int64), np.array(keys, dtype=np.uint64), bad
+    return x, np.array(labels, dtype=np.int64), np.array(keys, dtype=np.uint64), bad, small
 
 
 def _synthetic_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -174,14 +175,15 @@ def _synthetic_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
     noise = g.integers(0, 64, (k, channels, size, size), dtype=np.uint8)
     x = base + noise  # wraps around: texture, not a flat field
     keys = np.array([held_out_key(f"synthetic/{i}") for i in items], dtype=np.uint64)
-    return x, np.array(items, dtype=np.int64) % classes, keys, []
+    return x, np.array(items, dtype=np.int64) % classes, keys, [], 0
 
 
 def _array_chunk(src: _Source, items: list[int], cfg: PrepareConfig, out_channels: int):
     x, y, split = src.arrays
     idx = torch.tensor(items, dtype=torch.int64)
     im = convert_channels(fit_to(x[idx], cfg.resolution, cfg.fit), out_channels)
-    return im.numpy(), y[idx].numpy(), np.asarray(split)[idx.numpy()], []
+    up = cfg.fit == "resize" and min(x.shape[2:]) < cfg.resolution
+    return im.numpy(), y[idx].numpy(), np.asarray(split)[idx.numpy()], [], len(items) * up
 
 
 # ----------------------------------------------------------------------------- writing
@@ -233,7 +235,7 @@ class _Writer:
         state = {} if fresh else json.loads((out / PROGRESS).read_text()) if (out / PROGRESS).exists() else {}
         self.done, self.rows = state.get("items_done", 0), state.get("rows", 0)
         self.digests, self.bad = state.get("digests", []), state.get("bad", [])
-        self.skipped = state.get("skipped", 0)
+        self.skipped, self.upsampled = state.get("skipped", 0), state.get("upsampled", 0)
         sizes = {IMAGES: None, LABELS: 8, SPLIT: SPLIT_DTYPES[split_rule].itemsize}
         self.files = {}
         for name in sizes:
@@ -248,7 +250,8 @@ class _Writer:
             self.files[name].truncate(self.rows * per)
             self.files[name].seek(self.rows * per)
 
-    def append(self, n_items: int, x: np.ndarray, y: np.ndarray, split: np.ndarray, bad: list[str]) -> None:
+    def append(self, n_items: int, x: np.ndarray, y: np.ndarray, split: np.ndarray, bad: list[str],
+               small: int = 0) -> None:
         parts = [np.ascontiguousarray(x).tobytes(), y.astype("<i8").tobytes(),
                  np.asarray(split).astype(self.split_dtype).tobytes()]
         for f, b in zip(self.files.values(), parts):
@@ -259,9 +262,10 @@ class _Writer:
         self.done += n_items
         self.rows += len(x)
         self.skipped += len(bad)
+        self.upsampled += small
         self.bad = (self.bad + bad)[:5]
         state = {"items_done": self.done, "rows": self.rows, "digests": self.digests, "skipped": self.skipped,
-                 "bad": self.bad}
+                 "bad": self.bad, "upsampled": self.upsampled}
         atomic_write(self.out / PROGRESS, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def close(self) -> None:
@@ -319,8 +323,8 @@ def _prepare(src: _Source, out: Path, cfg: PrepareConfig, found: dict | None, re
                                              for items in todo])
         else:
             results = (_array_chunk(src, items, cfg, out_channels) for items in todo)
-        for items, (x, y, split, bad) in zip(todo, results):
-            w.append(len(items), x, y, split, bad)
+        for items, (x, y, split, bad, small) in zip(todo, results):
+            w.append(len(items), x, y, split, bad, small)
             bar.update(len(items))
         bar.close()
     finally:
@@ -332,7 +336,9 @@ def _prepare(src: _Source, out: Path, cfg: PrepareConfig, found: dict | None, re
 
         warnings.warn(f"skipped {w.skipped} unreadable image(s) in {src.path}, e.g. {w.bad[0]} "
                       f"(--on-bad fail stops instead)")
-    manifest.update(complete=True, count=w.rows, skipped=w.skipped, fingerprint=_fingerprint(shape, w.digests))
+    warn_upsampled(w.upsampled, w.rows, src.path, cfg.resolution)
+    manifest.update(complete=True, count=w.rows, skipped=w.skipped, upsampled=w.upsampled,
+                    fingerprint=_fingerprint(shape, w.digests))
     atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
     (out / PROGRESS).unlink(missing_ok=True)
     return open_prepared(out)

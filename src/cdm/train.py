@@ -37,6 +37,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -230,6 +231,10 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
             ("; the run is already done" if step >= tc.steps else "")
         print("\n".join(startup_summary(cfg, data, out, device, sum(p_.numel() for p_ in net.parameters()), start,
                                         changed)), file=sys.stderr, flush=True)
+        if cfg.class_conditional and data.num_classes > 1 and tc.p_uncond == 0 and step < tc.steps:
+            warnings.warn(f"{cfg.name} is class-conditional but trains without label dropout (train.p_uncond = 0): "
+                          f"it cannot be guided (cdm sample --guidance needs its unconditional prediction); set "
+                          f"train.p_uncond = 0.1 to allow it")
     w.barrier()
     if w.size > 1:  # forward passes go through DDP, which averages the gradients over the processes
         from torch.nn.parallel import DistributedDataParallel
