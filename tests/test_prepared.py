@@ -214,7 +214,7 @@ def test_training_on_a_prepared_set_is_bit_identical(tmp_path, toy_npz, one_thre
     cfg = write_tiny(tmp_path, toy_npz, "sr", 16, 8, "gaussian")
     prep = prepare(PrepareConfig(str(toy_npz), str(tmp_path / "prep"), 16, workers=1, progress=False)).path
     mem = train(cfg, tmp_path / "mem")
-    lazy = [f"data.source=prepared", f"data.path={prep}"]
+    lazy = ["data.source=prepared", f"data.path={prep}"]
     for workers in (0, 1, 3):
         w = train(cfg, tmp_path / f"w{workers}", *lazy, f"data.workers={workers}")
         assert all(torch.equal(w[k], mem[k]) for k in mem), workers

@@ -238,6 +238,19 @@ def _find(root: Path, stem: str) -> Path:
                     f"holding the IDX files")
 
 
+def fashion_mnist_arrays(root: str | os.PathLike, splits: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 28, 28], labels uint8 [N], which of ``splits`` each came from uint8 [N])``:
+    the ``splits`` one after the other."""
+    parts = [load_fashion_mnist(root, sp) for sp in splits]
+    which = np.concatenate([np.full(len(p[0]), i, np.uint8) for i, p in enumerate(parts)])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), which
+
+
+def npz_keys(images: Tensor) -> list[str]:
+    """The held-out keys of an ``.npz``'s images ``[N, C, H, W]`` as stored: a SHA-256 of each one's bytes."""
+    return [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in images]
+
+
 def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, 28, 28], labels uint8 [N])`` of the ``train`` or ``test`` split."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
@@ -282,7 +295,13 @@ def decode_image(path: Path, size: int, fit: str, channels: int) -> tuple[Tensor
         a = np.asarray(im, dtype=np.uint8)
     t = torch.from_numpy(a.copy())
     t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    return fit_to(t[None], size, fit)[0], fit == "resize" and min(t.shape[1:]) < size
+    return fit_to(t[None], size, fit)[0], enlarges(t.shape[1:], size, fit)
+
+
+def enlarges(hw, size: int, fit: str) -> bool:
+    """Whether :func:`fit_to` enlarges an image of height and width ``hw`` to ``size`` (``fit = "resize"``
+    of a square crop smaller than ``size``)."""
+    return fit == "resize" and min(hw) < size
 
 
 def warn_upsampled(count: int, total: int, where, size: int) -> None:
@@ -375,7 +394,7 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
 
 def _warn_if_enlarged(hw, n: int, cfg: DataConfig) -> None:
     """An array source's images (all ``hw`` in size) enlarged to ``cfg.resolution``: say so."""
-    if cfg.fit == "resize" and min(hw) < cfg.resolution:
+    if enlarges(hw, cfg.resolution, cfg.fit):
         warn_upsampled(n, n, cfg.path or cfg.source, cfg.resolution)
 
 
@@ -386,8 +405,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
         return load_prepared(cfg)
     if cfg.source == "fashion-mnist":
         splits = ["train", "test"] if cfg.split == "all" else [cfg.split]
-        parts = [load_fashion_mnist(cfg.path or FASHION_MNIST_DIR, sp) for sp in splits]
-        imgs, labs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        imgs, labs, _ = fashion_mnist_arrays(cfg.path or FASHION_MNIST_DIR, splits)
         _warn_if_enlarged(imgs.shape[1:], len(imgs), cfg)
         x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit)
         y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
@@ -402,7 +420,7 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
             x, y, names, keys = load_folder(path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
         else:
             x, y = load_npz(path)
-            keys = [hashlib.sha256(im.numpy().tobytes()).hexdigest() for im in x]
+            keys = npz_keys(x)
             _warn_if_enlarged(x.shape[2:], len(x), cfg)
             x = fit_to(x, cfg.resolution, cfg.fit)
             if y is None:
@@ -447,7 +465,7 @@ def load_prepared(cfg: DataConfig) -> ImageSet:
                         f"{cfg.fingerprint}: point data.path at that set, or remove data.fingerprint")
     rows = np.arange(ps.count)
     if cfg.split != "all":
-        rows = rows[ps.test_mask(cfg.held_out) == (cfg.split == "test")]
+        rows = rows[ps.test_mask(held_out_cut(cfg.held_out)) == (cfg.split == "test")]
         if not len(rows):
             raise DataError(f"the {cfg.split!r} split of {ps.path} is empty ({ps.count} images"
                             + (f", data.held_out = {cfg.held_out}" if m["split"]["rule"] == "hash" else "")

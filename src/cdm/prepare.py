@@ -32,8 +32,8 @@ import torch
 from .checkpoint import atomic_write
 from .runlock import LOCK_FILE as LOCK, run_lock
 from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_SUFFIXES, DataError, _decode_errors,
-                   convert_channels, decode_image, fit_to, folder_mode, held_out_key, list_folder, load_fashion_mnist,
-                   load_npz, warn_upsampled)
+                   convert_channels, decode_image, enlarges, fashion_mnist_arrays, fit_to, folder_mode, held_out_key,
+                   list_folder, load_npz, npz_keys, warn_upsampled)
 from .prepared import (CHUNK, FORMAT, IMAGES, LABELS, MANIFEST, SPLIT, SPLIT_DTYPES, VERSION, PreparedError,
                        PreparedSet, is_prepared, open_prepared, read_manifest)
 
@@ -107,15 +107,13 @@ def _open_source(text: str) -> _Source:
         except DataError as e:
             raise PreparedError(str(e)) from None
         y = torch.zeros(len(x), dtype=torch.int64) if y is None else y
-        keys = np.array([held_out_key(hashlib.sha256(im.numpy().tobytes()).hexdigest()) for im in x], dtype=np.uint64)
+        keys = np.array([held_out_key(k) for k in npz_keys(x)], dtype=np.uint64)
         h.update(f"{p.stat().st_size}|{list(x.shape)}".encode())
         return _Source("npz", p.resolve(), [str(i) for i in range(int(y.max()) + 1)], list(range(len(x))),
                        h.hexdigest(), "hash", (x, y, keys))
     if any((p / f"train-images-idx3-ubyte{gz}").exists() for gz in ("", ".gz")):
-        parts = [load_fashion_mnist(p, sp) for sp in ("train", "test")]
-        x = torch.from_numpy(np.concatenate([q[0] for q in parts]).copy())[:, None]
-        y = torch.from_numpy(np.concatenate([q[1] for q in parts]).astype(np.int64))
-        test = np.concatenate([np.zeros(len(parts[0][0]), np.uint8), np.ones(len(parts[1][0]), np.uint8)])
+        imgs, labs, test = fashion_mnist_arrays(p, ["train", "test"])  # test: 1 for the test split's images
+        x, y = torch.from_numpy(imgs.copy())[:, None], torch.from_numpy(labs.astype(np.int64))
         h.update(f"{list(x.shape)}".encode())
         return _Source("idx", p.resolve(), list(FASHION_MNIST_CLASSES), list(range(len(x))), h.hexdigest(), "source",
                        (x, y, test))
@@ -165,9 +163,9 @@ def _decode_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[
     return x, np.array(labels, dtype=np.int64), np.array(keys, dtype=np.uint64), bad, small
 
 
-def _synthetic_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Made-up images ``[k, C, R, R]`` (a smooth colour field with noise, seeded by the first item), labels
-    ``i % classes``, held-out keys of ``synthetic/i``."""
+def _synthetic_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int]:
+    """Made-up images ``[k, C, R, R]`` (a random colour per image plus noise, seeded by the first item),
+    labels ``i % classes``, held-out keys of ``synthetic/i``; as :func:`_decode_chunk` returns them."""
     items, size, channels, classes = job
     g = np.random.default_rng(items[0])
     k = len(items)
@@ -182,8 +180,8 @@ def _array_chunk(src: _Source, items: list[int], cfg: PrepareConfig, out_channel
     x, y, split = src.arrays
     idx = torch.tensor(items, dtype=torch.int64)
     im = convert_channels(fit_to(x[idx], cfg.resolution, cfg.fit), out_channels)
-    up = cfg.fit == "resize" and min(x.shape[2:]) < cfg.resolution
-    return im.numpy(), y[idx].numpy(), np.asarray(split)[idx.numpy()], [], len(items) * up
+    small = len(items) if enlarges(x.shape[2:], cfg.resolution, cfg.fit) else 0
+    return im.numpy(), y[idx].numpy(), np.asarray(split)[idx.numpy()], [], small
 
 
 # ----------------------------------------------------------------------------- writing

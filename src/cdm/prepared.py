@@ -65,9 +65,11 @@ class PreparedImages:
 
     dtype = torch.uint8
 
-    def __init__(self, file: Path, count: int, image_shape: tuple[int, int, int], rows: np.ndarray | None = None):
+    def __init__(self, file: Path, count: int, image_shape: tuple[int, int, int], rows: np.ndarray | None = None,
+                 fingerprint: str = ""):
         self.file, self.count, self.image_shape = Path(file), count, tuple(image_shape)
         self.rows = rows  # int64 [n]: which of the file's rows these are (None: all, in order)
+        self.fingerprint = fingerprint  # the prepared set's content fingerprint
         self.row_bytes = int(np.prod(self.image_shape))
         self._fd: int | None = None
         self._pid = -1
@@ -107,7 +109,7 @@ class PreparedImages:
 
     def subset(self, idx) -> "PreparedImages":
         """These images' rows ``idx``, still on disk (nothing is read)."""
-        return PreparedImages(self.file, self.count, self.image_shape, self._absolute(idx))
+        return PreparedImages(self.file, self.count, self.image_shape, self._absolute(idx), self.fingerprint)
 
     def __getitem__(self, idx) -> Tensor:
         if isinstance(idx, (int, np.integer)):
@@ -190,14 +192,14 @@ class PreparedSet:
         return sum((self.path / f).stat().st_size for f in (IMAGES, LABELS, SPLIT, MANIFEST))
 
     def images(self) -> PreparedImages:
-        return PreparedImages(self.path / IMAGES, self.count, self.image_shape)
+        return PreparedImages(self.path / IMAGES, self.count, self.image_shape, fingerprint=self.fingerprint)
 
-    def test_mask(self, held_out: float) -> np.ndarray:
-        """bool ``[N]``: the held-out (``test``) images, by the set's rule (``held_out``: the
-        fraction, for the ``hash`` rule)."""
+    def test_mask(self, cut: int) -> np.ndarray:
+        """bool ``[N]``: the held-out (``test``) images, by the set's rule: for the ``hash`` rule those
+        whose key is below ``cut`` (:func:`cdm.data.held_out_cut` of ``data.held_out``)."""
         if self.manifest["split"]["rule"] == "source":
             return self.split.astype(bool)
-        return self.split < np.uint64(int(held_out * 2 ** 64))
+        return self.split < np.uint64(cut)
 
 
 def read_manifest(path: Path) -> dict:

@@ -24,7 +24,6 @@ reported, never silent.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..data import DataConfig, DataError, downsample, load_dataset, stage_input
-from ..prepared import MANIFEST, PreparedImages
+from ..prepared import PreparedImages
 
 
 @dataclass
@@ -106,16 +105,12 @@ def _fingerprint(images: Tensor | PreparedImages, labels: Tensor) -> str:
     h = hashlib.sha256()
     h.update(f"{list(images.shape)}".encode())
     if isinstance(images, PreparedImages):  # the set's content fingerprint and which of its rows, not its pixels
-        h.update(f"prepared:{_prepared_fingerprint(images)}".encode())
+        h.update(f"prepared:{images.fingerprint}".encode())
         h.update((np.arange(images.count) if images.rows is None else images.rows).astype("<i8").tobytes())
     else:
         h.update(images.contiguous().numpy().tobytes())
     h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-def _prepared_fingerprint(images: PreparedImages) -> str:
-    return json.loads((images.file.parent / MANIFEST).read_text())["fingerprint"]
 
 
 def _make(images: Tensor | PreparedImages, labels: Tensor, names: list[str], source: str) -> ReferenceSet:
