@@ -342,4 +342,4 @@ def test_presets_say_what_they_are_for(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list_presets()
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
-    assert any(line.startswith("folder-sr16to64") and "not guidable" in line for line in lines)
+    assert any(line.startswith("folder-sr8to32") and "32 px" in line and "guidable" in line for line in lines)

@@ -307,6 +307,12 @@ class Cascade:
         if labels.numel() and (labels.min() < 0 or labels.max() > nc):
             raise CascadeError(f"class labels must lie in [0, {nc - 1}] (or {nc} for 'no class'), "
                                f"got {int(labels.min())}..{int(labels.max())}")
+        untrained = [i for i, s in enumerate(self.stages)
+                     if s.num_classes and s.config.train.p_uncond == 0]
+        if untrained and bool((labels == nc).any()):
+            warnings.warn(f"class {nc} is the reserved 'no class' label, which stage(s) "
+                          f"{', '.join(map(str, untrained))} never saw (trained with train.p_uncond = 0): "
+                          f"their samples for it are not unconditional samples; give classes 0..{nc - 1}")
 
     def sample_stage(self, i: int, labels: Tensor, seeds: list[int], plan: StagePlan,
                      lowres: Tensor | None = None, corrupt: bool = True, stop: int = 0) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ not name its own. ``cdm demo`` and ``cdm sample`` write one; ``cdm sample/eval/s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -66,13 +67,15 @@ def read_cascade_file(path: str | Path) -> tuple[list[Path], SamplingPlan]:
 
 
 def write_cascade_file(path: str | Path, checkpoints: list[str | Path], plan: SamplingPlan) -> Path:
-    """Write a cascade file (checkpoints relative to it where they can be)."""
+    """Write a cascade file, its checkpoint paths relative to the file (``../runs/base/...``), so that
+    a folder holding the file and the runs can be moved or copied whole; absolute only where no
+    relative path exists (another drive)."""
     path = Path(path)
     rel = []
     for p in checkpoints:
         p = Path(p).resolve()
         try:
-            rel.append(str(p.relative_to(path.parent.resolve())))
+            rel.append(Path(os.path.relpath(p, path.parent.resolve())).as_posix())
         except ValueError:
             rel.append(str(p))
     text = json.dumps({"stages": rel, "sampling": to_dict(plan)}, indent=2)

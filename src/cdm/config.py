@@ -415,21 +415,55 @@ def read_preset(name: str) -> dict:
     return tomllib.loads(f.read_text())
 
 
+RUN_CONFIG = "config.json"  # the resolved config a run directory holds (cdm.train writes it)
+# Keys a run's config.json holds that cdm derives from the stage and its data set: ignored when a run's
+# config is read as the start of another stage's (they are filled in again from that stage's data).
+DERIVED_DATA_FIELDS = ("class_names", "fingerprint")
+
+
+def written_by_cdm(d: dict) -> bool:
+    """Whether settings ``d`` are a config cdm wrote (a run's config.json, ``cdm train --dry-run``'s
+    output): its ``unet`` table holds every derived field, which no hand-written config sets."""
+    unet = d.get("unet")
+    return isinstance(unet, dict) and all(k in unet for k in DERIVED_UNET_FIELDS)
+
+
+def without_derived(d: dict) -> dict:
+    """``d`` (a config cdm wrote) without what cdm derives (:data:`DERIVED_UNET_FIELDS`,
+    :data:`DERIVED_DATA_FIELDS`), so that it reads as the config a user would have written."""
+    out = dict(d)
+    out["unet"] = {k: v for k, v in d["unet"].items() if k not in DERIVED_UNET_FIELDS}
+    if isinstance(d.get("data"), dict):
+        out["data"] = {k: v for k, v in d["data"].items() if k not in DERIVED_DATA_FIELDS}
+    return out
+
+
+def read_stage_source(source: str | Path) -> dict:
+    """The settings a stage config starts from, named one way everywhere (``cdm train CONFIG``,
+    ``--data-from``, ...): a preset name, a ``.toml``/``.json`` file, or a run directory (its
+    ``config.json``). A config cdm wrote (a run's, or ``--dry-run``'s output) loses its derived keys;
+    a hand-written one that sets them is refused later, by :func:`load_stage_config`."""
+    p = Path(source)
+    if p.is_dir():
+        if not (p / RUN_CONFIG).is_file():
+            raise ConfigError(f"{p} is a directory without {RUN_CONFIG}: name a run directory (cdm train --out), "
+                              f"a .toml or .json config file, or a preset ({', '.join(list_presets())})")
+        p = p / RUN_CONFIG
+    elif p.suffix not in (".toml", ".json"):
+        if str(source) in list_presets() or not (p.exists() or p.suffix or "/" in str(source)):
+            return read_preset(str(source))
+        raise ConfigError(f"config file {p} must end in .toml or .json (or name a run directory or a preset: "
+                          f"{', '.join(list_presets())})")
+    d = read_config_file(p)
+    return without_derived(d) if written_by_cdm(d) else d
+
+
 def load_stage_config(path_or_preset: str | None = None, overrides: list[str] | None = None,
                       extra: dict | None = None) -> StageConfig:
-    """A stage config from a file path or preset name, then ``extra`` (a nested dict), then
-    ``overrides`` (``key=value`` strings) on top. Every key's type and range and the stage's
+    """A stage config from a preset, a config file or a run directory (:func:`read_stage_source`),
+    then ``extra`` (a nested dict), then ``overrides`` (``key=value`` strings) on top. Every key's type and range and the stage's
     coherence are checked here, so that a config this returns can be trained (given its data)."""
-    d: dict = {}
-    if path_or_preset:
-        p = Path(path_or_preset)
-        if p.suffix in (".toml", ".json"):
-            d = read_config_file(p)
-        elif path_or_preset not in list_presets() and (p.exists() or p.suffix or "/" in str(path_or_preset)):
-            raise ConfigError(f"config file {p} must end in .toml or .json (or name a preset: "
-                              f"{', '.join(list_presets())})")
-        else:
-            d = read_preset(path_or_preset)
+    d = read_stage_source(path_or_preset) if path_or_preset else {}
     d = deep_merge(d, extra or {})
     d = deep_merge(d, parse_overrides(overrides or []))
     unet = d.get("unet", {})

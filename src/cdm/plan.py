@@ -53,6 +53,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,16 @@ def shapes_only():
     """Run torch code on fake tensors: shapes, dtypes and autocast as for real, no data, no memory."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True), _ChecksPass():
-        yield
+    from . import stage as stage_module
+
+    warned = set(stage_module._warned)
+    with FakeTensorMode(allow_non_fake_inputs=True), _ChecksPass(), warnings.catch_warnings():
+        # a plan counts bf16 on any device (a GPU's precision): the CPU's emulation warning is not for it
+        warnings.filterwarnings("ignore", message="bf16 autocast on a")
+        try:
+            yield
+        finally:
+            stage_module._warned.intersection_update(warned)
 
 
 def planned_precision(precision: str) -> str:

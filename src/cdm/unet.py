@@ -34,6 +34,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+MAX_RES_BLOCKS = 16  # unet.num_res_blocks above this is refused as a slip
+MAX_LEVELS = 10  # unet.channel_mult: a 1024 px image halved down to 2 px
+
+
 @dataclass
 class UNetConfig:
     resolution: int = 32  # H = W of x_t
@@ -61,6 +65,14 @@ class UNetConfig:
         for name in ("num_res_blocks", "num_classes", "lowres_channels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"unet.{name} must be >= 0, got {getattr(self, name)}")
+        # Bounds far above any published U-Net (the paper's: 2-4 blocks, 4-6 levels), so that a typing slip
+        # (num_res_blocks = 1000) is refused at once instead of building, planning or training for hours.
+        if self.num_res_blocks > MAX_RES_BLOCKS:
+            raise ValueError(f"unet.num_res_blocks must be at most {MAX_RES_BLOCKS} (the paper's networks use 2-4), "
+                             f"got {self.num_res_blocks}")
+        if len(self.channel_mult) > MAX_LEVELS:
+            raise ValueError(f"unet.channel_mult may have at most {MAX_LEVELS} levels (one per halving of the "
+                             f"resolution), got {len(self.channel_mult)}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(f"unet.channel_mult must be one or more multipliers >= 1 (e.g. 1,2,2), "
                              f"got {self.channel_mult}")
