@@ -242,3 +242,16 @@ def test_a_decompression_bomb_is_an_unreadable_file(tmp_path, monkeypatch):
         assert len(load(root, resolution=16)) == 2
     with pytest.raises(DataError, match=r"cannot read image .*huge.png \(.*decompression bomb"):
         load(root, resolution=16, on_bad="fail")
+
+
+def test_an_icc_profile_other_than_srgb_is_applied_and_a_broken_one_is_unreadable(tmp_path):
+    from PIL import ImageCms
+
+    im = Image.new("RGB", (2, 2), (200, 100, 50))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert decoded(tmp_path, im, icc_profile=srgb)[:, 0, 0].tolist() == [200, 100, 50]  # sRGB: as stored
+    with pytest.raises(ValueError, match="ICC colour profile cannot be applied"):
+        decoded(tmp_path, im, icc_profile=b"not a profile")
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # not an RGB profile: cannot apply
+    with pytest.raises(ValueError, match="ICC colour profile cannot be applied"):
+        decoded(tmp_path, im, icc_profile=lab)

@@ -19,7 +19,9 @@ applied (:func:`decode_image`):
 - Transparency (``RGBA``, ``LA``, ``PA``, a palette or greyscale image with a transparent colour)
   is composited onto **black** (:data:`BACKGROUND`), the colour of ``data.fit = "pad"``'s border.
 - ``P`` (palette) becomes RGB through RGBA; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` become RGB.
-- An embedded ICC colour profile is not applied: the values are read as they are stored (sRGB).
+- A colour image (``RGB``, ``RGBA``, ``CMYK``) with an embedded ICC profile other than sRGB (a
+  phone's Display P3, Adobe RGB) is converted to sRGB first; a profile that cannot be read makes the
+  file unreadable. Other modes' profiles are not applied.
 - An animated GIF or WebP gives its first frame.
 
 The greyscale modes (:data:`GREY_MODES`) stay greyscale with ``channels = 0``; ``channels = 1``
@@ -122,6 +124,26 @@ def folder_mode(channels: int, stored_mode: str) -> str:
     return {1: "L", 3: "RGB"}.get(channels) or ("L" if stored_mode in GREY_MODES else "RGB")
 
 
+def to_srgb(im):
+    """A colour image with an embedded ICC profile other than sRGB, converted to sRGB (the module's
+    rule); any other image as it is. A profile that cannot be read raises ``ValueError``."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "sRGB" in ImageCms.getProfileDescription(profile):
+            return im
+        return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"),
+                                         outputMode="RGBA" if im.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError) as e:
+        raise ValueError(f"its ICC colour profile cannot be applied ({e}); save it without one, or in sRGB") from e
+
+
 def pixels(im) -> np.ndarray:
     """A PIL image of any mode -> uint8 ``[H, W]`` (a greyscale mode) or ``[H, W, 3]`` (the module's
     rules). Raises ``ValueError`` for pixel values whose scale is unknown (an unreadable file)."""
@@ -152,7 +174,7 @@ def decode_image(path: Path, size: int, fit: str, channels: int,
 
     with Image.open(path) as im:
         up = check_fit((im.height, im.width), size, fit, f"image {path}", settings)
-        a = pixels(ImageOps.exif_transpose(im))
+        a = pixels(to_srgb(ImageOps.exif_transpose(im)))
     if channels == 1 and a.ndim == 3:
         a = np.asarray(Image.fromarray(a).convert("L"))  # PIL's standard luma
     t = torch.from_numpy(a.copy())
