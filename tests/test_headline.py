@@ -290,7 +290,7 @@ def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
     from dataclasses import replace
 
     p = get_profile("gpu")
-    assert (p.base_resolution, p.resolution, p.fit) == (16, 64, "resize") and "upsampled" in p.about
+    assert (p.base_resolution, p.resolution, p.fit) == (16, 64, "resize-up") and "upsampled" in p.about
     h = replace(HEADLINES["gpu"], seeds=(0,), budgets=(1.0,), splits=(0.2,))
     plans = plan_headline(p, h, "cpu")
     res = {k: (v.config.lowres_resolution, v.config.resolution) for k, v in plans.items()}
@@ -298,7 +298,7 @@ def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
                    "b1/seed0/f0.2/sr-gaussian": (16, 64), "b1/seed0/f0.2/sr-blur": (16, 64),
                    "b1/seed0/3-stage/base": (0, 16), "b1/seed0/3-stage/sr16to32": (16, 32),
                    "b1/seed0/3-stage/sr32to64": (32, 64)}
-    assert all((v.config.data.resolution, v.config.data.fit) == (64, "resize") for v in plans.values())
+    assert all((v.config.data.resolution, v.config.data.fit) == (64, "resize-up") for v in plans.values())
     assert plans["b1/seed0/f0.2/sr-gaussian"].config.unet.channel_mult == [1, 2, 2, 4]
     single, base = plans["b1/seed0/single"].train_flops, plans["b1/seed0/f0.2/base"].train_flops
     assert base + plans["b1/seed0/f0.2/sr-gaussian"].train_flops == pytest.approx(single, rel=0.01)
@@ -330,7 +330,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
 
     quick = ("train.sample_every=0", "train.log_every=1")
     tiny = ("unet.base_channels=8", "unet.num_res_blocks=1", "unet.head_channels=8", "train.batch_size=8", *quick)
-    p = replace(get_profile("smoke"), resolution=64, base_resolution=16, fit="resize", classifier_limit=640,
+    p = replace(get_profile("smoke"), resolution=64, base_resolution=16, fit="resize-up", classifier_limit=640,
                 classifier={"width": 4, "feature_dim": 8, "epochs": 1, "min_steps": 10, "batch_size": 64},
                 overrides={"base": (*tiny, "unet.channel_mult=1,2", "unet.attention_resolutions=8"),
                            "sr": (*tiny, "unet.channel_mult=1,2", "unet.attention_resolutions=32"),

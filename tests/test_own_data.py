@@ -15,14 +15,14 @@ FOLDER_PRESETS = ("folder-base16", "folder-sr16to64")
 
 
 def photo_folder(root, per_class: int = 6):
-    """``root/cats`` and ``root/dogs``: small RGB images of odd sizes (class = a dark or a light one)."""
+    """``root/cats`` and ``root/dogs``: RGB images of odd sizes, none below 64 px (class = a dark or a light one)."""
     from PIL import Image
 
     g = np.random.default_rng(0)
     for c, (name, lo) in enumerate((("cats", 0), ("dogs", 150))):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            a = g.integers(lo, lo + 100, size=(20 + 3 * i, 24, 3), dtype=np.uint8)
+            a = g.integers(lo, lo + 100, size=(64 + 3 * i, 66, 3), dtype=np.uint8)  # at least the presets' 64 px
             Image.fromarray(a).save(root / name / f"{i}.png")
     return root
 

@@ -53,7 +53,7 @@ def same_sets(a, b) -> None:
     assert torch.equal(a.labels, b.labels)
 
 
-@pytest.mark.parametrize("fit", ["pad", "resize"])
+@pytest.mark.parametrize("fit", ["pad", "resize-up"])
 def test_a_prepared_folder_holds_what_the_folder_loads(tmp_path, fit):
     src = photo_folder(tmp_path / "photos")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
@@ -303,7 +303,7 @@ def test_two_processes_on_a_prepared_set_train_what_one_does(tmp_path, toy_npz, 
 
 def test_images_smaller_than_the_data_resolution_are_reported(tmp_path, toy_npz):
     """Enlarging small images is never silent: loading a folder or an .npz in memory and preparing
-    one each say how many were enlarged (data.fit = resize); padding them is not enlarging."""
+    one each say how many were enlarged (data.fit = "resize-up"); padding them is not enlarging."""
     import warnings
 
     src = photo_folder(tmp_path / "photos", n=12)  # 12..40 px images, one 20 px 16-bit, one unreadable
@@ -311,12 +311,12 @@ def test_images_smaller_than_the_data_resolution_are_reported(tmp_path, toy_npz)
     small, total = sum(m < 24 for m in sides), len(sides)
     assert 0 < small < total
     with pytest.warns(UserWarning, match=rf"{small} of {total} images in .* smaller than data.resolution = 24px"):
-        load_dataset(DataConfig(source="folder", path=str(src), resolution=24, fit="resize", split="all"))
+        load_dataset(DataConfig(source="folder", path=str(src), resolution=24, fit="resize-up", split="all"))
     with pytest.warns(UserWarning, match=rf"{small} of {total} images in .* smaller than data.resolution = 24px"):
-        ps = prepare(PrepareConfig(str(src), str(tmp_path / "p"), 24, fit="resize", workers=1, progress=False))
+        ps = prepare(PrepareConfig(str(src), str(tmp_path / "p"), 24, fit="resize-up", workers=1, progress=False))
     assert ps.manifest["upsampled"] == small
     with pytest.warns(UserWarning, match="24 of 24 images .* smaller than data.resolution = 32px"):
-        load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=32, fit="resize", split="all"))
+        load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=32, fit="resize-up", split="all"))
     with warnings.catch_warnings(record=True) as seen:  # padded, not enlarged: nothing to say
         warnings.simplefilter("always")
         load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=32, fit="pad", split="all"))

@@ -613,7 +613,7 @@ def markdown(summary: dict) -> str:
 
     sc = summary.get("scale", {})
     lo, hi = sc.get("base_resolution", 8), sc.get("resolution", 32)
-    fit = f"its 28-px images {'upsampled (bicubic)' if sc.get('fit') == 'resize' else 'padded'} to {hi} px"
+    fit = f"its 28-px images {'upsampled (bicubic)' if sc.get('fit') in ('resize', 'resize-up') else 'padded'} to {hi} px"
 
     lines = ["# The headline at equal compute (issue #15)", "",
              "Written by `make repro` (experiments/headline.py) after every cell, from "

@@ -47,7 +47,7 @@ class Profile:
     about: str
     # The scale: the base stage at base_resolution px, the last SR stage and the single stage at
     # resolution px (4x: the three-stage cascade puts its middle stage at 2x), Fashion-MNIST's
-    # 28-px images brought to `resolution` by `fit` ("pad": a black border; "resize": bicubic
+    # 28-px images brought to `resolution` by `fit` ("pad": a black border; "resize-up": bicubic
     # upsampling, which adds no detail a 28-px image lacks).
     resolution: int = 32
     base_resolution: int = 8
@@ -110,7 +110,7 @@ PROFILES: dict[str, Profile] = {
         name="gpu", about="real scale, UNTESTED on a GPU at this size: 16 -> 64 px on Fashion-MNIST upsampled "
                           "(bicubic) from 28 to 64 px, 10x the presets' training steps, 10000 samples per point, "
                           "every sample scored in Inception space",
-        resolution=64, base_resolution=16, fit="resize",
+        resolution=64, base_resolution=16, fit="resize-up",
         steps_scale=10.0, n=10000, n_ref=10000, n_incep=10000, n_incep_ref=10000, sample_batch=1000,
         device="auto", overrides={"base": _UNET_16, "sr": _UNET_64}),
 }

@@ -478,9 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", required=True, help="the prepared set's folder")
     pp.add_argument("--resolution", type=_positive, required=True,
                     help="the data resolution R of the cascade that trains on it (data.resolution)")
-    pp.add_argument("--fit", choices=["pad", "resize"], default="pad",
-                    help="how images reach R: pad (centre, black; smaller images) or resize (after a centre crop "
-                         "to square); default pad")
+    pp.add_argument("--fit", choices=["pad", "resize", "resize-up"], default="pad",
+                    help="how images reach R after a centre crop to square: pad (smaller ones centred on black, "
+                         "larger ones downscaled; default), resize (downscale; refuses smaller ones) or resize-up "
+                         "(enlarges smaller ones too: bicubic)")
     pp.add_argument("--channels", type=int, choices=[0, 1, 3], default=0,
                     help="0 (default): as stored (a folder with any colour image: RGB); 1 or 3 converts")
     pp.add_argument("--on-bad", choices=["skip", "fail"], default="skip",

@@ -6,7 +6,8 @@ resolution* ``R`` plus ``int64 [N]`` labels; each stage takes its own resolution
 stage is trained on exactly the distribution its SR stage is conditioned on.
 
 Sources: Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` by default), a folder of
-images with one sub-folder per class, and ``.npz`` arrays (``images`` ``[N, H, W(, C)]`` or
+images with one sub-folder per class (:mod:`cdm.folder`: its layout and how each image mode is
+converted), and ``.npz`` arrays (``images`` ``[N, H, W(, C)]`` or
 ``[N, C, H, W]`` uint8 and optional ``labels``).
 
 Every source has the same two splits, ``train`` and ``test`` (held out), and ``all`` for both:
@@ -41,7 +42,9 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 SPLITS = ("train", "test", "all")
 SOURCES = ("fashion-mnist", "folder", "npz", "prepared")
 MAX_CLASSES = 100_000  # labels of an .npz above this are surely not class indices
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FITS = ("pad", "resize", "resize-up")  # how images reach the data resolution: fit_to
+# how the refusal of check_fit names the two settings: the data set's, and cdm prepare's flags
+DATA_SETTINGS = ("data.resolution", 'data.fit = "{}"')
 
 
 class DataError(ValueError):
@@ -55,7 +58,7 @@ class DataConfig:
     split: str = "train"  # "train", "test" (held out) or "all" (module docstring)
     held_out: float = 0.1  # folder / npz: the fraction of images in the "test" split (module docstring)
     resolution: int = 32  # R, the data resolution the whole cascade shares
-    fit: str = "pad"  # how to reach R from the native size: "pad" (centre, black) or "resize"
+    fit: str = "pad"  # how to reach R: "pad", "resize" (never enlarges) or "resize-up" (fit_to)
     channels: int = 0  # 0 = as stored; 1 or 3 converts
     classes: int = 0  # 0 = as found; else the data set must have this many (a plan uses it without the data)
     flip: bool = False  # random horizontal flip during training
@@ -70,8 +73,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise DataError(f"data.source must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if self.fit not in ("pad", "resize"):
-            raise DataError(f"data.fit must be 'pad' or 'resize', got {self.fit!r}")
+        if self.fit not in FITS:
+            raise DataError(f"data.fit must be 'pad', 'resize' (downscale only) or 'resize-up' (may enlarge), "
+                            f"got {self.fit!r}")
         if self.channels not in (0, 1, 3):
             raise DataError(f"data.channels must be 0 (as stored), 1 (grayscale) or 3 (RGB), got {self.channels}")
         if self.split not in SPLITS:
@@ -177,9 +181,38 @@ def held_out_mask(keys: list[str], fraction: float) -> Tensor:
     return torch.tensor([held_out_key(k) < cut for k in keys], dtype=torch.bool)
 
 
-def fit_to(x: Tensor, size: int, fit: str) -> Tensor:
-    """uint8 ``[N, C, H, W]`` -> ``[N, C, size, size]``: centre-crop to square, then pad (if
-    smaller and ``fit='pad'``) or anti-aliased resize."""
+def check_fit(hw, size: int, fit: str, what, settings: tuple[str, str] = DATA_SETTINGS) -> bool:
+    """Whether :func:`fit_to` enlarges images of height and width ``hw`` to ``size`` (``fit =
+    "resize-up"`` of a square crop smaller than ``size``). Under ``fit = "resize"`` such images are
+    refused (:class:`DataError` naming ``what``, and ``settings``: the resolution's and fit's names)."""
+    h, w = int(hw[0]), int(hw[1])
+    if min(h, w) >= size or fit == "pad":
+        return False
+    if fit == "resize":
+        res, fit_is = settings
+        raise DataError(f"{what} is {w}x{h} px, smaller than {res} = {size} px, and {fit_is.format('resize')} "
+                        f"never enlarges: use a {res} at or below the images' size (a preset for {min(h, w)} px "
+                        f"sources: see `cdm presets`), or {fit_is.format('resize-up')} to enlarge them on purpose")
+    return True
+
+
+def warn_upsampled(count: int, total: int, where, size: int) -> None:
+    """Say that ``count`` of ``total`` images were smaller than the data resolution and enlarged."""
+    if count:
+        warnings.warn(f"{count:,} of {total:,} images in {where} are smaller than data.resolution = {size}px and "
+                      f"were enlarged (bicubic, data.fit = resize-up): a stage learns interpolated pixels from "
+                      f"them; use a data.resolution (and stage resolutions) at or below their size to avoid it")
+
+
+def fit_to(x: Tensor, size: int, fit: str, what="the images", settings: tuple[str, str] = DATA_SETTINGS) -> Tensor:
+    """uint8 ``[N, C, H, W]`` -> ``[N, C, size, size]``: centre-crop to square, then
+
+    - ``fit = "pad"``: a smaller crop is centred on black; a larger one is downscaled (anti-aliased);
+    - ``fit = "resize"``: anti-aliased downscale; a smaller crop is refused (:func:`check_fit`);
+    - ``fit = "resize-up"``: anti-aliased downscale, or a bicubic enlargement of a smaller crop.
+
+    So only ``"resize-up"`` ever makes pixels an image does not have."""
+    up = check_fit(x.shape[-2:], size, fit, what, settings)
     h, w = x.shape[-2:]
     m = min(h, w)
     x = x[..., (h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
@@ -188,8 +221,8 @@ def fit_to(x: Tensor, size: int, fit: str) -> Tensor:
     if fit == "pad" and m < size:
         p = size - m
         return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))
-    return downsample(x, size) if m > size else \
-        F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).round().clamp(
+        0, 255).to(torch.uint8) if up else downsample(x, size)
 
 
 def convert_channels(x: Tensor, channels: int) -> Tensor:
@@ -264,95 +297,6 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray,
     return images, labels
 
 
-def list_folder(root: str | os.PathLike) -> tuple[list[str], list[list[Path]]]:
-    """A folder with one sub-folder per class (or images directly in it: one class) -> ``(class
-    names, each class's image files in sorted order)``: the order every reader of the folder keeps."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} " + ("is not a folder; set data.path to a folder of class sub-folders"
-                                                    if root.exists() else "does not exist"))
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    groups = [(d.name, d) for d in subdirs] if subdirs else [(root.name, root)]
-    files = [sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for _, d in groups]
-    return [g[0] for g in groups], files
-
-
-def folder_mode(channels: int, stored_mode: str) -> str:
-    """The PIL mode a folder image is decoded in: ``L`` or ``RGB`` as ``channels`` asks, else (0)
-    greyscale images stay greyscale and every other mode becomes RGB."""
-    return {1: "L", 3: "RGB"}.get(channels) or ("L" if stored_mode in ("L", "1", "I;16", "I") else "RGB")
-
-
-def decode_image(path: Path, size: int, fit: str, channels: int) -> tuple[Tensor, bool]:
-    """One image file -> ``(uint8 [C, size, size], upsampled)`` (:func:`folder_mode`, then
-    :func:`fit_to`; ``upsampled``: its square crop was smaller than ``size`` and ``fit = "resize"``
-    enlarged it). An unreadable file raises one of :func:`_decode_errors`."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        im = im.convert(folder_mode(channels, im.mode))
-        a = np.asarray(im, dtype=np.uint8)
-    t = torch.from_numpy(a.copy())
-    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    return fit_to(t[None], size, fit)[0], enlarges(t.shape[1:], size, fit)
-
-
-def enlarges(hw, size: int, fit: str) -> bool:
-    """Whether :func:`fit_to` enlarges an image of height and width ``hw`` to ``size`` (``fit = "resize"``
-    of a square crop smaller than ``size``)."""
-    return fit == "resize" and min(hw) < size
-
-
-def warn_upsampled(count: int, total: int, where, size: int) -> None:
-    """Say that ``count`` of ``total`` images were smaller than the data resolution and enlarged."""
-    if count:
-        warnings.warn(f"{count:,} of {total:,} images in {where} are smaller than data.resolution = {size}px and "
-                      f"were enlarged (bicubic, data.fit = resize): a stage learns interpolated pixels from them; "
-                      f"use a data.resolution (and stage resolutions) at or below their size, or data.fit = pad")
-
-
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image, UnidentifiedImageError
-
-    return OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError
-
-
-def load_folder(root: str | os.PathLike, size: int, fit: str, channels: int,
-                on_bad: str = "skip") -> tuple[Tensor, Tensor, list[str], list[str]]:
-    """A folder with one sub-folder per class (or images directly in it: one class) ->
-    ``(images uint8 [N, C, size, size], labels [N], class names, file paths relative to the folder)``. Files with an image suffix
-    that cannot be decoded (not an image, truncated) are skipped with a warning and a count
-    (``on_bad='skip'``) or raise :class:`DataError` (``on_bad='fail'``)."""
-    root = Path(root)
-    names, files = list_folder(root)
-    images, labels, keys, bad = [], [], [], []
-    errors, small = _decode_errors(), 0
-    for label, group in enumerate(files):
-        for f in group:
-            try:
-                im, up = decode_image(f, size, fit, channels)
-                images.append(im)
-                small += up
-            except errors as e:
-                if on_bad != "skip":
-                    raise DataError(f"cannot read image {f} ({e}); remove it, or set data.on_bad=skip") from e
-                bad.append(f)
-                continue
-            labels.append(label)
-            keys.append(f.relative_to(root).as_posix())
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}, e.g. {bad[0]} "
-                      f"(set data.on_bad=fail to stop instead)")
-    if not images:
-        raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
-    warn_upsampled(small, len(images), root, size)
-    chans = {im.shape[0] for im in images}
-    if len(chans) > 1:  # mixed grayscale and colour: make them all RGB
-        images = [convert_channels(im[None], 3)[0] for im in images]
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), names, keys
-
-
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     """``(images uint8 [N, C, H, W], labels int64 [N] or None)`` from an ``.npz`` (never unpickled)."""
     if not Path(path).is_file():
@@ -392,12 +336,6 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     return x.contiguous(), y
 
 
-def _warn_if_enlarged(hw, n: int, cfg: DataConfig) -> None:
-    """An array source's images (all ``hw`` in size) enlarged to ``cfg.resolution``: say so."""
-    if enlarges(hw, cfg.resolution, cfg.fit):
-        warn_upsampled(n, n, cfg.path or cfg.source, cfg.resolution)
-
-
 def load_dataset(cfg: DataConfig) -> ImageSet:
     """The configured split of the data set at ``cfg.resolution``: decoded into memory, or, for a
     prepared set, its labels in memory and its images read on demand (:func:`load_prepared`)."""
@@ -406,8 +344,10 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
     if cfg.source == "fashion-mnist":
         splits = ["train", "test"] if cfg.split == "all" else [cfg.split]
         imgs, labs, _ = fashion_mnist_arrays(cfg.path or FASHION_MNIST_DIR, splits)
-        _warn_if_enlarged(imgs.shape[1:], len(imgs), cfg)
-        x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit)
+        where = f"Fashion-MNIST's images ({cfg.path or FASHION_MNIST_DIR})"
+        up = check_fit(imgs.shape[1:], cfg.resolution, cfg.fit, where)
+        x = fit_to(torch.from_numpy(imgs.copy())[:, None], cfg.resolution, cfg.fit, where)
+        warn_upsampled(len(x) if up else 0, len(x), cfg.path or FASHION_MNIST_DIR, cfg.resolution)
         y, names = torch.from_numpy(labs.astype(np.int64)), list(FASHION_MNIST_CLASSES)
     else:
         if not cfg.path:
@@ -417,12 +357,15 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
                             f"(cdm train-classifier: --data path=PATH; or path in the config's [data] section)")
         path = Path(cfg.path).expanduser()  # `--set data.path=~/pets`: the shell leaves that ~ alone
         if cfg.source == "folder":
+            from .folder import load_folder
+
             x, y, names, keys = load_folder(path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
         else:
             x, y = load_npz(path)
             keys = npz_keys(x)
-            _warn_if_enlarged(x.shape[2:], len(x), cfg)
-            x = fit_to(x, cfg.resolution, cfg.fit)
+            up = check_fit(x.shape[2:], cfg.resolution, cfg.fit, f"the images in {path}")
+            x = fit_to(x, cfg.resolution, cfg.fit, f"the images in {path}")
+            warn_upsampled(len(x) if up else 0, len(x), path, cfg.resolution)
             if y is None:
                 y = torch.zeros(len(x), dtype=torch.int64)
             names = cfg.class_names or [str(i) for i in range(int(y.max()) + 1)]

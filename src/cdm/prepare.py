@@ -11,7 +11,9 @@ held-out rule), so a run on the prepared set trains on the same images as one on
   killed preparation, run again, cuts its files back to the last recorded chunk and goes on from
   there; the result, fingerprint included, is the one an uninterrupted run writes.
 - Unreadable images are skipped and counted (``--on-bad fail`` stops instead), as folders are
-  when loaded in memory.
+  when loaded in memory. An image ``--fit`` refuses (``resize`` of an image smaller than
+  ``--resolution``) stops the preparation whatever ``--on-bad`` says: it is a setting to change,
+  not a damaged file; a folder's sizes are checked from the files' headers before anything is written.
 - An ``--out`` that holds another data set (or anything else) is refused, never overwritten; one
   that holds this same preparation, finished, is left as it is.
 """
@@ -31,13 +33,14 @@ import torch
 
 from .checkpoint import atomic_write
 from .runlock import LOCK_FILE as LOCK, run_lock
-from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IMAGE_SUFFIXES, DataError, _decode_errors,
-                   convert_channels, decode_image, enlarges, fashion_mnist_arrays, fit_to, folder_mode, held_out_key,
-                   list_folder, load_npz, npz_keys, warn_upsampled)
+from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FITS, DataError, check_fit, convert_channels,
+                   fashion_mnist_arrays, fit_to, held_out_key, load_npz, npz_keys, warn_upsampled)
+from .folder import IMAGE_SUFFIXES, check_classes, decode_errors, decode_image, folder_mode, list_folder
 from .prepared import (CHUNK, FORMAT, IMAGES, LABELS, MANIFEST, SPLIT, SPLIT_DTYPES, VERSION, PreparedError,
                        PreparedSet, is_prepared, open_prepared, read_manifest)
 
 PROGRESS = ".progress.json"
+SETTINGS = ("--resolution", "--fit {}")  # how a refusal of check_fit names the flags
 
 
 @dataclass
@@ -45,7 +48,7 @@ class PrepareConfig:
     source: str  # a folder of images (class sub-folders), an .npz, a folder of IDX files, "fashion-mnist" or synthetic:N
     out: str  # the prepared set's folder
     resolution: int  # R: every image becomes [C, R, R]
-    fit: str = "pad"  # how to reach R: "pad" (centre, black) or "resize" (after a centre crop to square)
+    fit: str = "pad"  # how to reach R: "pad", "resize" (never enlarges) or "resize-up" (cdm.data.fit_to)
     channels: int = 0  # 0 = as stored (a folder with any colour image: all RGB); 1 or 3 converts
     on_bad: str = "skip"  # an unreadable image is "skip"ped (counted) or "fail"s
     workers: int = 0  # decoding processes for folders (0 = one per core; 1 = in this process)
@@ -55,8 +58,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.resolution < 1:
             raise PreparedError(f"--resolution must be >= 1, got {self.resolution}")
-        if self.fit not in ("pad", "resize"):
-            raise PreparedError(f"--fit must be pad or resize, got {self.fit!r}")
+        if self.fit not in FITS:
+            raise PreparedError(f"--fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.channels not in (0, 1, 3):
             raise PreparedError(f"--channels must be 0 (as stored), 1 or 3, got {self.channels}")
         if self.on_bad not in ("skip", "fail"):
@@ -127,16 +130,21 @@ def _open_source(text: str) -> _Source:
 
 
 # ----------------------------------------------------------------------------- decoding (worker processes)
-def _folder_modes(files: list[Path]) -> set[str]:
-    """The decoding modes (``L``/``RGB``) of ``files`` as stored (headers only; unreadable ones left out)."""
+def _folder_modes(job: tuple) -> set[str]:
+    """The decoding modes (``L``/``RGB``) of a chunk of files as stored, each file's size checked
+    against ``fit`` (:func:`~cdm.data.check_fit`; headers only; unreadable ones left out)."""
     from PIL import Image
 
+    files, size, fit = job
     modes = set()
     for f in files:
         try:
             with Image.open(f) as im:
+                check_fit((im.height, im.width), size, fit, f"image {f}", SETTINGS)
                 modes.add(folder_mode(0, im.mode))
-        except _decode_errors():
+        except DataError:
+            raise
+        except decode_errors():
             pass
     return modes
 
@@ -149,9 +157,11 @@ def _decode_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[
     images, labels, keys, bad, small = [], [], [], [], 0
     for label, f in items:
         try:
-            im, up = decode_image(f, size, fit, channels)
+            im, up = decode_image(f, size, fit, channels, SETTINGS)
             small += up
-        except _decode_errors() as e:
+        except DataError:
+            raise
+        except decode_errors() as e:
             if on_bad == "fail":
                 raise PreparedError(f"cannot read image {f} ({e}); remove it, or pass --on-bad skip") from None
             bad.append(str(f))
@@ -179,8 +189,8 @@ def _synthetic_chunk(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, li
 def _array_chunk(src: _Source, items: list[int], cfg: PrepareConfig, out_channels: int):
     x, y, split = src.arrays
     idx = torch.tensor(items, dtype=torch.int64)
-    im = convert_channels(fit_to(x[idx], cfg.resolution, cfg.fit), out_channels)
-    small = len(items) if enlarges(x.shape[2:], cfg.resolution, cfg.fit) else 0
+    im = convert_channels(fit_to(x[idx], cfg.resolution, cfg.fit, f"the images in {src.path}", SETTINGS), out_channels)
+    small = len(items) if check_fit(x.shape[2:], cfg.resolution, cfg.fit, src.path, SETTINGS) else 0
     return im.numpy(), y[idx].numpy(), np.asarray(split)[idx.numpy()], [], small
 
 
@@ -288,16 +298,18 @@ def prepare(cfg: PrepareConfig) -> PreparedSet:
 def _prepare(src: _Source, out: Path, cfg: PrepareConfig, found: dict | None, request: dict) -> PreparedSet:
     from tqdm.auto import tqdm
 
-    out_channels = cfg.channels
-    if src.kind == "folder" and not out_channels:  # as stored: RGB if any image is in colour
-        out_channels = found["shape"][0] if found else 0
-        if not out_channels:
-            if cfg.progress:
-                print(f"reading the modes of {len(src.items):,} images (--channels 1 or 3 skips this)",
-                      file=sys.stderr)
-            modes = set().union(*_map(_folder_modes, _chunks([f for _, f in src.items], cfg.chunk), cfg.workers))
-            out_channels = 1 if modes == {"L"} else 3
-    elif not out_channels:
+    out_channels = cfg.channels or (found["shape"][0] if found else 0)
+    if src.kind == "folder" and not found and (not out_channels or cfg.fit == "resize"):
+        # the headers: the modes (as stored: RGB if any image is in colour), and sizes --fit may refuse
+        if cfg.progress:
+            print(f"reading the headers of {len(src.items):,} images" + ("" if cfg.fit == "resize" else
+                  " (--channels 1 or 3 skips this)"), file=sys.stderr)
+        jobs = [(files, cfg.resolution, cfg.fit) for files in _chunks([f for _, f in src.items], cfg.chunk)]
+        modes = set().union(*_map(_folder_modes, jobs, cfg.workers))
+        out_channels = out_channels or (1 if modes == {"L"} else 3)
+    elif src.kind in ("npz", "idx"):
+        check_fit(src.arrays[0].shape[2:], cfg.resolution, cfg.fit, f"the images in {src.path}", SETTINGS)
+    if not out_channels:
         out_channels = 3 if src.kind == "synthetic" else src.arrays[0].shape[1]
     shape = [out_channels, cfg.resolution, cfg.resolution]
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "cdm_version": _cdm_version(),
@@ -329,6 +341,9 @@ def _prepare(src: _Source, out: Path, cfg: PrepareConfig, found: dict | None, re
         w.close()
     if w.rows == 0:
         raise PreparedError(f"no readable images in {src.path} ({w.skipped} unreadable); nothing was prepared")
+    if src.kind == "folder":
+        check_classes(src.class_names, np.bincount(np.fromfile(out / LABELS, "<i8"), minlength=len(src.class_names)),
+                      src.path)
     if w.skipped:
         import warnings
 
