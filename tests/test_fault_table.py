@@ -122,6 +122,18 @@ CASES = [
      lambda r, t: (main(["sample", "--stage", str(r / "base"), "--n", "4", "--steps", "1", "--num-shards", "2",
                          "--shard", "0", "--out", str(t / "a")]), ["merge", str(t / "a")])[1],
      2, "1 of 2 shards are not finished"),
+    ("eval --compare with a path that does not exist",
+     lambda r, t: ["eval", "--compare", str(r / "base"), str(t / "none"), "--out", str(t / "c")],
+     2, "does not exist; give a cascade file (JSON)"),
+    ("eval --compare with --stage as well",
+     lambda r, t: ["eval", "--compare", str(r / "base"), str(r / "base"), "--stage", str(r / "base"), "--out",
+                   str(t / "c")],
+     2, "drop --cascade, --stage and --samples"),
+    ("eval --compare of cascades with different outputs",
+     lambda r, t: ((t / "two.json").write_text(json.dumps({"stages": [str(r / "base"), str(r / "sr")],
+                                                               "sampling": {"stages": [{}, {}]}})),
+                   ["eval", "--compare", str(r / "base"), str(t / "two.json"), "--out", str(t / "c")])[1],
+     2, "final outputs differ"),
 ]
 
 

@@ -151,15 +151,20 @@ def _eval_config(a: argparse.Namespace, features: list[str]):
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.classifier import ClassifierConfig
-    from .eval.quality import evaluate_cascade
+    from .eval.compare import compare_cascades
+    from .eval.quality import evaluate_cascade, score_line
 
+    if a.compare:
+        if a.cascade or a.stage or a.samples:
+            raise ConfigError("--compare A B samples both cascades now: drop --cascade, --stage and --samples")
+        r = compare_cascades(*a.compare, _eval_config(a, a.features), a.out, {k: getattr(a, k) for k in a.plan_flags})
+        print("\n".join(r["lines"]) + f"\nreport: {a.out.rstrip('/')}/report.html")
+        return 0
     paths, plan = _plan(a)
     r = evaluate_cascade(paths, plan, _eval_config(a, a.features), a.out, samples=a.samples,
                          per_stage=not a.no_per_stage, cas=ClassifierConfig(epochs=a.cas_epochs) if a.cas else None)
     for row in r["scores"]:
-        keys = [k for k in ("fid", "kid", "is", "precision", "recall") if k in row]
-        print(f"stage {row['stage']} ({row['resolution']}px) [{row['feature_space']}, n={row['n_fake']} vs "
-              f"{row['n_real']}]: " + ", ".join(f"{k}={row[k]:.4g}" for k in keys))
+        print(score_line(row))
     if r["cas"]:
         print(f"CAS top-1 {r['cas']['generated']['top1']:.2f}%"
               + (f" (real data: {r['cas']['real']['top1']:.2f}%)" if "real" in r["cas"] else ""))
@@ -387,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory (results.json, report.html, report.md)")
     e.add_argument("--n", type=_positive, default=1000, help="samples to score (default 1000)")
     e.add_argument("--samples", help="score this samples.npz (from cdm sample) instead of sampling now")
+    e.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="compare two cascades (each a cascade file, a folder holding cascade.json, or a stage "
+                        "checkpoint): same seeds, same reference, a verdict per metric only beyond 2 standard errors")
     e.add_argument("--features", type=lambda t: [v for v in t.split(",") if v], default=["classifier"],
                    help="feature spaces, comma-separated: classifier, inception (default classifier)")
     e.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")

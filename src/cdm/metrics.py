@@ -6,9 +6,14 @@ CPU, and every result is a plain Python ``float``. Which network made the featur
 caller's business (see :mod:`cdm.eval.features`); these functions only do the statistics.
 
 - :func:`feature_stats` and :func:`frechet_distance`: FID (Heusel et al. 2017);
-  :func:`fid_bootstrap_se`: its bootstrap standard error over the generated samples.
+  :func:`fid_bootstrap_se`: its bootstrap standard error over the generated samples, and
+  :func:`fid_bootstrap`: the paired resamples behind it (several sets, the same rows drawn).
 - :func:`kid`: Kernel Inception Distance (Binkowski et al. 2018), unbiased MMD^2 with the cubic
-  polynomial kernel, averaged over random subsets.
+  polynomial kernel, averaged over random subsets; :func:`kid_bootstrap`: paired resamples of it.
+
+Standard errors (``*_se``) all mean one thing: the standard deviation of the score over bootstrap
+resamples of the scored rows, the reference held fixed (Efron & Tibshirani 1993, eq. 6.6). KID's
+``std`` from :func:`kid` is the spread over random subsets, not an error bar.
 - :func:`inception_score`: IS (Salimans et al. 2016) from predicted class probabilities.
 - :func:`precision_recall`: improved precision and recall (Kynkaanniemi et al. 2019).
 - :func:`psnr` of image batches, and :func:`consistency_psnr`: how closely an SR stage's outputs,
@@ -17,7 +22,7 @@ caller's business (see :mod:`cdm.eval.features`); these functions only do the st
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -26,7 +31,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 from .data import downsample
 
-__all__ = ["feature_stats", "frechet_distance", "fid_bootstrap_se", "polynomial_mmd2", "kid",
+__all__ = ["feature_stats", "frechet_distance", "fid_bootstrap", "fid_bootstrap_se", "polynomial_mmd2", "kid",
+           "kid_bootstrap",
            "inception_score", "precision_recall", "psnr", "consistency_psnr"]
 
 
@@ -101,31 +107,49 @@ def _frechet(m1: np.ndarray, s1: np.ndarray, r1: np.ndarray, m2: np.ndarray, s2:
     return max(fd, 0.0)
 
 
+def _paired_sets(feats: Sequence[ArrayLike], num_resamples: int) -> list[np.ndarray]:
+    """The feature sets ``[N, D]`` of a paired bootstrap (one ``N`` for all), checked."""
+    xs = [_features(f, f"feats[{k}]", min_rows=2) for k, f in enumerate(feats)]
+    if not xs or len({x.shape for x in xs}) != 1:
+        raise ValueError(f"a paired bootstrap needs sets of one shape [N, D], got {[list(x.shape) for x in xs]}")
+    if num_resamples < 2:
+        raise ValueError(f"a bootstrap needs num_resamples >= 2, got {num_resamples}")
+    return xs
+
+
+def fid_bootstrap(feats: Sequence[ArrayLike], mu_ref: ArrayLike, sigma_ref: ArrayLike, num_resamples: int = 50,
+                  seed: int = 0) -> np.ndarray:
+    """FIDs ``[B, K]`` of ``K`` feature sets ``[N, D]`` (one ``N``) against fixed reference
+    statistics ``mu_ref [D]``, ``sigma_ref [D, D]``, over ``B = num_resamples`` bootstrap resamples:
+    replicate ``b`` draws ``N`` row indices with replacement (a generator seeded with ``seed``) and
+    uses *the same indices for every set* — a paired bootstrap, so when row ``j`` of each set was
+    made from the same seed and label, the spread of a column difference is that of the score
+    difference, correlations included. A resample repeats rows, so its FID is biased upwards; its
+    spread still estimates the spread over independent sets of size ``N``. ``sigma_ref`` is
+    decomposed once."""
+    xs = _paired_sets(feats, num_resamples)
+    mu, s_ref = _f64(mu_ref, "mu_ref", 1), _f64(sigma_ref, "sigma_ref", 2)
+    n, d = xs[0].shape
+    if mu.shape != (d,) or s_ref.shape != (d, d):
+        raise ValueError(f"reference statistics mu {list(mu.shape)}, sigma {list(s_ref.shape)} do not match "
+                         f"features of dimension {d}")
+    rng = np.random.default_rng(seed)
+    r_ref = _sqrt_psd(s_ref)
+    out = np.empty((num_resamples, len(xs)))
+    for b in range(num_resamples):
+        idx = rng.integers(0, n, n)
+        out[b] = [_frechet(mu, s_ref, r_ref, *feature_stats(x[idx])) for x in xs]
+    return out
+
+
 def fid_bootstrap_se(feats: ArrayLike, mu_ref: ArrayLike, sigma_ref: ArrayLike, num_resamples: int = 50,
                      seed: int = 0) -> float:
     """Bootstrap standard error of the FID of generated features ``feats [N, D]`` against fixed
-    reference statistics ``mu_ref [D]``, ``sigma_ref [D, D]``.
-
-    The standard deviation (divisor ``B - 1``) of the FID over ``B = num_resamples`` resamples of
-    the ``N`` rows drawn with replacement from a generator seeded with ``seed`` (Efron & Tibshirani
-    1993, eq. 6.6). It measures the noise that the finite generated set puts into the FID, with
-    the reference held fixed (a reference of many more images adds far less). A resample repeats
-    rows, so its FID is biased upwards; its spread still estimates the spread of the FID over
-    independent generated sets of size ``N``. ``sigma_ref`` is decomposed once, so this costs
-    ``B`` covariance products and eigen-decompositions of size ``D``.
-    """
-    x = _features(feats, "feats", min_rows=2)
-    mu, s_ref = _f64(mu_ref, "mu_ref", 1), _f64(sigma_ref, "sigma_ref", 2)
-    if mu.shape != (x.shape[1],) or s_ref.shape != (x.shape[1],) * 2:
-        raise ValueError(f"reference statistics mu {list(mu.shape)}, sigma {list(s_ref.shape)} do not match "
-                         f"features of dimension {x.shape[1]}")
-    if num_resamples < 2:
-        raise ValueError(f"fid_bootstrap_se needs num_resamples >= 2, got {num_resamples}")
-    rng = np.random.default_rng(seed)
-    r_ref = _sqrt_psd(s_ref)
-    fids = [_frechet(mu, s_ref, r_ref, *feature_stats(x[rng.integers(0, x.shape[0], x.shape[0])]))
-            for _ in range(num_resamples)]
-    return float(np.std(fids, ddof=1))
+    reference statistics ``mu_ref [D]``, ``sigma_ref [D, D]``: the standard deviation (divisor
+    ``B - 1``) of :func:`fid_bootstrap`'s ``B = num_resamples`` values (Efron & Tibshirani 1993,
+    eq. 6.6). It measures the noise that the finite generated set puts into the FID, with the
+    reference held fixed. Costs ``B`` covariance products and eigen-decompositions of size ``D``."""
+    return float(np.std(fid_bootstrap([feats], mu_ref, sigma_ref, num_resamples, seed)[:, 0], ddof=1))
 
 
 # ----------------------------------------------------------------------------- KID
@@ -169,6 +193,32 @@ def kid(feats_a: ArrayLike, feats_b: ArrayLike, num_subsets: int = 100, subset_s
     vals = [polynomial_mmd2(a[rng.choice(a.shape[0], m, replace=False)],
                             b[rng.choice(b.shape[0], m, replace=False)]) for _ in range(num_subsets)]
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def kid_bootstrap(feats: Sequence[ArrayLike], ref: ArrayLike, num_resamples: int = 50, seed: int = 0,
+                  chunk: int = 2000) -> np.ndarray:
+    """Paired bootstrap ``[B, K]`` of the unbiased cubic-kernel MMD^2 of ``K`` feature sets
+    ``[N, D]`` (one ``N``) against all of ``ref [M, D]``, *less the reference's within-set term*
+    (the mean of ``k(r_i, r_j)``, ``i != j``, which resampling the scored rows leaves unchanged):
+    column spreads and column differences are those of the MMD^2 (the KID, up to its subset
+    averaging); add that constant for values. Replicate ``b`` draws ``N`` rows with replacement
+    (seeded with ``seed``), the same rows for every set, as :func:`fid_bootstrap`; pairs of one
+    drawn row with itself are left out of the within-set mean. The kernels are computed once
+    (``[N, N]`` per set, and ``[N, M]`` in blocks of ``chunk`` reference rows), so a replicate is
+    a gather of ``N^2`` kernel values."""
+    xs = _paired_sets(feats, num_resamples)
+    r = _features(ref, "ref", 2)
+    _same_dim(xs[0], r)
+    n = xs[0].shape[0]
+    kxx = [_cubic_kernel(x, x) for x in xs]
+    kxr = [sum(_cubic_kernel(x, r[i:i + chunk]).sum(1) for i in range(0, len(r), chunk)) / len(r) for x in xs]
+    rng = np.random.default_rng(seed)
+    out = np.empty((num_resamples, len(xs)))
+    for b in range(num_resamples):
+        idx = rng.integers(0, n, n)
+        other = idx[:, None] != idx[None, :]
+        out[b] = [k[np.ix_(idx, idx)][other].mean() - 2 * kr[idx].mean() for k, kr in zip(kxx, kxr)]
+    return out
 
 
 # ----------------------------------------------------------------------------- IS

@@ -6,6 +6,9 @@
 - :mod:`~cdm.eval.classifier`: the domain classifier and the Classification Accuracy Score;
 - :mod:`~cdm.eval.quality`: sample quality of a cascade (``cdm eval``) and :class:`EvalConfig`;
 - :mod:`~cdm.eval.stages`: per-stage checks of SR stages;
+- :mod:`~cdm.eval.floor`: the real-vs-real floor and the small-reference warning;
+- :mod:`~cdm.eval.verdict`: the one rule for "better" (beyond twice the SE of the difference);
+- :mod:`~cdm.eval.compare`: two cascades judged on the same seeds and reference (``cdm eval --compare``);
 - :mod:`~cdm.eval.sweep`: the augmentation-level search (``cdm sweep``);
 - :mod:`~cdm.eval.likelihood`: the cascade's likelihood bound (``cdm nll``);
 - :mod:`~cdm.eval.ledger`: resumable results rows, shared with the experiments;

@@ -5,12 +5,18 @@ Every number carries the feature space it was computed in, the sample counts beh
 real images it was compared with (:mod:`cdm.eval.reference`: the held-out split by default, a
 random class-stratified subset when ``n_ref`` is smaller). Reference features are cached per
 (feature space, reference fingerprint, resolution) by :func:`cdm.eval.features.reference_features`.
+
+FID and KID carry their bootstrap standard errors (``fid_se``, ``kid_se``: over the scored
+samples, the reference held fixed, :func:`standard_error`) and the real-vs-real floor at the same
+``n`` against the same reference (``floor``, :mod:`cdm.eval.floor`); a reference too small for FID
+to resolve a tenth of the score is warned about in one line, with the size it needs.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,10 +31,12 @@ from ..config import ConfigError, to_dict
 from ..data import to_uint8
 from ..generate import cycle_labels, sample_batched, write_samples
 from ..images import save_grid
-from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, precision_recall
+from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, kid_bootstrap, \
+    precision_recall
 from .report import Report
 from .classifier import ClassifierConfig, classification_accuracy_score
 from .features import ReferenceFeatures, make_extractor, reference_features
+from .floor import floor_images, real_floor, small_reference_warning
 from .reference import ReferenceSet, ReferenceSpec, load_reference, training_overlap
 from .stages import stage_checks
 
@@ -47,6 +55,7 @@ class EvalConfig:
     device: str = "auto"
     precision: str | None = None  # network precision while sampling (default: as each stage was trained)
     cache_dir: str | None = None  # reference statistics (default $CDM_CACHE/stats or ~/.cache/cdm/stats)
+    resamples: int = 30  # bootstrap resamples behind every standard error
 
 
 def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] = ("fid", "kid", "is", "pr")) -> dict:
@@ -70,14 +79,59 @@ def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] 
     return out
 
 
-def standard_error(metric: str, feats: np.ndarray, ref, resamples: int = 30) -> float:
-    """Bootstrap standard error of ``metric`` over the generated samples (reference held fixed)."""
+def _ref_stats(ref: ReferenceFeatures) -> tuple[np.ndarray, np.ndarray]:
+    return (ref.mu, ref.sigma) if ref.mu is not None else feature_stats(ref.features)
+
+
+def standard_error(metric: str, feats: np.ndarray, ref: ReferenceFeatures, resamples: int = 30) -> float:
+    """Bootstrap standard error of ``metric`` (``fid`` or ``kid``) of features ``feats [N, D]``
+    against ``ref``: the standard deviation over ``resamples`` resamples of the ``N`` rows, the
+    reference held fixed (:func:`cdm.metrics.fid_bootstrap_se`; KID's from
+    :func:`cdm.metrics.kid_bootstrap`, the full-set MMD^2 that its subsets average)."""
     if metric == "fid":
-        return fid_bootstrap_se(feats, ref.mu, ref.sigma, num_resamples=resamples)
-    rng = np.random.default_rng(0)
-    vals = [quality_scores({"features": feats[rng.integers(0, len(feats), len(feats))]}, ref, ("kid",))["kid"]
-            for _ in range(resamples)]
-    return float(np.std(vals, ddof=1))
+        return fid_bootstrap_se(feats, *_ref_stats(ref), num_resamples=resamples)
+    if metric == "kid":
+        return float(np.std(kid_bootstrap([feats], ref.features, resamples)[:, 0], ddof=1))
+    raise ValueError(f"standard_error knows fid and kid, not {metric!r}")
+
+
+def scores_with_se(feats: np.ndarray, ref: ReferenceFeatures, resamples: int = 30,
+                   metrics: tuple[str, ...] = ("fid", "kid")) -> dict:
+    """:func:`quality_scores` of features ``feats [N, D]`` with ``fid_se`` and ``kid_se`` (:func:`standard_error`)."""
+    q = quality_scores({"features": feats}, ref, metrics)
+    q.update({f"{m}_se": standard_error(m, feats, ref, resamples) for m in ("fid", "kid") if m in q})
+    return q
+
+
+def _pm(v: float, se: float | None) -> str:
+    return f"{v:.4g}" + (f" ± {se:.2g}" if se is not None else "")
+
+
+def score_line(row: dict) -> str:
+    """One score row in words: ``fid=12.3 ± 0.4 (real-vs-real floor at n=1000: 3.1 ± 0.2), kid=...``."""
+    fl = row.get("floor") or {}
+    parts = []
+    for k in ("fid", "kid", "is", "precision", "recall"):
+        if k in row:
+            floor = f" (real-vs-real floor at n={fl['n']}: {_pm(fl[k], fl[k + '_se'])})" if k in fl else ""
+            parts.append(f"{k}={_pm(row[k], row.get(k + '_se'))}{floor}")
+    return (f"stage {row['stage']} ({row['resolution']}px) [{row['feature_space']}, n={row['n_fake']} vs "
+            f"{row['n_real']}]: " + ", ".join(parts))
+
+
+def score_with_floor(ex, feats: dict, ref: ReferenceFeatures, ref_set: ReferenceSet, floor_set: ReferenceSet | None,
+                     resolution: int, cfg: EvalConfig) -> dict:
+    """Every quality score of an extractor's output ``feats`` against ``ref``, FID and KID with
+    their standard errors, the real-vs-real ``floor`` of ``floor_set`` (None without one) and
+    ``reference_warning`` (:func:`cdm.eval.floor.small_reference_warning`, or None)."""
+    row = quality_scores(feats, ref)
+    f = np.asarray(feats["features"], dtype=np.float64)
+    row.update({f"{m}_se": standard_error(m, f, ref, cfg.resamples) for m in ("fid", "kid")})
+    row["floor"] = None if floor_set is None else real_floor(ex, floor_set, ref_set, ref, resolution, cfg.cache_dir,
+                                                            cfg.resamples)
+    row["reference_warning"] = None if row["floor"] is None else \
+        small_reference_warning(row["fid"], row["floor"], len(ref.features))
+    return row
 
 
 def _load_samples(path: Path, k: int) -> tuple[list[Tensor], Tensor]:
@@ -140,6 +194,7 @@ def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfi
                      "reference_overlap": check_overlap(cascade, ref_set, log), "scores": [], "per_stage": [],
                      "cas": None}
     scorers = {}
+    floor_set = floor_images(data, cfg.reference, len(labels), cfg.seed)
     for space in cfg.features:
         ex = make_extractor(space, cfg.classifier, cfg.device)
         for i, im in enumerate(images):
@@ -147,7 +202,11 @@ def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfi
             ref = reference_features(ex, ref_set, res_i, cfg.cache_dir)
             scorers.setdefault(i, lambda x, ex=ex, ref=ref: quality_scores(ex(to_uint8(x)), ref, ("fid", "kid")))
             log(f"scoring stage {i} ({res_i}px) in {ex.name}")
-            results["scores"].append({"stage": i, "resolution": res_i, **quality_scores(ex(im), ref)})
+            results["scores"].append({"stage": i, "resolution": res_i,
+                                      **score_with_floor(ex, ex(im), ref, ref_set, floor_set, res_i, cfg)})
+    small = [r["reference_warning"] for r in reversed(results["scores"]) if r["reference_warning"]]
+    if small:  # one line, of the final stage where it applies
+        warnings.warn(small[0])
     if per_stage and k > 1:
         m = min(len(labels), len(ref_set))
         real = ref_set.take(m, cfg.seed) if m < len(ref_set) else ref_set
@@ -186,9 +245,19 @@ def _eval_report(results: dict, images: list[Tensor], cascade: Cascade, out: Pat
     rep.text(f"Sampling mode: {results['sampling']['mode']}. Guidance: the prediction is (1 + w) cond - w uncond "
              f"(w = 0 unguided) at the steps with t/T inside the interval.")
     rep.heading("Sample quality per stage")
-    cols = ["stage", "resolution", "feature_space", "n_fake", "n_real", "fid", "kid", "kid_std", "is", "is_std",
-            "precision", "recall", "reference"]
-    rep.table(results["scores"], [c for c in cols if any(c in r for r in results["scores"])])
+    rows = [{**r, **{f"floor {k}": (r["floor"] or {}).get(k) for k in ("n", "fid", "fid_se", "kid", "kid_se")}}
+            for r in results["scores"]]
+    cols = ["stage", "resolution", "feature_space", "n_fake", "n_real", "fid", "fid_se", "floor fid", "floor fid_se",
+            "kid", "kid_se", "floor kid", "floor kid_se", "floor n", "is", "is_std", "precision", "recall", "reference"]
+    rep.table(rows, [c for c in cols if any(r.get(c) is not None for r in rows)])
+    for r in results["scores"]:
+        rep.text(score_line(r))
+    rep.text("± and *_se: bootstrap standard errors over the scored samples, the reference held fixed (KID's over "
+             "its full-set MMD^2; kid_std, where shown elsewhere, is the spread over random subsets, not an error "
+             "bar). The real-vs-real floor: the same scores of as many real images from the other split against "
+             "the same reference, what a perfect generator would get; scores near it cannot be improved upon. "
+             "Two scores differ only beyond twice the standard error of their difference (cdm eval --compare). "
+             + " ".join(sorted({r["reference_warning"] for r in results["scores"] if r["reference_warning"]})))
     rep.text("FID and KID: lower is better; precision/recall (Kynkäänniemi et al. 2019, k=3): higher is better. "
              "IS is computed from the domain classifier's class probabilities (the FID Inception file has no "
              "classification layer), so it is an IS in that classifier's label space, not ImageNet's.")

@@ -32,7 +32,8 @@ sample sets that are not an SR stage's sweep (a single-stage baseline, say).
 
 :func:`sweep_cascade` is ``cdm sweep``: every point gets an error bar (a bootstrap standard error
 over the samples), and the level found is written into the cascade file only when it beats the
-plan's current (mode, level) by more than twice the standard error of their difference (taken
+plan's current (mode, level) beyond the noise (:func:`cdm.eval.verdict.beyond_noise`, the rule
+``cdm eval --compare`` uses: more than twice the standard error of their difference, here taken
 as independent, which over-states it: the points share seeds); otherwise the report says so.
 """
 
@@ -60,6 +61,7 @@ from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_p
     tensor_fingerprint
 from .quality import EvalConfig, check_overlap, quality_scores, standard_error
 from .reference import ReferenceSpec, load_reference
+from .verdict import NOISE_SE, beyond_noise
 
 
 class Conditioning(str, enum.Enum):
@@ -318,11 +320,11 @@ def _decide(rows: list[dict], metric: str, mode: str, level: int, w: float = 0.0
     se = math.hypot(best["metrics"].get(f"{metric}_se", 0.0), cur["metrics"].get(f"{metric}_se", 0.0))
     gain = cur["value"] - best["value"]
     won = describe(best)
-    if gain > 2 * se:
-        return best, cur, True, (f"{won} beats the current {now} by {gain:.4g} (> 2 x {se:.3g}, twice the "
-                                 f"standard error of the difference)")
+    if beyond_noise(gain, se):
+        return best, cur, True, (f"{won} beats the current {now} by {gain:.4g} (> {NOISE_SE:g} x {se:.3g}, "
+                                 f"{NOISE_SE:g} standard errors of the difference)")
     return best, cur, False, (f"{won} is lower than the current {now} by {gain:.4g}, within the noise "
-                              f"(2 x {se:.3g}): the file is left as it was; sweep with more samples (--n) to tell "
+                              f"({NOISE_SE:g} x {se:.3g}): the file is left as it was; sweep with more samples (--n) to tell "
                               f"them apart")
 
 
