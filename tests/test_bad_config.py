@@ -72,12 +72,14 @@ CASES = [
     (dry("{file:list.json}"), 2, "must hold a JSON object of settings"),
     (dry("{file:null.json}"), 2, "must hold a JSON object of settings"),
     (dry("{file:number.json}"), 2, "got int"),
-    (dry("{tmp}/a-directory.toml"), 2, "is a directory; pass a .toml or .json file"),
+    (dry("{tmp}/a-directory.toml"), 2, "is a directory without config.json: name a run directory"),
     (dry("{tmp}/missing.toml"), 2, "missing.toml does not exist"),
     (dry("{file:syntax.toml}"), 2, "cannot parse"),
     (dry("{file:config.yaml}"), 2, "must end in .toml or .json"),
     (dry("fmnist-base"), 2, "did you mean fmnist-base8"),
     # --- types: a wrong type names its key
+    (base("unet.num_res_blocks=1000"), 2, "unet.num_res_blocks must be at most 16"),  # a plan of it never returned
+    (base("unet.channel_mult=1,1,1,1,1,1,1,1,1,1,1"), 2, "unet.channel_mult may have at most 10 levels"),
     (base("train.steps=abc"), 2, "train.steps must be an integer, got 'abc'"),
     (base("train.steps=1.5"), 2, "train.steps must be an integer"),
     (base("train.lr=fast"), 2, "train.lr must be a number"),

@@ -172,3 +172,26 @@ def test_the_memory_levers_shrink_the_planned_activations():
         lever = training_plan(cfg)
         assert lever.cpu.activations < 0.6 * plain.cpu.activations, key
         assert lever.params == plain.params
+
+
+def test_a_plan_never_reads_the_images_of_its_data_set(tmp_path, monkeypatch):
+    """A folder's classes come from its listing and its channels from image headers, an .npz's from
+    its arrays' headers: no loader runs, so a plan answers in seconds for a data set of any size."""
+    import numpy as np
+    from PIL import Image
+
+    import cdm.plan
+
+    for name, mode in (("cats", "RGB"), ("dogs", "L")):
+        (tmp_path / "f" / name).mkdir(parents=True)
+        Image.new(mode, (70, 70)).save(tmp_path / "f" / name / "0.png")
+    np.savez(tmp_path / "a.npz", images=np.zeros((9, 16, 16, 3), np.uint8), labels=np.arange(9) % 4)
+    monkeypatch.setattr(cdm.plan, "load_dataset", lambda d: pytest.fail("the plan loaded the data set"))
+    folder = load_stage_config("folder-base16", [f"data.path={tmp_path / 'f'}", "data.channels=0"])
+    cfg, data, note = resolve_for_plan(folder)
+    assert data is None and cfg.unet.in_channels == 3 and cfg.data.class_names == ["cats", "dogs"]
+    assert "2 images listed" in note
+    npz = load_stage_config("fmnist-base8", ["data.source=npz", f"data.path={tmp_path / 'a.npz'}",
+                                             "data.resolution=16"])
+    cfg, data, note = resolve_for_plan(npz)
+    assert data is None and (cfg.unet.in_channels, cfg.unet.num_classes) == (3, 4) and "9 images listed" in note

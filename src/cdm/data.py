@@ -297,6 +297,33 @@ def load_fashion_mnist(root: str | os.PathLike, split: str) -> tuple[np.ndarray,
     return images, labels
 
 
+def channels_last(shape) -> bool:
+    """Whether an ``.npz``'s ``images`` of ``shape`` are ``[N, H, W, C]`` (else ``[N, C, H, W]`` or ``[N, H, W]``)."""
+    return len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3)
+
+
+def npz_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """``(shape of the 'images' array, 'labels' or None)`` of an ``.npz``, without reading its images
+    (the array's header only), for a plan; every way the file can be unusable is a :class:`DataError`."""
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist; set data.path to an .npz with an 'images' array")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "images.npy" not in zf.namelist():
+                raise DataError(f"{path} has no 'images' array (found {[n[:-4] for n in zf.namelist()]})")
+            with zf.open("images.npy") as f:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                shape = read(f)[0]
+        with np.load(path, allow_pickle=False) as z:
+            labels = z["labels"] if "labels" in z else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"cannot read {path} ({e}); is it a complete .npz file?") from e
+    return tuple(shape), labels
+
+
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     """``(images uint8 [N, C, H, W], labels int64 [N] or None)`` from an ``.npz`` (never unpickled)."""
     if not Path(path).is_file():
@@ -325,7 +352,7 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     x = torch.from_numpy(images.copy())
     if x.dim() == 3:
         x = x[:, None]
-    elif x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    elif channels_last(x.shape):
         x = x.permute(0, 3, 1, 2)
     if x.dim() != 4 or x.shape[1] not in (1, 3) or min(x.shape[2:]) < 1:
         raise DataError(f"{path}: 'images' must be [N, H, W], [N, H, W, C] or [N, C, H, W] with "
