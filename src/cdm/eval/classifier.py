@@ -25,6 +25,7 @@ from ..config import from_dict, to_dict
 from ..stage import autocast
 from ..data import DataConfig, to_float
 from ..prepared import PreparedImages
+from ..runlock import run_lock
 from .report import Report
 from .reference import ReferenceSpec, load_reference
 
@@ -243,20 +244,22 @@ def train_domain_classifier(data: DataConfig, out_dir: str | Path, config: Class
     test = load_reference(data, ReferenceSpec(split="test", n=0))
     config = replace(config, resolution=data.resolution, channels=train.images.shape[1],
                      num_classes=len(train.class_names))
-    history: list[dict] = []
-    net = train_classifier(train.images, train.labels, config, progress=progress, log=history.append)
-    acc = accuracy_report(predict(net, test.images)["logits"], test.labels, config.num_classes)
-    summary = {"test": acc, "train_n": len(train), "test_n": len(test), "train": train.source,
-               "test_set": test.source, "data": to_dict(data), "history": history,
-               "seconds": round(time.time() - t0, 1), "classes": train.class_names}
-    path = save_classifier(net, out / "classifier.safetensors", extra={"test_top1": acc["top1"], "data": to_dict(data)})
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    rep = Report("cdm domain classifier")
-    rep.text(f"Trained on {len(train)} images ({train.source}), tested on {len(test)} held-out images "
-             f"({test.source}): top-1 {acc['top1']:.2f}%, top-5 {acc.get('top5', float('nan')):.2f}%, "
-             f"in {summary['seconds']} s.")
-    rep.table([{"class": c, "top1 %": a} for c, a in zip(train.class_names, acc["per_class_top1"])])
-    rep.table(history)
-    rep.write(out)
-    summary["path"] = str(path)
+    with run_lock(out, "training a classifier"):  # one writer per --out, taken before the work
+        history: list[dict] = []
+        net = train_classifier(train.images, train.labels, config, progress=progress, log=history.append)
+        acc = accuracy_report(predict(net, test.images)["logits"], test.labels, config.num_classes)
+        summary = {"test": acc, "train_n": len(train), "test_n": len(test), "train": train.source,
+                   "test_set": test.source, "data": to_dict(data), "history": history,
+                   "seconds": round(time.time() - t0, 1), "classes": train.class_names}
+        path = save_classifier(net, out / "classifier.safetensors",
+                               extra={"test_top1": acc["top1"], "data": to_dict(data)})
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        rep = Report("cdm domain classifier")
+        rep.text(f"Trained on {len(train)} images ({train.source}), tested on {len(test)} held-out images "
+                 f"({test.source}): top-1 {acc['top1']:.2f}%, top-5 {acc.get('top5', float('nan')):.2f}%, "
+                 f"in {summary['seconds']} s.")
+        rep.table([{"class": c, "top1 %": a} for c, a in zip(train.class_names, acc["per_class_top1"])])
+        rep.table(history)
+        rep.write(out)
+        summary["path"] = str(path)
     return summary
