@@ -212,6 +212,20 @@ WRITERS = [
     ("cdm distill with steps that do not halve to the end",
      lambda r, t: ["distill", str(r / "base"), "--out", str(t / "d"), "--steps", "3", "--from-steps", "8"],
      2, "must be a power of two"),
+    # cdm train-classifier: settings that cannot train, an --out that is a file (refused before training)
+    ("cdm train-classifier with a negative learning rate",
+     lambda r, t: ["train-classifier", "--out", str(t / "c"), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "lr=-1"], 2, "classifier setting lr must be a number > 0, got -1.0"),
+    ("cdm train-classifier with batch size 0",
+     lambda r, t: ["train-classifier", "--out", str(t / "c"), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "batch_size=0"], 2, "classifier setting batch_size must be >= 1, got 0"),
+    ("cdm train-classifier --out a file",
+     lambda r, t: ["train-classifier", "--out", str(a_file(t)), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "epochs=1"], 2, "File exists ({tmp}/f); the path is a file, not a "
+                                                            "directory: name a directory"),
+    ("cdm ema --out under a file",
+     lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0.1", "--out", str(a_file(t) / "e")],
+     2, "ema: cannot use the path: Not a directory ({tmp}/f/e); a part of it is a file, not a directory"),
     # cdm merge of what is no sharded run
     ("cdm merge of a plain sample run",
      lambda r, t: ["merge", str(sampled(r, t))], 2, "was not sharded (its samples.npz is whole): there is nothing to merge"),
@@ -269,7 +283,7 @@ def test_fault_table(name, setup, status, fragment, runs, tmp_path, capsys):
         assert main(argv) == status
         err = capsys.readouterr().err
         assert err.startswith("cdm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-        assert fragment.replace("{runs}", str(runs)) in err, err
+        assert fragment.replace("{runs}", str(runs)).replace("{tmp}", str(tmp_path)) in err, err
     finally:
         for p in procs:
             p.stdin.close()
