@@ -204,7 +204,8 @@ def test_resume_skips_finished_rounds(tmp_path):
         distill_stage(teacher, cfg, tmp_path / "d", data=data)
     # --fresh discards the rounds and distils anew with the new settings
     final = distill_stage(teacher, other, tmp_path / "d", data=data, fresh=True)
-    assert load_checkpoint(final).step == 3 and json.loads((tmp_path / "d" / RECORD).read_text())["settings"]["iters"] == 3
+    assert load_checkpoint(final).step == 3
+    assert json.loads((tmp_path / "d" / RECORD).read_text())["settings"]["iters"] == 3
 
 
 def test_a_run_extends_to_fewer_steps_and_refuses_what_it_cannot_use(tmp_path):
@@ -215,7 +216,7 @@ def test_a_run_extends_to_fewer_steps_and_refuses_what_it_cannot_use(tmp_path):
     # --steps only says where to stop: 8 -> 4 is the first round of 8 -> 2, which reuses it
     two = distill_stage(teacher, replace(cfg, final_steps=2), tmp_path / "d", data=data)
     assert four.stat().st_mtime_ns == stamp and load_checkpoint(two).extra["distill"]["teacher"] == str(four)
-    with pytest.raises(ConfigError, match="is a stage distilled for 4 DDIM steps: distil it further with --from-steps 4"):
+    with pytest.raises(ConfigError, match="a stage distilled for 4 DDIM steps: distil it further with --from-steps 4"):
         distill_stage(four, cfg, tmp_path / "e", data=data)
     with pytest.raises(ConfigError, match="lies inside --out"):
         distill_stage(four, replace(cfg, start_steps=4, final_steps=2), tmp_path / "d", data=data)

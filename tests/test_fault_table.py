@@ -228,7 +228,8 @@ WRITERS = [
      2, "ema: cannot use the path: Not a directory ({tmp}/f/e); a part of it is a file, not a directory"),
     # cdm merge of what is no sharded run
     ("cdm merge of a plain sample run",
-     lambda r, t: ["merge", str(sampled(r, t))], 2, "was not sharded (its samples.npz is whole): there is nothing to merge"),
+     lambda r, t: ["merge", str(sampled(r, t))], 2,
+     "was not sharded (its samples.npz is whole): there is nothing to merge"),
     ("cdm merge of a directory that does not exist",
      lambda r, t: ["merge", str(t / "none")], 2, "is not a directory: give the --out of 'cdm sample --num-shards K'"),
     # cdm train into another command's output

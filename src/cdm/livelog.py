@@ -5,8 +5,8 @@ TensorBoard is optional (``pip install tensorboard``, or the ``tb`` extra): with
 nothing, and training runs exactly as it would otherwise (after one line saying that live logs are
 off and how to turn them on). Live logs never stop a training: a broken TensorBoard install, a
 ``tb/`` that cannot be written, or a write that fails mid-run (a full disk) turns them off with
-one warning line, and training goes on (``log.jsonl`` keeps every line). Only rank 0 opens one. ``log.jsonl`` stays the run's record; the
-event files are a view of it to watch while a run trains::
+one warning line, and training goes on (``log.jsonl`` keeps every line). Only rank 0 opens one.
+``log.jsonl`` stays the run's record; the event files are a view of it to watch while a run trains::
 
     tensorboard --logdir runs/      # every run below runs/, each under its own name
 """
