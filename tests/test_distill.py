@@ -3,18 +3,21 @@ teaches the student the teacher's two steps, and the checkpoints, resume and CLI
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from cdm.cascade import Cascade, SamplingPlan, StagePlan
-from cdm.checkpoint import Checkpoint, load_checkpoint, load_stage, save_checkpoint
+from cdm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_stage, save_checkpoint
 from cdm.cli import main
 from cdm.config import ConfigError
 from cdm.diffusion import DiffusionConfig, GaussianDiffusion
-from cdm.distill import (DistillConfig, ddim_step, distill_loss, distill_stage, distill_target, grids,
+from cdm.distill import (RECORD, DistillConfig, ddim_step, distill_loss, distill_stage, distill_target, grids,
                          round_dir, sampling_plan, step_times)
 from cdm.samplers import ddim
 from cdm.stage import Stage
@@ -23,7 +26,7 @@ from cdm.step import Batcher, draw_step_noise
 from conftest import tiny_config, toy_images
 
 
-def _teacher(tmp_path, data_path: str = "unused.npz", name: str = "teacher.safetensors"):
+def _teacher(tmp_path, data_path: str = "unused.npz", name: str = "teacher.safetensors", std: float = 0.03):
     """An SR 4->8 v-prediction stage with Gaussian augmentation, whose output layer is random (a
     fresh U-Net's is zero, which would make every teacher trivial) and small (so that its x0
     estimates mostly lie in [-1, 1], as a trained stage's do), saved as a checkpoint."""
@@ -31,7 +34,7 @@ def _teacher(tmp_path, data_path: str = "unused.npz", name: str = "teacher.safet
     cfg.data.path = data_path
     torch.manual_seed(0)
     stage = Stage(cfg)
-    torch.nn.init.normal_(stage.net.out[-1].weight, std=0.03)
+    torch.nn.init.normal_(stage.net.out[-1].weight, std=std)
     sd = stage.net.state_dict()
     return save_checkpoint(tmp_path / name, Checkpoint(config=cfg, step=0, model=sd,
                                                        ema={k: v.clone() for k, v in sd.items()}))
@@ -188,9 +191,38 @@ def test_resume_skips_finished_rounds(tmp_path):
     again = final.stat().st_mtime_ns
     distill_stage(teacher, cfg, tmp_path / "d", data=data)  # everything done: nothing is rewritten
     assert final.stat().st_mtime_ns == again
-    with pytest.raises(Exception, match="not a finished 4-step round of 3 iterations"):
-        distill_stage(teacher, DistillConfig(start_steps=8, final_steps=2, iters=3, batch_size=4, device="cpu",
-                                             progress=False), tmp_path / "d", data=data)
+    other = DistillConfig(start_steps=8, final_steps=2, iters=3, batch_size=4, device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match=r"d holds rounds distilled from .*teacher.safetensors with --iters 2; "
+                                              r"use another --out, or --fresh"):
+        distill_stage(teacher, other, tmp_path / "d", data=data)
+    assert final.stat().st_mtime_ns == again  # refused before any work
+    # a round copied in from another distillation (the same steps and iterations) is caught by its record
+    distill_stage(_teacher(tmp_path, name="other.safetensors", std=0.05), cfg, tmp_path / "o", data=data)
+    shutil.rmtree(round_dir(tmp_path / "d", 2))
+    shutil.copytree(round_dir(tmp_path / "o", 2), round_dir(tmp_path / "d", 2))
+    with pytest.raises(CheckpointError, match="steps-2.*was distilled from another teacher or with other settings"):
+        distill_stage(teacher, cfg, tmp_path / "d", data=data)
+    # --fresh discards the rounds and distils anew with the new settings
+    final = distill_stage(teacher, other, tmp_path / "d", data=data, fresh=True)
+    assert load_checkpoint(final).step == 3
+    assert json.loads((tmp_path / "d" / RECORD).read_text())["settings"]["iters"] == 3
+
+
+def test_a_run_extends_to_fewer_steps_and_refuses_what_it_cannot_use(tmp_path):
+    teacher, data = _teacher(tmp_path), toy_images(24, 8)
+    cfg = DistillConfig(start_steps=8, final_steps=4, iters=2, batch_size=4, device="cpu", progress=False)
+    four = distill_stage(teacher, cfg, tmp_path / "d", data=data)
+    stamp = four.stat().st_mtime_ns
+    # --steps only says where to stop: 8 -> 4 is the first round of 8 -> 2, which reuses it
+    two = distill_stage(teacher, replace(cfg, final_steps=2), tmp_path / "d", data=data)
+    assert four.stat().st_mtime_ns == stamp and load_checkpoint(two).extra["distill"]["teacher"] == str(four)
+    with pytest.raises(ConfigError, match="a stage distilled for 4 DDIM steps: distil it further with --from-steps 4"):
+        distill_stage(four, cfg, tmp_path / "e", data=data)
+    with pytest.raises(ConfigError, match="lies inside --out"):
+        distill_stage(four, replace(cfg, start_steps=4, final_steps=2), tmp_path / "d", data=data)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out .*file is a file: name a directory"):
+        distill_stage(teacher, cfg, tmp_path / "file", data=data)
 
 
 def test_cli_end_to_end_and_a_missing_teacher(tmp_path, capsys):

@@ -19,6 +19,7 @@ import torch
 from cdm.checkpoint import (Checkpoint, CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
                             save_checkpoint)
 from cdm.cli import main
+from cdm.runlock import RunLock
 
 from conftest import tiny_config
 from test_cli import write_tiny
@@ -38,7 +39,8 @@ def runs(tmp_path_factory):
     np.savez(npz, images=data.images.numpy(), labels=data.labels.numpy())
     for name, res, lowres, aug in (("base", 8, 0, "none"), ("sr", 16, 8, "gaussian")):
         cfg = write_tiny(tmp, npz, name, res, lowres, aug)
-        assert main(["train", str(cfg), "--out", str(tmp / name), "--no-progress"]) == 0
+        ema = ["--set=train.ema_profiles=0.05,0.1"] if name == "base" else []  # post-hoc EMA snapshots
+        assert main(["train", str(cfg), "--out", str(tmp / name), "--no-progress", *ema]) == 0
     return tmp
 
 
@@ -54,6 +56,16 @@ def hold_lock(directory: Path, what: str = "training") -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
+
+
+_HELD: list[RunLock] = []  # locks this process holds for a case, released after it
+
+
+def lock_here(directory: Path, what: str = "training") -> RunLock:
+    """``directory``'s run lock, held by this process on its own open file: a run_lock the command
+    under test takes conflicts with it as with another process's (flock locks belong to open files)."""
+    _HELD.append(RunLock(directory, what).acquire())
+    return _HELD[-1]
 
 
 def diverged_copy(runs: Path, tmp: Path) -> Path:
@@ -89,7 +101,7 @@ CASES = [
      lambda r, t: foreign_shard(r, t), 2, "was sampled for another run"),
     ("sampling a diverged (NaN) checkpoint",
      lambda r, t: ["sample", "--stage", str(diverged_copy(r, t)), "--out", str(t / "s"), "--n", "2", "--steps", "2"],
-     2, "produced non-finite values"),
+     2, "produced non-finite values: its weights are not finite, they have diverged"),
     ("truncated sampling at s = T",
      lambda r, t: ["sample", "--stage", str(r / "base"), "--stage", str(r / "sr"), "--out", str(t / "s"), "--n", "2",
                    "--steps", "1", "--levels", "0,50", "--mode", "truncated"],
@@ -137,6 +149,124 @@ CASES = [
 ]
 
 
+DISTIL = ["--steps", "1", "--from-steps", "2", "--iters", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+
+
+def distilled(runs: Path, tmp: Path, *more: str) -> Path:
+    """A one-round distillation of the base stage (2 -> 1 steps, one iteration) in ``tmp/d``."""
+    assert main(["distill", str(runs / "base"), "--out", str(tmp / "d"), *DISTIL, *more]) == 0
+    return tmp / "d"
+
+
+def exported(runs: Path, tmp: Path) -> Path:
+    assert main(["ema", str(runs / "base"), "--sigma-rel", "0.1", "--out", str(tmp / "e")]) == 0
+    return tmp / "e"
+
+
+def sampled(runs: Path, tmp: Path, *more: str) -> Path:
+    assert main(["sample", "--stage", str(runs / "base"), "--n", "4", "--steps", "1", "--out", str(tmp / "a"),
+                 *more]) == 0
+    return tmp / "a"
+
+
+def a_file(tmp: Path) -> Path:
+    (tmp / "f").write_text("x")
+    return tmp / "f"
+
+
+WRITERS = [
+    # every command that writes into a directory takes its lock: a second writer is refused at once
+    ("cdm ema into a locked directory",
+     lambda r, t: (lock_here(t / "e"), ["ema", str(r / "base"), "--sigma-rel", "0.1", "--out", str(t / "e")])[1],
+     2, "in use by another cdm process (pid"),
+    ("cdm distill into a locked directory",
+     lambda r, t: (lock_here(t / "d"), ["distill", str(r / "base"), "--out", str(t / "d"), *DISTIL])[1],
+     2, "in use by another cdm process (pid"),
+    ("cdm train-classifier into a locked directory",
+     lambda r, t: (lock_here(t / "c"), ["train-classifier", "--out", str(t / "c"), "--data-from", str(r / "base.toml"),
+                                        "--data", "held_out=0.5", "--set", "epochs=1", "--no-progress"])[1],
+     2, "in use by another cdm process (pid"),
+    ("cdm merge while a process samples into the run",
+     lambda r, t: (lock_here(sampled(r, t, "--num-shards", "2"), "sampling"), ["merge", str(t / "a")])[1],
+     2, "in use by another cdm process (pid"),
+    # cdm ema's options, checked before any work
+    ("cdm ema with sigma_rel beyond the flat average",
+     lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0.05,0.3", "--out", str(t / "e")],
+     2, "--sigma-rel 0.3 is out of range: each relative EMA length must lie in (0, 0.2887)"),
+    ("cdm ema with sigma_rel 0", lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0", "--out", str(t / "e")],
+     2, "--sigma-rel 0 is out of range"),
+    ("cdm ema at a step without a snapshot",
+     lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0.1", "--step", "99", "--out", str(t / "e")],
+     2, "no EMA snapshot at step 99 in"),
+    ("cdm ema of a run trained without snapshots",
+     lambda r, t: ["ema", str(r / "sr"), "--sigma-rel", "0.1", "--out", str(t / "e")],
+     2, "has no EMA snapshots (no ema/step-*.safetensors); train it with train.ema_profiles set"),
+    ("cdm ema of a run that does not exist",
+     lambda r, t: ["ema", str(t / "none"), "--sigma-rel", "0.1", "--out", str(t / "e")], 2, "does not exist"),
+    ("cdm ema --out a file",
+     lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0.1", "--out", str(a_file(t))],
+     2, "is a file: name a directory"),
+    # cdm distill: the record of its teacher and settings, and the teacher it is given
+    ("cdm distill into rounds of other settings",
+     lambda r, t: ["distill", str(r / "base"), "--out", str(distilled(r, t)), *DISTIL, "--lr", "0.01"],
+     2, "holds rounds distilled from " + "{runs}/base/checkpoints/step-00000003.safetensors with --lr 0.0001; use "
+        "another --out, or --fresh"),
+    ("cdm distill into rounds of another teacher",
+     lambda r, t: ["distill", str(diverged_copy(r, t)), "--out", str(distilled(r, t)), *DISTIL],
+     2, "holds rounds distilled from {runs}/base/checkpoints/step-00000003.safetensors with the same settings"),
+    ("cdm distill --out the teacher's run directory",
+     lambda r, t: ["distill", str(r / "base"), "--out", str(r / "base"), *DISTIL], 2, "lies inside --out"),
+    ("cdm distill --out a file",
+     lambda r, t: ["distill", str(r / "base"), "--out", str(a_file(t)), *DISTIL], 2, "is a file: name a directory"),
+    ("cdm distill a distilled stage from other steps",
+     lambda r, t: ["distill", str(distilled(r, t) / "steps-1"), "--out", str(t / "d2"), *DISTIL],
+     2, "is a stage distilled for 1 DDIM steps: distil it further with --from-steps 1"),
+    ("cdm distill with steps that do not halve to the end",
+     lambda r, t: ["distill", str(r / "base"), "--out", str(t / "d"), "--steps", "3", "--from-steps", "8"],
+     2, "must be a power of two"),
+    # cdm train-classifier: settings that cannot train, an --out that is a file (refused before training)
+    ("cdm train-classifier with a negative learning rate",
+     lambda r, t: ["train-classifier", "--out", str(t / "c"), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "lr=-1"], 2, "classifier setting lr must be a number > 0, got -1.0"),
+    ("cdm train-classifier with batch size 0",
+     lambda r, t: ["train-classifier", "--out", str(t / "c"), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "batch_size=0"], 2, "classifier setting batch_size must be >= 1, got 0"),
+    ("cdm train-classifier --out a file",
+     lambda r, t: ["train-classifier", "--out", str(a_file(t)), "--data-from", str(r / "base.toml"), "--data",
+                   "held_out=0.5", "--set", "epochs=1"], 2, "File exists ({tmp}/f); the path is a file, not a "
+                                                            "directory: name a directory"),
+    ("cdm ema --out under a file",
+     lambda r, t: ["ema", str(r / "base"), "--sigma-rel", "0.1", "--out", str(a_file(t) / "e")],
+     2, "ema: cannot use the path: Not a directory ({tmp}/f/e); a part of it is a file, not a directory"),
+    # cdm merge of what is no sharded run
+    ("cdm merge of a plain sample run",
+     lambda r, t: ["merge", str(sampled(r, t))], 2,
+     "was not sharded (its samples.npz is whole): there is nothing to merge"),
+    ("cdm merge of a directory that does not exist",
+     lambda r, t: ["merge", str(t / "none")], 2, "is not a directory: give the --out of 'cdm sample --num-shards K'"),
+    # cdm train into another command's output
+    ("cdm train into a distillation",
+     lambda r, t: ["train", str(r / "base.toml"), "--out", str(distilled(r, t)), "--no-progress"],
+     2, "holds a distillation (cdm distill), not a training run"),
+    ("cdm train into a distilled round",
+     lambda r, t: ["train", str(r / "base.toml"), "--out", str(distilled(r, t) / "steps-1"), "--no-progress"],
+     2, "steps-1 holds a distilled stage (cdm distill), not a training run: sample it with cdm sample --stage"),
+    ("cdm train --fresh into a distilled round",
+     lambda r, t: ["train", str(r / "base.toml"), "--out", str(distilled(r, t) / "steps-1"), "--fresh",
+                   "--no-progress"],
+     2, "holds a distilled stage (cdm distill), not a training run"),
+    ("cdm train into post-hoc EMA exports",
+     lambda r, t: ["train", str(r / "base.toml"), "--out", str(exported(r, t)), "--no-progress"],
+     2, "holds post-hoc EMA exports (cdm ema), not a training run"),
+    # NaN from a guidance weight far too large is not blamed on the weights
+    ("sampling with a guidance weight too large",
+     lambda r, t: ["sample", "--stage", str(r / "base"), "--out", str(t / "s"), "--n", "2", "--steps", "2",
+                   "--guidance", "1e300"],
+     2, "the guidance weight w=1e+300 is too large; lower --guidance or use --threshold dynamic"),
+]
+CASES += WRITERS
+
+
 def damage(runs: Path, tmp: Path) -> None:
     run = tmp / "broken"
     (run / "checkpoints").mkdir(parents=True)
@@ -166,11 +296,13 @@ def test_fault_table(name, setup, status, fragment, runs, tmp_path, capsys):
         assert main(argv) == status
         err = capsys.readouterr().err
         assert err.startswith("cdm: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-        assert fragment in err, err
+        assert fragment.replace("{runs}", str(runs)).replace("{tmp}", str(tmp_path)) in err, err
     finally:
         for p in procs:
             p.stdin.close()
             p.wait(timeout=10)
+        while _HELD:
+            _HELD.pop().release()
 
 
 def test_an_augmentation_level_above_the_trained_range_warns(runs, tmp_path, capsys):

@@ -4,7 +4,9 @@ as before when the tensorboard package is missing or the logs are switched off."
 from __future__ import annotations
 
 import json
+import os
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -87,3 +89,73 @@ def test_switched_off(tmp_path, monkeypatch):
         warnings.filterwarnings("ignore", message=".*without label dropout")
         train_stage(make_cfg(2, tensorboard=False), tmp_path / "r", progress=False, data=data)
     assert not (tmp_path / "r" / "tb").exists()
+
+
+def _one_warning(record, match: str) -> None:
+    lines = [str(w.message) for w in record if "live logs" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert __import__("re").search(match, lines[0]), lines[0]
+
+
+def test_a_tb_dir_that_cannot_be_written_turns_live_logs_off_and_training_goes_on(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tb").write_text("a file where the event files' directory belongs")  # unwritable, even for root
+    with pytest.warns(UserWarning) as record:
+        last = train_stage(make_cfg(2), run, progress=False, data=toy_images(16, 16))
+    _one_warning(record, r"live logs are off \((FileExistsError|NotADirectoryError).*training goes on")
+    assert last.is_file() and len((run / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_read_only_tb_dir_turns_live_logs_off(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb").chmod(0o500)
+    try:
+        import torch.utils.tensorboard as tb
+
+        def refuse(self, *a, **k):  # root may write anywhere: the refusal a read-only tb/ gives others
+            raise PermissionError(13, "Permission denied", str(tmp_path / "tb"))
+
+        if os.geteuid() == 0:
+            monkeypatch.setattr(tb.SummaryWriter, "__init__", refuse)
+        with pytest.warns(UserWarning) as record:
+            assert isinstance(open_live_log(tmp_path), NoLiveLog)
+        _one_warning(record, r"live logs are off \(PermissionError.*Permission denied")
+    finally:
+        (tmp_path / "tb").chmod(0o700)
+
+
+def test_a_broken_tensorboard_install_turns_live_logs_off(tmp_path, monkeypatch):
+    broken = types.ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:  # e.g. a protobuf that does not match the tensorboard package
+        def __init__(self, *a, **k):
+            raise TypeError("Descriptors cannot be created directly")
+
+    broken.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", broken)
+    with pytest.warns(UserWarning) as record:
+        last = train_stage(make_cfg(2), tmp_path / "run", progress=False, data=toy_images(16, 16))
+    _one_warning(record, r"live logs are off \(TypeError: Descriptors")
+    assert last.is_file()
+
+
+def test_a_write_error_mid_run_turns_live_logs_off_once_and_training_finishes(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = []
+
+    def add_scalar(self, *a, **k):
+        calls.append(a)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    with pytest.warns(UserWarning) as record:
+        last = train_stage(make_cfg(4), tmp_path / "run", progress=False, data=toy_images(16, 16))
+    _one_warning(record, r"live logs are off from now on \(OSError: .*No space left.*training goes on")
+    assert last.is_file() and len(calls) == 4  # nothing written after the failure
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4

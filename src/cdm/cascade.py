@@ -225,9 +225,22 @@ def sample_stage(stage: Stage, i: int, labels: Tensor, seeds: list[int], plan: S
         sampler = partial(sampler, churn=Churn(plan.churn, len(grid) - 1, tuple(plan.churn_interval)))
     x, x0 = sampler(model, stage.diffusion, x, grid, noise, clip_x0=Threshold(plan.threshold) is not Threshold.NONE)
     if not (torch.isfinite(x).all() and torch.isfinite(x0).all()):
-        raise CascadeError(f"stage {i} ({stage.config.name!r}) produced non-finite values: its weights have "
-                           f"diverged (a run stopped on a NaN loss?); sample from an earlier checkpoint of it")
+        raise CascadeError(_non_finite(i, stage, plan))
     return x, x0
+
+
+def _non_finite(i: int, stage: Stage, plan: StagePlan) -> str:
+    """Why stage ``i`` sampled NaN/inf, and what to do: diverged weights only when they are not
+    finite; with finite weights and guidance, the guidance weight."""
+    what = f"stage {i} ({stage.config.name!r}) produced non-finite values"
+    if not all(torch.isfinite(p).all() for p in stage.net.parameters()):
+        return (f"{what}: its weights are not finite, they have diverged (a run stopped on a NaN loss?); sample from "
+                f"an earlier checkpoint of it")
+    if plan.guidance:
+        return (f"{what} with its weights finite: the guidance weight w={plan.guidance:g} is too large; lower "
+                f"--guidance or use --threshold dynamic")
+    return (f"{what} with its weights finite: its outputs overflow (weights grown huge before a divergence, or a "
+            f"low precision); sample from an earlier checkpoint of it, or with --precision fp32")
 
 
 class Cascade:

@@ -165,8 +165,15 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path} ({e}); earlier checkpoints are intact: "
-                              f"free disk space, then re-run the same command to resume") from e
+                              f"{write_hint(e)}") from e
     return Path(path)
+
+
+def write_hint(e: OSError) -> str:
+    """What to do when writing a file failed with ``e`` (by its errno; a full disk when unknown)."""
+    from .errors import os_error_hint  # errors imports this module
+
+    return os_error_hint(e, "free disk space, then re-run the same command to resume")
 
 
 def check_not_pickle(path: Path) -> None:

@@ -96,9 +96,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    from .shards import merge_shards
+    from .shards import merge_run
 
-    print(merge_shards(a.out))
+    print(merge_run(a.out))
     return 0
 
 
@@ -210,7 +210,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
     cfg = DistillConfig(start_steps=a.from_steps, final_steps=a.steps, iters=a.iters, batch_size=a.batch_size,
                         lr=a.lr, seed=a.seed, device=a.device, progress=not a.no_progress)
-    path = distill_stage(a.teacher, cfg, a.out)
+    path = distill_stage(a.teacher, cfg, a.out, fresh=a.fresh)
     plan = sampling_plan(a.steps)
     print(f"checkpoint: {path}")
     print(f"sample this stage with --sampler {plan.sampler} --spacing {plan.spacing} and {plan.steps} steps for it "
@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate, annealed to 0 each round")
     di.add_argument("--seed", type=_seed, default=0)
     di.add_argument("--device", default="auto", help="auto (default): cuda if available, else cpu")
+    di.add_argument("--fresh", action="store_true", help="discard the rounds in --out (of another teacher or settings)")
     di.add_argument("--no-progress", action="store_true")
     di.set_defaults(func=cmd_distill)
 

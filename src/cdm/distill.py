@@ -34,8 +34,12 @@ Choices, each as the paper or stated:
   over each round, the stage's gradient clipping; an EMA of the student (classic, ``ema_decay``).
 
 A run directory ``out`` holds ``steps-<N>/`` per finished round, each a normal run directory with
-``config.json`` and ``checkpoints/step-<iters>.safetensors``. A round whose checkpoint exists is
-skipped, so a stopped run resumes at the round it was in.
+``config.json`` and ``checkpoints/step-<iters>.safetensors``, and ``distill.json``: the teacher (its
+checksum) and the settings that shape the rounds. A round whose checkpoint exists is skipped, so a
+stopped run resumes at the round it was in, but only under the same teacher and settings: others
+are refused (``fresh`` discards the rounds), and each round records what made it (its teacher's
+checksum and the settings, ``extra["distill"]["made_from"]``), so a round copied in from another
+distillation is refused too.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +56,14 @@ import torch
 from torch import Tensor
 
 from .cascade import StagePlan
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_path, load_checkpoint, load_stage,
-                         newest_intact, resolve_checkpoint_path, save_checkpoint)
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_id, checkpoint_path, load_checkpoint,
+                         load_stage, newest_intact, resolve_checkpoint_path, save_checkpoint)
 from .config import PRECISIONS, ConfigError, to_dict
 from .data import ImageSet, load_dataset
 from .diffusion import GaussianDiffusion, _bcast, mean_flat, time_grid
 from .distributed import pick_device
 from .ema import classic_decay, ema_update
+from .runlock import run_lock
 from .samplers import ModelFn, derive_seed
 from .stage import Stage
 from .train import TrainingError
@@ -144,8 +150,57 @@ def round_dir(out: Path, n: int) -> Path:
     return Path(out) / f"steps-{n}"
 
 
-def _finished(out: Path, n: int, iters: int) -> Path | None:
-    """The checkpoint of a finished round for ``n`` steps in ``out``, or None."""
+RECORD = "distill.json"  # in ``out``: the teacher and the settings its rounds were made with
+_FLAGS = {"start_steps": "--from-steps", "iters": "--iters", "batch_size": "--batch-size", "lr": "--lr",
+          "seed": "--seed", "ema_decay": "ema_decay", "precision": "precision"}
+
+
+def settings(cfg: DistillConfig) -> dict:
+    """The settings that shape every round's weights (``final_steps`` only says where to stop: the
+    rounds down to it are the same for any later one, so a run may be extended to fewer steps)."""
+    return {k: getattr(cfg, k) for k in _FLAGS}
+
+
+def _read_record(out: Path) -> dict | None:
+    path = out / RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if isinstance(rec, dict) and isinstance(rec.get("teacher"), dict) and isinstance(rec.get("settings"), dict):
+            return rec
+    except (OSError, ValueError):
+        pass
+    raise CheckpointError(f"{path} is unreadable or corrupt: delete it (and the rounds beside it), or use another "
+                          f"--out or --fresh")
+
+
+def check_out(out: Path, teacher_path: Path, teacher_id: str, cfg: DistillConfig, fresh: bool = False) -> dict:
+    """The record ``out`` must hold for this distillation (:data:`RECORD`); refuses, in one line,
+    an ``out`` that is a file, holds the teacher, or (unless ``fresh``: they are to be discarded)
+    holds rounds of another teacher or settings."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a directory")
+    if teacher_path.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"the teacher {teacher_path} lies inside --out {out}: distil into another --out")
+    rec = {"format": "cdm-distill", "teacher": {"path": str(teacher_path.resolve()), "id": teacher_id},
+           "settings": settings(cfg)}
+    old = None if fresh else _read_record(out)
+    if old is None and not fresh and any(out.glob("steps-*/checkpoints")):
+        raise CheckpointError(f"{out} holds distillation rounds without a record of their teacher and settings "
+                              f"(an older cdm, or copied in): use another --out, or --fresh to discard them")
+    if old is not None and (old["teacher"].get("id") != teacher_id or old["settings"] != rec["settings"]):
+        was = " ".join(f"{_FLAGS.get(k, k)} {v}" for k, v in old["settings"].items()
+                       if rec["settings"].get(k) != v) or "the same settings"
+        raise CheckpointError(f"{out} holds rounds distilled from {old['teacher'].get('path')} with {was}; use "
+                              f"another --out, or --fresh to discard them (or repeat that teacher and those settings "
+                              f"to resume)")
+    return rec
+
+
+def _finished(out: Path, n: int, iters: int, made_from: dict) -> Path | None:
+    """The checkpoint of a finished round for ``n`` steps in ``out``, or None; one made from
+    another teacher or with other settings (``made_from``) is refused."""
     found = newest_intact(round_dir(out, n), hint="delete that round's directory to redo it")
     if found is None:
         return None
@@ -155,33 +210,50 @@ def _finished(out: Path, n: int, iters: int) -> Path | None:
         raise CheckpointError(f"{path} is not a finished {n}-step round of {iters} iterations (it holds "
                               f"{info.get('steps')} steps, {ckpt.step} iterations): delete {round_dir(out, n)} or "
                               f"choose another --out")
+    if info.get("made_from") != made_from:
+        raise CheckpointError(f"{path} was distilled from another teacher or with other settings than this run's "
+                              f"(rounds mixed by hand?): delete {round_dir(out, n)} to redo it, or use another --out")
     return path
 
 
 def distill_stage(teacher_checkpoint: str | Path, cfg: DistillConfig, out_dir: str | Path,
-                  data: ImageSet | None = None) -> Path:
+                  data: ImageSet | None = None, fresh: bool = False) -> Path:
     """Distil the stage in ``teacher_checkpoint`` (a checkpoint file or run directory; its EMA weights
     are the first teacher, sampled with ``cfg.start_steps`` DDIM steps) down to ``cfg.final_steps``
     steps, one round per halving, into ``out_dir``; returns the final checkpoint. Finished rounds
-    are skipped (resume). ``data`` defaults to the stage's own data set."""
+    are skipped (resume) when ``out_dir`` records the same teacher and settings (:data:`RECORD`),
+    else refused; ``fresh`` discards them. ``data`` defaults to the stage's own data set."""
     out = Path(out_dir)
     teacher_path = resolve_checkpoint_path(teacher_checkpoint)
-    tcfg = load_checkpoint(teacher_path, weights_only=True).config
-    dev = pick_device(cfg.device)
+    teacher = load_checkpoint(teacher_path, weights_only=True)
+    tcfg, teacher_id = teacher.config, checkpoint_id(teacher_path)
+    was = (teacher.extra or {}).get("distill")
+    if was and was.get("steps") != cfg.start_steps:
+        raise ConfigError(f"the teacher {teacher_path} is a stage distilled for {was.get('steps')} DDIM steps: "
+                          f"distil it further with --from-steps {was.get('steps')}")
     for n in cfg.rounds():
         grids(tcfg.diffusion.steps, n)  # every round's grids nest, before any work
+    record = check_out(out, teacher_path, teacher_id, cfg, fresh)
     data = data if data is not None else load_dataset(tcfg.data)
-    for n in cfg.rounds():
-        done = _finished(out, n, cfg.iters)
-        if done is None:
-            done = _round(teacher_path, n, cfg, out, data, dev)
-        elif cfg.progress:
-            print(f"distill: the {n}-step round is done ({done}); skipped", file=sys.stderr)
-        teacher_path = done
+    dev = pick_device(cfg.device)
+    with run_lock(out, "distilling"):
+        if fresh:
+            for d in out.glob("steps-*"):
+                shutil.rmtree(d)
+        atomic_write(out / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        for n in cfg.rounds():
+            made_from = {"teacher_id": teacher_id, **settings(cfg)}
+            done = _finished(out, n, cfg.iters, made_from)
+            if done is None:
+                done = _round(teacher_path, n, cfg, out, data, dev, made_from)
+            elif cfg.progress:
+                print(f"distill: the {n}-step round is done ({done}); skipped", file=sys.stderr)
+            teacher_path, teacher_id = done, checkpoint_id(done)
     return teacher_path
 
 
-def _round(teacher_path: Path, n: int, cfg: DistillConfig, out: Path, data: ImageSet, dev: torch.device) -> Path:
+def _round(teacher_path: Path, n: int, cfg: DistillConfig, out: Path, data: ImageSet, dev: torch.device,
+           made_from: dict) -> Path:
     """One round: a student for ``n`` steps from the ``2n``-step teacher at ``teacher_path``."""
     teacher = load_stage(teacher_path, device=dev)  # EMA weights, eval mode
     teacher.net.requires_grad_(False)
@@ -220,7 +292,8 @@ def _round(teacher_path: Path, n: int, cfg: DistillConfig, out: Path, data: Imag
     run = round_dir(out, n)
     atomic_write(run / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(scfg), indent=2)))
     info = {"steps": n, "sampler": "ddim", "spacing": "uniform", "teacher": str(teacher_path), "teacher_steps": 2 * n,
-            "iters": cfg.iters, "loss_first": losses[0], "loss_last": sum(losses[-50:]) / len(losses[-50:])}
+            "iters": cfg.iters, "made_from": made_from, "loss_first": losses[0],
+            "loss_last": sum(losses[-50:]) / len(losses[-50:])}
     return save_checkpoint(checkpoint_path(run, cfg.iters), Checkpoint(
         config=scfg, step=cfg.iters, model=student.net.state_dict(), ema=ema.state_dict(),
         extra={"distill": info}))

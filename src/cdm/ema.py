@@ -20,6 +20,7 @@ the EMA length is *chosen by measured quality* after training instead of guessed
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, atomic_write, check_not_pickle
+from .checkpoint import CheckpointError, atomic_write, check_not_pickle, write_hint
+from .config import ConfigError
 
 SNAPSHOT_DIR = "ema"
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
@@ -113,8 +115,7 @@ def save_snapshot(run_dir: str | Path, step: int, profiles: list[tuple[float, di
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as e:
-        raise CheckpointError(f"could not write EMA snapshot {path} ({e}); free disk space, then re-run "
-                              f"the same command to resume") from e
+        raise CheckpointError(f"could not write EMA snapshot {path} ({e}); {write_hint(e)}") from e
     return path
 
 
@@ -151,6 +152,18 @@ def _snapshot_file(path: Path, tensors: bool) -> tuple[list[float], dict[str, Te
     return json.loads(meta["sigma_rels"]), weights
 
 
+def _at_step(run_dir: str | Path, snaps: list[tuple[int, Path]], step: int | None) -> int:
+    """``step`` (default: the last snapshot's), checked to be a snapshot's step of the run."""
+    if not snaps:
+        raise CheckpointError(f"{run_dir} has no EMA snapshots (no {SNAPSHOT_DIR}/step-*.safetensors); train it with "
+                              f"train.ema_profiles set (e.g. --set train.ema_profiles=0.05,0.1)")
+    step = snaps[-1][0] if step is None else step
+    if step not in {s for s, _ in snaps}:
+        raise CheckpointError(f"no EMA snapshot at step {step} in {run_dir} (snapshots at steps "
+                              f"{', '.join(str(s) for s, _ in snaps)}): pass one of them to --step")
+    return step
+
+
 def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
                 template: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict]:
     """The post-hoc EMA of relative std ``sigma_rel`` at ``step`` (default: the last snapshot's),
@@ -158,13 +171,7 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     the non-float buffers, which are not averaged. Returns ``(state_dict, info)``; ``info`` lists
     the snapshots' profiles and their weights."""
     snaps = list_snapshots(run_dir)
-    if not snaps:
-        raise CheckpointError(f"{run_dir} has no EMA snapshots; train it with train.ema_profiles set "
-                              f"(e.g. --set train.ema_profiles=0.05,0.1)")
-    step = snaps[-1][0] if step is None else step
-    if step not in {s for s, _ in snaps}:
-        raise CheckpointError(f"no EMA snapshot at step {step} in {run_dir} (snapshots at steps "
-                              f"{', '.join(str(s) for s, _ in snaps)})")
+    step = _at_step(run_dir, snaps, step)
     used = [(s, _snapshot_file(p, tensors=False)[0], p) for s, p in snaps if s <= step]
     profiles = [(s, r) for s, rels, _ in used for r in rels]  # one entry per stored EMA
     coef = posthoc_coefficients([s for s, _ in profiles], [sigma_rel_to_gamma(r) for _, r in profiles], step,
@@ -187,20 +194,59 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     return state, info
 
 
+SIGMA_REL_MAX = 12 ** -0.5  # the flat average of the whole run (EDM2): every EMA is shorter
+
+
+def check_sigma_rels(values: list[float]) -> list[float]:
+    """``values`` with each checked to lie in ``(0, 0.2887)`` (:data:`SIGMA_REL_MAX`), equal ones
+    once, in the order given."""
+    out: list[float] = []
+    for r in values:
+        if not (math.isfinite(r) and 0 < r < SIGMA_REL_MAX):
+            raise ConfigError(f"--sigma-rel {r:g} is out of range: each relative EMA length must lie in (0, "
+                              f"{SIGMA_REL_MAX:.4f}) ({SIGMA_REL_MAX:.4f} averages the whole run), e.g. 0.05,0.1")
+        if r not in out:
+            out.append(r)
+    if not out:
+        raise ConfigError("--sigma-rel needs at least one relative EMA length, e.g. 0.05,0.1")
+    return out
+
+
+def export_name(sigma_rel: float) -> str:
+    """The file of a post-hoc EMA: ``ema-0.050.safetensors``, or with every digit where three
+    decimals would round it (``ema-0.0501.safetensors``), so distinct values never share a file."""
+    text = f"{sigma_rel:.3f}"
+    return f"ema-{text if float(text) == sigma_rel else repr(sigma_rel)}.safetensors"
+
+
 def export_posthoc(run_dir: str | Path, sigma_rels: list[float], out_dir: str | Path,
                    step: int | None = None) -> list[tuple[Path, dict]]:
-    """Write one stage checkpoint per ``sigma_rel`` (``out_dir/ema-<sigma_rel>.safetensors``), whose
-    weights are the run's post-hoc EMA at ``step`` (default: its last snapshot). Each samples like
-    any checkpoint (``cdm sample --stage FILE``). Returns ``[(path, info), ...]``."""
+    """Write one stage checkpoint per ``sigma_rel`` (``out_dir/``:func:`export_name`), whose weights
+    are the run's post-hoc EMA at ``step`` (default: its last snapshot). Each samples like any
+    checkpoint (``cdm sample --stage FILE``) and records what made it (``extra["posthoc_ema"]``:
+    the run, step, sigma_rel and the profiles' weights). Every argument is checked before any work;
+    ``out_dir`` is locked for the export (:func:`cdm.runlock.run_lock`). Returns ``[(path, info), ...]``."""
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .runlock import run_lock
 
-    base = load_checkpoint(run_dir, weights_only=True)  # the config, and the buffers' template
+    run, out = Path(run_dir), Path(out_dir)
+    sigma_rels = check_sigma_rels(sigma_rels)
+    if not run.is_dir():
+        raise CheckpointError(f"run directory {run} does not exist" if not run.exists() else
+                              f"{run} is a file: cdm ema takes the run directory of a training with "
+                              f"train.ema_profiles (its {SNAPSHOT_DIR}/ snapshots)")
+    step = _at_step(run, list_snapshots(run), step)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a directory")
+    base = load_checkpoint(run, weights_only=True)  # the config, and the buffers' template
     written = []
-    for r in sigma_rels:
-        state, info = reconstruct(run_dir, r, step, template=base.ema)
-        path = Path(out_dir) / f"ema-{r:.3f}.safetensors"
-        # The weights go in as the EMA (a weights-only file: no training state to resume from).
-        save_checkpoint(path, Checkpoint(config=base.config, step=info["step"], model={}, ema=state,
-                                         extra={"posthoc_ema": info, "run": str(run_dir)}))
-        written.append((path, info))
+    with run_lock(out, "exporting post-hoc EMAs"):
+        for r in sigma_rels:
+            state, info = reconstruct(run, r, step, template=base.ema)
+            info = {**info, "run": str(run.resolve())}
+            path = out / export_name(r)
+            # The weights go in as the EMA (a weights-only file: no training state to resume from).
+            save_checkpoint(path, Checkpoint(config=base.config, step=info["step"], model={}, ema=state,
+                                             extra={"posthoc_ema": info, "run": str(run)}))
+            written.append((path, info))
     return written

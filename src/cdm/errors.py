@@ -23,9 +23,11 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError
 
 
 # What an OS error on a file cdm reads or writes says to do, by errno.
+_IS_A_FILE = "the path is a file, not a directory: name a directory (e.g. another --out)"
 _OS_ERROR_HINTS = {
-    errno.EEXIST: ("cannot create a directory", "the path exists and is not a directory; choose another path"),
-    errno.ENOTDIR: ("cannot use the path", "a part of it is a file, not a directory; choose another path"),
+    errno.EEXIST: ("cannot create a directory", _IS_A_FILE),
+    errno.ENOTDIR: ("cannot use the path", "a part of it is a file, not a directory: name a directory (e.g. another "
+                                           "--out)"),
     errno.EISDIR: ("cannot open a file", "the path is a directory; give a file"),
     errno.ENOENT: ("cannot open a file", "check the path"),
     errno.EACCES: ("cannot read or write", "check its permissions, or choose another path"),
@@ -35,6 +37,12 @@ _OS_ERROR_HINTS = {
     errno.EDQUOT: ("cannot write", "the disk quota is used up; free some space and re-run"),
     errno.ENAMETOOLONG: ("cannot use the path", "choose a shorter path"),
 }
+
+
+def os_error_hint(e: OSError, default: str = "") -> str:
+    """What to do about ``e``, by its errno (``default`` for one without advice): a full disk is
+    freed, a read-only or forbidden path replaced, a file where a directory belongs renamed."""
+    return _OS_ERROR_HINTS.get(e.errno, ("", default))[1] or default
 
 
 def os_error_message(e: OSError, command: str) -> str:

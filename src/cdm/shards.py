@@ -190,6 +190,20 @@ def merge_shards(out: str | Path) -> Path:
     return path
 
 
+def merge_run(out: str | Path) -> Path:
+    """``cdm merge``: :func:`merge_shards` under the run directory's lock (refused while a process
+    samples into it), after checking that ``out`` is a sharded run."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ShardError(f"{out} is not a directory: give the --out of 'cdm sample --num-shards K'")
+    if not (out / MANIFEST).is_file() and (out / "samples.npz").is_file():
+        raise ShardError(f"{out} holds a sample run that was not sharded (its samples.npz is whole): there is "
+                         f"nothing to merge")
+    read_manifest(out)
+    with run_lock(out, "merging"):
+        return merge_shards(out)
+
+
 @dataclass
 class SampleRequest:
     """What ``cdm sample`` is asked for (the cascade and its plan come separately)."""

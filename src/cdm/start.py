@@ -21,8 +21,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_id, checksum, load_checkpoint,
-                         newest_intact, resolve_checkpoint_path)
+from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_id, checksum, list_checkpoints,
+                         load_checkpoint, newest_intact, read_metadata, resolve_checkpoint_path)
 from .config import ConfigError, StageConfig, to_dict
 from .data import FASHION_MNIST_DIR, ImageSet
 from .recipe import lr_factor
@@ -115,6 +115,33 @@ def load_init_weights(net: nn.Module, init: InitFrom, cfg: StageConfig) -> dict:
     return {"path": str(path.resolve()), "given": str(init.path), "weights": init.weights, "step": ckpt.step,
             "stage": ckpt.config.name, "checkpoint_checksum": checkpoint_id(path),
             "weights_sha256": checksum(weights, {})}
+
+
+def check_training_dir(out: Path) -> None:
+    """Refuse, in one line, to train into a directory that holds another command's output: a
+    distillation (``cdm distill``: ``distill.json``, ``steps-N/``), post-hoc EMA exports (``cdm
+    ema``) or a run whose newest checkpoint holds weights only (a distilled round, an export
+    copied in), which has no optimiser state to resume and which ``--fresh`` would delete."""
+    out = Path(out)
+    if (out / "distill.json").is_file() or any(out.glob("steps-*/checkpoints")):
+        what = "a distillation (cdm distill)"
+        todo = f"sample one of its rounds with cdm sample --stage {out}/steps-N, or train"
+    elif any(out.glob("ema-*.safetensors")):
+        what = "post-hoc EMA exports (cdm ema)"
+        todo = f"sample one with cdm sample --stage {out}/ema-*.safetensors, or train"
+    else:
+        found = list_checkpoints(out)
+        try:
+            meta = read_metadata(found[-1][1]) if found else {"optimizer": ""}
+            extra = json.loads(meta.get("extra") or "{}")
+        except (CheckpointError, ValueError):
+            return  # a damaged checkpoint: resuming skips it, --fresh starts over
+        if "optimizer" in meta or meta.get("format") != "cdm-stage":
+            return
+        what = ("a distilled stage (cdm distill)" if "distill" in extra else
+                "a post-hoc EMA export (cdm ema)" if "posthoc_ema" in extra else "a weights-only checkpoint")
+        todo = f"sample it with cdm sample --stage {out}, or fine-tune from it with --init {out}"
+    raise CheckpointError(f"{out} holds {what}, not a training run: {todo}, into another --out")
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -57,8 +57,8 @@ from .metrics import consistency_psnr
 from .samplers import derive_seed
 from .stage import Stage
 from .step import Batcher, accumulate_gradients, draw_step_noise, lr_at
-from .start import (InitFrom, change_lines, check_resume, describe_start, load_init_weights, record_start,
-                    startup_summary)
+from .start import (InitFrom, change_lines, check_resume, check_training_dir, describe_start, load_init_weights,
+                    record_start, startup_summary)
 
 
 class TrainingError(RuntimeError):
@@ -165,6 +165,7 @@ def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, prog
                                    f"x processes ({k} x {w.size}): set it to a multiple of {k * w.size}")
         data = data if data is not None else load_dataset(cfg.data)  # bad data fails before any file is made
         resolve_config(cfg, data)
+        check_training_dir(Path(out_dir))  # not another command's output (a distillation, an EMA export)
         # one writer per run directory: a second `cdm train --out` the same directory is refused
         with run_lock(out_dir, "training", enabled=w.is_main, agree=w.all_true):
             return _train(cfg, Path(out_dir), fresh, progress, data, w, init)

@@ -11,6 +11,7 @@ test split, gives CAS (Ravuri & Vinyals 2019; the paper's Table 3).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, atomic_write
-from ..config import from_dict, to_dict
+from ..config import ConfigError, from_dict, to_dict
 from ..stage import autocast
 from ..data import DataConfig, to_float
 from ..prepared import PreparedImages
+from ..runlock import run_lock
 from .report import Report
 from .reference import ReferenceSpec, load_reference
 
@@ -48,6 +50,23 @@ class ClassifierConfig:
     max_shift: int = 2  # training augmentation: random translation by up to this many pixels
     flip: bool = False  # training augmentation: random horizontal flips
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a setting that cannot train (``cdm train-classifier --set KEY=VALUE``), in one line."""
+        bad = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("width", "feature_dim", "batch_size", "resolution",
+                                                                      "channels") if getattr(self, k) < 1]
+        bad += [f"{k} must be >= 0, got {getattr(self, k)}" for k in ("epochs", "min_steps", "max_shift")
+                if getattr(self, k) < 0]
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad.append(f"lr must be a number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            bad.append(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        if not 0 <= self.dropout < 1:
+            bad.append(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.epochs == 0 and self.min_steps == 0:
+            bad.append("epochs and min_steps are both 0: nothing would train")
+        if bad:
+            raise ConfigError(f"classifier setting {bad[0]} (set it with --set KEY=VALUE)")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -243,20 +262,22 @@ def train_domain_classifier(data: DataConfig, out_dir: str | Path, config: Class
     test = load_reference(data, ReferenceSpec(split="test", n=0))
     config = replace(config, resolution=data.resolution, channels=train.images.shape[1],
                      num_classes=len(train.class_names))
-    history: list[dict] = []
-    net = train_classifier(train.images, train.labels, config, progress=progress, log=history.append)
-    acc = accuracy_report(predict(net, test.images)["logits"], test.labels, config.num_classes)
-    summary = {"test": acc, "train_n": len(train), "test_n": len(test), "train": train.source,
-               "test_set": test.source, "data": to_dict(data), "history": history,
-               "seconds": round(time.time() - t0, 1), "classes": train.class_names}
-    path = save_classifier(net, out / "classifier.safetensors", extra={"test_top1": acc["top1"], "data": to_dict(data)})
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    rep = Report("cdm domain classifier")
-    rep.text(f"Trained on {len(train)} images ({train.source}), tested on {len(test)} held-out images "
-             f"({test.source}): top-1 {acc['top1']:.2f}%, top-5 {acc.get('top5', float('nan')):.2f}%, "
-             f"in {summary['seconds']} s.")
-    rep.table([{"class": c, "top1 %": a} for c, a in zip(train.class_names, acc["per_class_top1"])])
-    rep.table(history)
-    rep.write(out)
-    summary["path"] = str(path)
+    with run_lock(out, "training a classifier"):  # one writer per --out, taken before the work
+        history: list[dict] = []
+        net = train_classifier(train.images, train.labels, config, progress=progress, log=history.append)
+        acc = accuracy_report(predict(net, test.images)["logits"], test.labels, config.num_classes)
+        summary = {"test": acc, "train_n": len(train), "test_n": len(test), "train": train.source,
+                   "test_set": test.source, "data": to_dict(data), "history": history,
+                   "seconds": round(time.time() - t0, 1), "classes": train.class_names}
+        path = save_classifier(net, out / "classifier.safetensors",
+                               extra={"test_top1": acc["top1"], "data": to_dict(data)})
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        rep = Report("cdm domain classifier")
+        rep.text(f"Trained on {len(train)} images ({train.source}), tested on {len(test)} held-out images "
+                 f"({test.source}): top-1 {acc['top1']:.2f}%, top-5 {acc.get('top5', float('nan')):.2f}%, "
+                 f"in {summary['seconds']} s.")
+        rep.table([{"class": c, "top1 %": a} for c, a in zip(train.class_names, acc["per_class_top1"])])
+        rep.table(history)
+        rep.write(out)
+        summary["path"] = str(path)
     return summary
