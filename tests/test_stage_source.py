@@ -129,3 +129,25 @@ def test_sampling_the_reserved_no_class_label_of_a_stage_without_label_dropout_w
     assert cascade.stages[0].config.train.p_uncond == 0
     with pytest.warns(UserWarning, match="reserved 'no class' label, which stage"):
         cascade.check_labels(torch.tensor([0, nc]))
+
+
+WORK = {  # command -> its required arguments; each takes the common flags it does the work of
+    "train": ["fmnist-base8", "--out", "o"], "sample": ["--out", "o"], "nll": ["--out", "o"], "demo": [],
+    "eval": ["--out", "o"], "sweep": ["--out", "o"], "distill": ["t", "--out", "o"]}
+
+
+@pytest.mark.parametrize("command", sorted(WORK))
+def test_every_command_that_samples_or_trains_takes_the_common_flags(command):
+    from cdm.cli import build_parser
+
+    a = build_parser().parse_args([command, *WORK[command], "--no-progress", "--device", "cpu", "--seed", "3"])
+    assert (a.no_progress, a.device, a.seed) == (True, "cpu", 3)
+    c = build_parser().parse_args(["train-classifier", "--out", "o", "--no-progress", "--seed", "3"])
+    assert (c.no_progress, c.seed) == (True, 3)
+    assert build_parser().parse_args(["prepare", "s", "--out", "o", "--resolution", "8", "--no-progress"]).no_progress
+
+
+def test_a_wrong_device_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--stage", "x", "--out", "o", "--device", "gpu"])
+    assert e.value.code == 2 and "expected auto, cpu, cuda, cuda:N, mps or xpu, got 'gpu'" in capsys.readouterr().err

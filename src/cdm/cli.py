@@ -42,9 +42,20 @@ def _checked(cast, ok, want: str):
     return parse
 
 
+def _device_name(text: str) -> str | None:
+    """``text`` if it names a device cdm can run on (auto, cpu, cuda, cuda:N, mps, xpu), else None."""
+    import torch
+
+    try:
+        return text if text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps", "xpu") else None
+    except RuntimeError:
+        return None
+
+
 _positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)")
+_device = _checked(_device_name, lambda v: True, "auto, cpu, cuda, cuda:N, mps or xpu")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -52,7 +63,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.init_weights and not a.init:
         raise ConfigError("--init-weights picks the weights --init takes: pass --init RUN_OR_CHECKPOINT too")
-    cfg = load_stage_config(a.config, a.set)
+    flags = [f"train.{k}={getattr(a, k)}" for k in ("device", "seed") if getattr(a, k) is not None]
+    cfg = load_stage_config(a.config, a.set + flags)
     if a.dry_run or a.measure:
         from .plan import format_plan, measure_throughput, resolve_for_plan, training_plan
 
@@ -83,7 +95,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     paths, plan = _plan(a)
     req = SampleRequest(n=a.n, classes=a.classes, seed=a.seed, batch_size=a.batch_size, device=a.device,
-                        precision=a.precision, num_shards=a.num_shards, shard=a.shard)
+                        precision=a.precision, num_shards=a.num_shards, shard=a.shard, progress=not a.no_progress)
     r = sample_run(paths, plan, req, a.out)
     for p in r["written"]:
         print(p)
@@ -126,7 +138,7 @@ def cmd_nll(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    s = run_demo(a.out, scale=a.scale, progress=not a.no_progress, device=a.device)
+    s = run_demo(a.out, scale=a.scale, progress=not a.no_progress, device=a.device, seed=a.seed)
     print(json.dumps({"grids": s["grids"], "cascade": s["cascade"], "timings": s["timings"]}, indent=2))
     return 0
 
@@ -136,7 +148,8 @@ def cmd_train_classifier(a: argparse.Namespace) -> int:
     from .eval.classifier import ClassifierConfig, train_domain_classifier
 
     data = load_stage_config(a.data_from, [f"data.{kv}" for kv in a.data]).data
-    cfg = from_dict(ClassifierConfig, parse_overrides(a.set), prefix="")
+    cfg = from_dict(ClassifierConfig, parse_overrides(a.set + ([f"seed={a.seed}"] if a.seed is not None else [])),
+                    prefix="")
     s = train_domain_classifier(data, a.out, cfg, progress=not a.no_progress)
     print(f"classifier: {s['path']}  held-out top-1 {s['test']['top1']:.2f}% ({s['test_n']} images)")
     return 0
@@ -146,7 +159,8 @@ def _eval_config(a: argparse.Namespace, features: list[str]):
     from .eval.quality import EvalConfig
 
     return EvalConfig(features=features, classifier=a.classifier or "", reference=_reference(a), n=a.n,
-                      seed=a.seed, batch_size=a.batch_size, device=a.device, precision=a.precision)
+                      seed=a.seed, batch_size=a.batch_size, device=a.device, precision=a.precision,
+                      progress=not a.no_progress)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -180,7 +194,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
                       ground_truth_split=a.ground_truth_split, n=a.n, seed=a.seed, batch_size=a.batch_size,
                       keep_samples=a.keep_samples, metric=a.metric, write_best=not a.no_write, weights=a.weights)
-    s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade)
+    s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade,
+                      log=(lambda *_: None) if a.no_progress else print)
     b = s["best"]
     se = b.get("metrics", {}).get(f"{a.metric}_se", float("nan"))
     print(f"lowest: {describe(b)}: {s['metric']} = {b['value']:.4f} ± {se:.2g}")
@@ -240,6 +255,21 @@ PLAN_FLAGS = ("steps", "levels", "mode", "sampler", "spacing", "guidance", "guid
               "churn_interval", "start")
 
 
+def _common(p: argparse.ArgumentParser, seed: str = "", *, progress: bool = True, device: bool = True,
+            from_config: bool = False) -> None:
+    """The flags every command that does the work they name takes, each with one meaning: --no-progress
+    (no progress bar), --device and --seed (``seed`` says what it seeds; "": no --seed). With
+    ``from_config`` they default to None: the config's own (train.device, train.seed) then stands."""
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    if device:
+        p.add_argument("--device", type=_device, default=None if from_config else "auto",
+                       help="auto" + (" (the config's train.device by default)" if from_config else " (default)")
+                            + ": cuda:LOCAL_RANK if CUDA is available, else cpu; or cpu, cuda, cuda:N, mps")
+    if seed:
+        p.add_argument("--seed", type=_seed, default=None if from_config else 0, help=seed)
+
+
 def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_FLAGS) -> None:
     p.add_argument("--cascade", help="cascade file (JSON, see the README's 'Cascade files') naming the stage "
                                      "checkpoints and the sampling plan")
@@ -248,7 +278,6 @@ def _add_cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = 
     p.add_argument("--precision", choices=list(PRECISIONS),
                    help="network precision while sampling (default: what each stage was trained with, auto for "
                         "the presets: bf16 autocast where the device computes bf16 natively, else fp32)")
-    p.add_argument("--device", default="auto", help="auto (default): cuda:LOCAL_RANK if CUDA is available, else cpu")
     flags = {
         "steps": dict(type=_ints, help="sampler steps, one value or one per stage (e.g. 10,6; default: the cascade "
                                        "file's, else 6 per stage)"),
@@ -297,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage of a cascade",
-                       description="Train (or resume) one stage. CONFIG is a .toml/.json file or a preset "
-                                   f"name ({', '.join(list_presets())}).")
-    t.add_argument("config", help="config file or preset name")
+                       description="Train (or resume) one stage. CONFIG is a preset (cdm presets: "
+                                   f"{', '.join(list_presets())}), a .toml/.json file, or a run directory (or its "
+                                   "config.json), whose derived keys are filled in again.")
+    t.add_argument("config", help="preset, config file, or run directory")
     t.add_argument("--out", required=True, help="run directory (resumed if it holds checkpoints)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 (repeatable)")
@@ -321,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu-tflops", type=_positive_float, metavar="X",
                    help="achieved TFLOP/s per GPU for the plan's GPU-hours (default 124.8: 40%% of an A100's "
                         "bf16 peak)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(t, "train.seed: the initial weights, batches and noise (default: the config's)", from_config=True)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample a cascade and write grids and an .npz")
@@ -332,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=_classes, metavar="C,C,...",
                    help="classes to cycle through, by name or index: e.g. sneaker,bag or 7,8 (default: all "
                         "classes; an unknown name lists the valid ones)")
-    s.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
+    _common(s, "sample j uses seed SEED + j (default 0)")
     s.add_argument("--batch-size", type=_positive, default=64)
     s.add_argument("--num-shards", type=_positive, metavar="K",
                    help="split the run into K shards (shard-XXXX.npz + manifest.json in --out), resumable; "
@@ -363,28 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--t-samples", type=_positive, metavar="K",
                    help="Monte-Carlo estimate with K uniform t per image and stage (default: the exact sum "
                         "over all T terms, T network calls per stage)")
-    n.add_argument("--seed", type=_seed, default=0, help="image j uses seed SEED + j")
+    _common(n, "image j uses seed SEED + j (default 0)")
     n.add_argument("--batch-size", type=_positive, default=64)
-    n.add_argument("--no-progress", action="store_true")
     n.set_defaults(func=cmd_nll)
 
     d = sub.add_parser("demo", help="train and sample the Fashion-MNIST 8->32 cascade (about 20 minutes on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; re-running resumes)")
     d.add_argument("--scale", type=_positive_float, default=1.0,
                    help="multiply the training steps (e.g. 0.01 for a smoke run)")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--no-progress", action="store_true")
+    _common(d, "train.seed of both stages, and the grid's sample j uses seed SEED + j (default 0)")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("train-classifier", help="train the domain classifier (feature space for FID/KID/PR, and IS)")
     c.add_argument("--out", required=True, help="output directory (classifier.safetensors, report)")
     c.add_argument("--data-from", default="fmnist-sr8to32",
-                   help="stage config or preset whose [data] section to use (default fmnist-sr8to32)")
+                   help="the preset, config file or run directory whose [data] section to use (default "
+                        "fmnist-sr8to32)")
     c.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data setting, e.g. --data source=folder --data path=~/pets")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="classifier setting, e.g. --set epochs=2 (see cdm.eval.classifier.ClassifierConfig)")
-    c.add_argument("--no-progress", action="store_true")
+    _common(c, "the classifier's initial weights and batches (default: its seed setting, 0)", device=False,
+            from_config=True)
     c.set_defaults(func=cmd_train_classifier)
 
     e = sub.add_parser("eval", help="FID, KID, IS, precision/recall, per-stage checks and CAS of a cascade")
@@ -402,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cas", action="store_true", help="also compute the Classification Accuracy Score")
     e.add_argument("--cas-epochs", type=_positive, default=4)
     e.add_argument("--no-per-stage", action="store_true", help="skip the per-stage checks of SR stages")
-    e.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
+    _common(e, "sample j uses seed SEED + j (default 0)")
     e.add_argument("--batch-size", type=_positive, default=250)
     e.set_defaults(func=cmd_eval)
 
@@ -440,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
     _add_reference_args(w)
     w.add_argument("--no-write", action="store_true", help="never write a level into a cascade file")
-    w.add_argument("--seed", type=_seed, default=0, help="sample j uses seed SEED + j")
+    _common(w, "sample j uses seed SEED + j (default 0)")
     w.add_argument("--batch-size", type=_positive, default=250)
     w.set_defaults(func=cmd_sweep)
 
@@ -470,10 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--iters", type=_positive, default=2000, help="optimiser steps per round (default 2000)")
     di.add_argument("--batch-size", type=_positive, default=64)
     di.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate, annealed to 0 each round")
-    di.add_argument("--seed", type=_seed, default=0)
-    di.add_argument("--device", default="auto", help="auto (default): cuda if available, else cpu")
+    _common(di, "the students' batches and noise (default 0)")
     di.add_argument("--fresh", action="store_true", help="discard the rounds in --out (of another teacher or settings)")
-    di.add_argument("--no-progress", action="store_true")
     di.set_defaults(func=cmd_distill)
 
     pp = sub.add_parser("prepare", help="write a data set once at its data resolution, for training and "
@@ -497,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an unreadable image is skipped and counted (default), or stops the preparation")
     pp.add_argument("--workers", type=int, default=0, metavar="N",
                     help="decoding processes for a folder (default 0: one per core)")
-    pp.add_argument("--no-progress", action="store_true")
+    _common(pp, device=False)
     pp.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("presets", help="list the shipped stage presets, each with what it is for")

@@ -65,10 +65,16 @@ def resolve_classes(classes: list[int | str] | None, class_names: list[str]) -> 
 
 
 def sample_batched(cascade: Cascade, labels: torch.Tensor, seeds: list[int], plan: SamplingPlan,
-                   batch_size: int = 64) -> CascadeOutput:
-    """:meth:`Cascade.sample` in batches; the result does not depend on ``batch_size``."""
-    parts = [cascade.sample(labels[i:i + batch_size], seeds[i:i + batch_size], plan)
-             for i in range(0, len(labels), batch_size)]
+                   batch_size: int = 64, progress: bool = False) -> CascadeOutput:
+    """:meth:`Cascade.sample` in batches (a progress bar in images if ``progress``); the result does
+    not depend on ``batch_size``."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=len(labels), disable=not progress, desc="sample", unit="img", mininterval=1.0) as bar:
+        for i in range(0, len(labels), batch_size):
+            parts.append(cascade.sample(labels[i:i + batch_size], seeds[i:i + batch_size], plan))
+            bar.update(len(parts[-1].labels))
     k = len(parts[0].images)
     return CascadeOutput(
         images=[torch.cat([p.images[s] for p in parts]) for s in range(k)],

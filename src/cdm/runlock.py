@@ -59,6 +59,8 @@ Limitations
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import json
 import os
 import socket
@@ -232,3 +234,17 @@ def run_lock(directory: str | Path, what: str = "training", *, enabled: bool = T
     File-system limitations (NFS): see the module's docstring.
     """
     return RunLock(directory, what, enabled=enabled, shared=shared, agree=agree)
+
+
+def holding_lock(what: str, directory: str = "out_dir"):
+    """Decorate a function that writes into the directory its argument ``directory`` names: each call
+    runs holding that directory's run lock (:func:`run_lock`), so a second writer is refused at once."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with run_lock(signature.bind(*args, **kwargs).arguments[directory], what):
+                return fn(*args, **kwargs)
+        return locked
+    return decorate

@@ -149,7 +149,7 @@ def missing_shards(out: str | Path, manifest: dict) -> list[int]:
 
 
 def run_shards(cascade: Cascade, plan: SamplingPlan, manifest: dict, out: str | Path,
-               indices: Iterable[int], batch_size: int = 64) -> list[Path]:
+               indices: Iterable[int], batch_size: int = 64, progress: bool = False) -> list[Path]:
     """Sample the shards ``indices`` of the run ``manifest`` describes, skipping finished ones;
     returns the files written."""
     written = []
@@ -162,7 +162,7 @@ def run_shards(cascade: Cascade, plan: SamplingPlan, manifest: dict, out: str | 
         a, b = manifest["shards"][i]["start"], manifest["shards"][i]["stop"]
         seeds = list(range(seed + a, seed + b))
         result = sample_batched(cascade, torch.tensor(manifest["labels"][a:b], dtype=torch.long), seeds, plan,
-                                batch_size)
+                                batch_size, progress)
         written.append(save_npz(shard_path(out, i), {**sample_arrays(result), "seeds": np.array(seeds, np.int64),
                                                      "run_id": np.array(manifest["run_id"])}))
     return written
@@ -215,6 +215,7 @@ class SampleRequest:
     precision: str | None = None  # "bf16" or "fp32"; default: what each stage was trained in
     num_shards: int | None = None  # a sharded run of this many shards (default under torchrun: world size)
     shard: int | None = None  # sample only this shard
+    progress: bool = True  # a progress bar (in images) on stderr
 
 
 def sample_run(checkpoints: list[Path], plan: SamplingPlan, request: SampleRequest, out: str | Path) -> dict:
@@ -236,13 +237,14 @@ def sample_run(checkpoints: list[Path], plan: SamplingPlan, request: SampleReque
         if rank == 0:
             write_cascade_file(cascade_file, checkpoints, plan)
         if not sharded:
-            result = sample_batched(cascade, labels, list(range(r.seed, r.seed + r.n)), plan, r.batch_size)
+            result = sample_batched(cascade, labels, list(range(r.seed, r.seed + r.n)), plan, r.batch_size,
+                                    r.progress)
             written = write_samples(result, cascade, out)
             return {"written": written, "samples": out / "samples.npz", "missing": [], "cascade": cascade_file}
         k = r.num_shards or size
         indices = [r.shard] if r.shard is not None else range(rank, k, size)
         manifest = open_run(out, make_manifest(checkpoints, plan, labels, r.seed, k))
-        written = run_shards(cascade, plan, manifest, out, indices, r.batch_size)
+        written = run_shards(cascade, plan, manifest, out, indices, r.batch_size, r.progress)
         missing = missing_shards(out, manifest)
         return {"written": written, "samples": None if missing else merge_shards(out), "missing": missing,
                 "cascade": cascade_file}

@@ -47,7 +47,7 @@ from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_d
                          newest_intact, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cascade import StagePlan, sample_stage
 from .runlock import run_lock
-from .config import StageConfig, to_dict
+from .config import RUN_CONFIG, StageConfig, to_dict
 from .data import ImageSet, load_dataset, stage_input
 from .distributed import DistributedError, World, world
 from .ema import classic_decay, ema_update, power_decay, remove_snapshots_after, save_snapshot, sigma_rel_to_gamma
@@ -225,7 +225,7 @@ def _train(cfg: StageConfig, out: Path, fresh: bool, progress: bool, data: Image
         remove_stale_temporaries(out)
         remove_snapshots_after(out, step)
         trim_log(out / "log.jsonl", step)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
+        atomic_write(out / RUN_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(to_dict(cfg), indent=2)))
         record_start(out, step, origin, changes)
         device = f"{w.device}" + (f" x {w.size} processes" if w.size > 1 else "")
         start = describe_start(intact[0] if intact else None, step, init, origin) + \

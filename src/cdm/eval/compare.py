@@ -27,6 +27,7 @@ from ..data import to_uint8
 from ..generate import cycle_labels, sample_batched, write_samples
 from ..images import save_grid
 from ..metrics import fid_bootstrap, kid_bootstrap
+from ..runlock import holding_lock
 from .features import ReferenceFeatures, make_extractor, reference_features
 from .floor import floor_images, real_floor, small_reference_warning
 from .quality import EvalConfig, _ref_stats, check_overlap, quality_scores
@@ -74,6 +75,7 @@ def _verdicts(rows: list[dict]) -> list[Verdict]:
     return [verdict(r["metric"], r["a"], r["b"], r["se"]) for r in rows]
 
 
+@holding_lock("comparing")
 def compare_cascades(a: str | Path, b: str | Path, cfg: EvalConfig, out_dir: str | Path,
                      overrides: dict | None = None, log=print) -> dict:
     """Sample ``cfg.n`` images from cascades ``a`` and ``b`` (:func:`resolve_side`) with the same
@@ -95,7 +97,7 @@ def compare_cascades(a: str | Path, b: str | Path, cfg: EvalConfig, out_dir: str
     images = []
     for name, c, (_, plan) in zip(NAMES, cascades, sides):
         log(f"sampling {cfg.n} images through cascade {name}")
-        res = sample_batched(c, labels, seeds, plan, cfg.batch_size)
+        res = sample_batched(c, labels, seeds, plan, cfg.batch_size, cfg.progress)
         write_samples(res, c, out / f"samples-{name}")
         images.append(to_uint8(res.images[-1]))
     data, resolution = finals[0].config.data, finals[0].resolution

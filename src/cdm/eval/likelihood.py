@@ -48,6 +48,7 @@ from ..cascade_file import load_cascade
 from ..checkpoint import atomic_write
 from ..data import DataError, downsample, to_float
 from ..diffusion import GaussianDiffusion
+from ..runlock import holding_lock
 from ..samplers import SeededNoise, derive_seed
 from .reference import ReferenceSpec, load_reference
 
@@ -317,6 +318,7 @@ def _levels(k: int, given: list[int] | None, plan: SamplingPlan) -> list[int]:
     return [0] + given * (k - 1) if len(given) == 1 else list(given)
 
 
+@holding_lock("evaluating the likelihood")
 def evaluate_nll(checkpoints: list[Path], plan: SamplingPlan, cfg: NllConfig, out_dir: str | Path) -> dict:
     """``cdm nll``: the cascade's bound on real images (``cfg.reference`` of the last stage's data:
     the held-out split by default, a random class-stratified subset of ``n``), at the plan's

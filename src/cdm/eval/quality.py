@@ -33,6 +33,7 @@ from ..generate import cycle_labels, sample_batched, write_samples
 from ..images import save_grid
 from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, kid_bootstrap, \
     precision_recall
+from ..runlock import holding_lock
 from .report import Report
 from .classifier import ClassifierConfig, classification_accuracy_score
 from .features import ReferenceFeatures, make_extractor, reference_features
@@ -56,6 +57,7 @@ class EvalConfig:
     precision: str | None = None  # network precision while sampling (default: as each stage was trained)
     cache_dir: str | None = None  # reference statistics (default $CDM_CACHE/stats or ~/.cache/cdm/stats)
     resamples: int = 30  # bootstrap resamples behind every standard error
+    progress: bool = True  # a progress bar while sampling
 
 
 def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] = ("fid", "kid", "is", "pr")) -> dict:
@@ -164,6 +166,7 @@ def check_overlap(cascade: Cascade, ref: ReferenceSet, log=print) -> dict[str, i
     return counts
 
 
+@holding_lock("evaluating")
 def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfig, out_dir: str | Path,
                      samples: str | Path | None = None, per_stage: bool = True,
                      cas: ClassifierConfig | None = None, log=print) -> dict:
@@ -184,7 +187,8 @@ def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfi
     else:
         labels = cycle_labels(n, cascade.num_classes)
         log(f"sampling {n} images through the cascade")
-        res = sample_batched(cascade, labels, list(range(cfg.seed, cfg.seed + n)), plan, cfg.batch_size)
+        res = sample_batched(cascade, labels, list(range(cfg.seed, cfg.seed + n)), plan, cfg.batch_size,
+                             cfg.progress)
         write_samples(res, cascade, out / "samples")
         images, source = [to_uint8(im) for im in res.images], "sampled now"
     ref_set = load_reference(data, cfg.reference)

@@ -55,6 +55,7 @@ from ..cascade_file import CASCADE_FILE, load_cascade, read_cascade_file, write_
 from ..checkpoint import atomic_write
 from ..config import ConfigError
 from ..data import to_uint8
+from ..runlock import holding_lock
 from .report import Report, heatmap_svg, line_plot_svg
 from .features import make_extractor, reference_features
 from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_point, stage_fingerprint, \
@@ -337,6 +338,7 @@ def describe(row: dict) -> str:
     return f"w = {weight(row):g}" if row.get("stage") == 0 else _setting(condition_label(row), row["level"], weight(row))
 
 
+@holding_lock("sweeping")
 def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Path, cfg: SweepConfig,
                   ev: EvalConfig, cascade_file: str | Path | None = None, log=print) -> dict:
     """``cdm sweep``: search SR stage ``cfg.stage``'s level (both modes with generated inputs, or
