@@ -165,7 +165,7 @@ CASES = [
     (base("data.source=web"), 2, "data.source must be"),
     (base("data.path={empty_npz}"), 2, "holds no images"),
     (base("data.path={float_labels_npz}"), 2, "'labels' must be a 1-d array of integer class indices"),
-    (base("data.source=folder", "data.path={npz}"), 2, "is not a folder"),
+    (base("data.source=folder", "data.path={npz}"), 2, "is a file, not a folder"),
     # --- diffusion and augmentation
     (base("diffusion.steps=0"), 2, "diffusion.steps must be >= 1"),
     (base("diffusion.schedule=quadratic"), 2, "diffusion.schedule must be one of cosine, linear, got 'quadratic'"),

@@ -314,14 +314,37 @@ def npz_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | N
             with zf.open("images.npy") as f:
                 fmt = np.lib.format
                 read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-                shape = read(f)[0]
+                shape, _, dtype = read(f)
         with np.load(path, allow_pickle=False) as z:
             labels = z["labels"] if "labels" in z else None
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cannot read {path} ({e}); is it a complete .npz file?") from e
+    check_npz(path, tuple(shape), dtype, labels)
     return tuple(shape), labels
+
+
+def check_npz(path, shape: tuple[int, ...], dtype: np.dtype, labels: np.ndarray | None) -> None:
+    """Refuse an ``.npz`` whose ``images`` (of ``shape`` and ``dtype``) or ``labels`` cdm cannot train on."""
+    if dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 in [0, 255], got {dtype}")
+    if len(shape) >= 1 and shape[0] == 0:
+        raise DataError(f"{path} holds no images ('images' has shape {list(shape)}); "
+                        f"set data.path to an .npz with at least one image")
+    c = (shape[-1] if channels_last(shape) else shape[1]) if len(shape) == 4 else 1
+    if len(shape) not in (3, 4) or c not in (1, 3) or min(shape[1:]) < 1:
+        raise DataError(f"{path}: 'images' must be [N, H, W], [N, H, W, C] or [N, C, H, W] with "
+                        f"C in (1, 3), got {list(shape)}")
+    if labels is None:
+        return
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise DataError(f"{path}: 'labels' must be a 1-d array of integer class indices, got "
+                        f"{labels.dtype} of shape {list(labels.shape)}")
+    if labels.size and labels.max() >= MAX_CLASSES:
+        raise DataError(f"{path}: 'labels' must be class indices 0..K-1, got a label of {labels.max()}")
+    if len(labels) != shape[0]:
+        raise DataError(f"{path}: {shape[0]} images but {len(labels)} labels")
 
 
 def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
@@ -338,28 +361,10 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"cannot read {path} ({e}); is it a complete .npz file?") from e
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
-    if images.ndim >= 1 and images.shape[0] == 0:
-        raise DataError(f"{path} holds no images ('images' has shape {list(images.shape)}); "
-                        f"set data.path to an .npz with at least one image")
-    if labels is not None and (labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
-                                                        or labels.dtype == np.bool_)):
-        raise DataError(f"{path}: 'labels' must be a 1-d array of integer class indices, got "
-                        f"{labels.dtype} of shape {list(labels.shape)}")
-    if labels is not None and labels.size and labels.max() >= MAX_CLASSES:
-        raise DataError(f"{path}: 'labels' must be class indices 0..K-1, got a label of {labels.max()}")
+    check_npz(path, images.shape, images.dtype, labels)
     x = torch.from_numpy(images.copy())
-    if x.dim() == 3:
-        x = x[:, None]
-    elif channels_last(x.shape):
-        x = x.permute(0, 3, 1, 2)
-    if x.dim() != 4 or x.shape[1] not in (1, 3) or min(x.shape[2:]) < 1:
-        raise DataError(f"{path}: 'images' must be [N, H, W], [N, H, W, C] or [N, C, H, W] with "
-                        f"C in (1, 3), got {list(images.shape)}")
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2) if channels_last(x.shape) else x
     y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
-    if y is not None and len(y) != len(x):
-        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
     return x.contiguous(), y
 
 
