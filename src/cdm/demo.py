@@ -17,6 +17,7 @@ from .data import load_dataset
 from .cascade import DEFAULT_STEPS, SamplingPlan
 from .cascade_file import CASCADE_FILE, load_cascade, write_cascade_file
 from .generate import sample_batched, write_samples
+from .runlock import holding_lock
 from .train import train_stage
 
 # Non-truncated Gaussian augmentation level for the demo's SR stage: a mild level hides the base
@@ -32,6 +33,7 @@ DEMO_SR_GUIDANCE = 1.0
 
 
 
+@holding_lock("running the demo")
 def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: int = 10,
              sample_steps: int = DEFAULT_STEPS, progress: bool = True, device: str = "auto", seed: int = 0) -> dict:
     """Train both stages (``scale`` multiplies their step counts; ``seed``: their ``train.seed``), sample

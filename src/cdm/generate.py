@@ -66,15 +66,20 @@ def resolve_classes(classes: list[int | str] | None, class_names: list[str]) -> 
 
 def sample_batched(cascade: Cascade, labels: torch.Tensor, seeds: list[int], plan: SamplingPlan,
                    batch_size: int = 64, progress: bool = False) -> CascadeOutput:
-    """:meth:`Cascade.sample` in batches (a progress bar in images if ``progress``); the result does
-    not depend on ``batch_size``."""
+    """:meth:`Cascade.sample` in batches (a progress bar in images if ``progress``, drawn from the end of
+    the first batch, so that a refused plan or label is one line); the result does not depend on
+    ``batch_size``."""
     from tqdm.auto import tqdm
 
-    parts = []
-    with tqdm(total=len(labels), disable=not progress, desc="sample", unit="img", mininterval=1.0) as bar:
-        for i in range(0, len(labels), batch_size):
-            parts.append(cascade.sample(labels[i:i + batch_size], seeds[i:i + batch_size], plan))
+    parts, bar = [], None
+    for i in range(0, len(labels), batch_size):
+        parts.append(cascade.sample(labels[i:i + batch_size], seeds[i:i + batch_size], plan))
+        if progress and bar is None:
+            bar = tqdm(total=len(labels), desc="sample", unit="img", mininterval=1.0)
+        if bar is not None:
             bar.update(len(parts[-1].labels))
+    if bar is not None:
+        bar.close()
     k = len(parts[0].images)
     return CascadeOutput(
         images=[torch.cat([p.images[s] for p in parts]) for s in range(k)],

@@ -58,12 +58,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import ConfigError, StageConfig
 from .data import FASHION_MNIST_CLASSES, DataConfig, DataError, ImageSet, channels_last, load_dataset, npz_header
 from .folder import folder_mode, list_folder
-from .flops import train_flops_per_image
+from .flops import ChecksPass, train_flops_per_image
 from .stage import Stage
 
 __all__ = ["MemoryEstimate", "TrainingPlan", "training_plan", "resolve_for_plan", "format_plan",
@@ -86,16 +85,6 @@ DEFAULT_GPU_TFLOPS = 0.4 * 312.0
 
 
 # ----------------------------------------------------------------------------- shapes-only execution
-class _ChecksPass(TorchDispatchMode):
-    """Under fake tensors a Python-level check of values (``if (t < 0).any(): raise``) cannot be
-    decided; it reads as passed (False / 0), since the plan's inputs are valid by construction."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            return False if args[0].dtype == torch.bool else 0
-        return func(*args, **(kwargs or {}))
-
-
 @contextlib.contextmanager
 def shapes_only():
     """Run torch code on fake tensors: shapes, dtypes and autocast as for real, no data, no memory."""
@@ -104,7 +93,7 @@ def shapes_only():
     from . import stage as stage_module
 
     warned = set(stage_module._warned)
-    with FakeTensorMode(allow_non_fake_inputs=True), _ChecksPass(), warnings.catch_warnings():
+    with FakeTensorMode(allow_non_fake_inputs=True), ChecksPass(), warnings.catch_warnings():
         # a plan counts bf16 on any device (a GPU's precision): the CPU's emulation warning is not for it
         warnings.filterwarnings("ignore", message="bf16 autocast on a")
         try:
@@ -230,7 +219,7 @@ def training_plan(config: StageConfig, processes: int = 1, data: ImageSet | None
     with shapes_only():
         torch.manual_seed(0)
         params = sum(p.numel() for p in Stage(copy.deepcopy(config)).net.parameters())
-        flops = train_flops_per_image(config)
+    flops = train_flops_per_image(config)  # on meta tensors: no memory either
     (one, one32), (two, two32) = _saved(config, 1), _saved(config, 2)
     per_image, fixed = two - one, max(2 * one - two, 0)
     per_image_fp32 = two32 - one32  # the workspace is float32-sized whatever the autocast precision (measured)
