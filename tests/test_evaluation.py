@@ -220,8 +220,21 @@ def test_line_plot_reference_lines_widen_the_y_range_and_join_the_legend():
     assert ">5.32<" in svg  # the top tick lies above the reference line: 5 + 8% of the range 1..5
 
 
-def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
+class PixelFeatures:
+    """A stand-in feature space for tests: the images' pixels (the FID Inception costs minutes on a CPU)."""
+    name = "pixels"
+
+    def __init__(self, device=None):
+        pass
+
+    def __call__(self, images):
+        return {"features": images.flatten(1).float().numpy() / 255, "probs": None}
+
+
+def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys, monkeypatch):
     from cdm.cli import main
+
+    monkeypatch.setattr("cdm.eval.features.InceptionFID", PixelFeatures)
     from test_cli import write_tiny
 
     base = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
@@ -268,9 +281,14 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys):
         # --stage works as in cdm sample; a level found is written into OUT/cascade.json
         assert main(["sweep", "--stage", str(tmp_path / "base"), "--stage", str(tmp_path / "sr"), "--out",
                      str(tmp_path / "sw2"), "--levels", "0,5", "--n", "6", "--n-ref", "24", "--modes", "non-truncated",
-                     "--classifier", str(tmp_path / "clf"), "--split", "train", "--steps", "2"]) == 0
+                     "--classifier", str(tmp_path / "clf"), "--split", "train", "--steps", "2",
+                     "--feature", "classifier,inception"]) == 0  # "inception": the stand-in above
         s2 = json.loads((tmp_path / "sw2" / "summary.json").read_text())
         assert s2["written"] == (tmp_path / "sw2" / "cascade.json").exists()
+        # a second feature space is scored beside the one that ranks, on the same samples
+        assert s2["metric"].startswith("fid[cdm-classifier")
+        assert all(np.isfinite(r["metrics"]["fid[pixels]"]) and r["metrics"]["fid[pixels]_se"] > 0 for r in s2["rows"])
+        assert "fid[pixels] ± se" in (tmp_path / "sw2" / "report.md").read_text()
         # ground-truth inputs: the same sweep on real low-res images; the cascade file is left alone
         before = casc.read_text()
         assert main(["sweep", "--cascade", str(casc), "--out", str(tmp_path / "sw"), "--levels", "0,5", "--n", "6",

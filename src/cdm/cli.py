@@ -55,6 +55,8 @@ def _device_name(text: str) -> str | None:
 _positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)")
+_spaces = _checked(lambda t: [v for v in t.split(",") if v], lambda v: v and set(v) <= {"classifier", "inception"},
+                   "feature spaces, comma-separated: classifier, inception")
 _device = _checked(_device_name, lambda v: True, "auto, cpu, cuda, cuda:N, mps or xpu")
 
 
@@ -194,7 +196,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,
                       ground_truth_split=a.ground_truth_split, n=a.n, seed=a.seed, batch_size=a.batch_size,
                       keep_samples=a.keep_samples, metric=a.metric, write_best=not a.no_write, weights=a.weights)
-    s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, [a.feature]), cascade_file=a.cascade,
+    s = sweep_cascade(paths, plan, a.out, cfg, _eval_config(a, a.feature), cascade_file=a.cascade,
                       log=(lambda *_: None) if a.no_progress else print)
     b = s["best"]
     se = b.get("metrics", {}).get(f"{a.metric}_se", float("nan"))
@@ -425,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="compare two cascades (each a cascade file, a folder holding cascade.json, or a stage "
                         "checkpoint): same seeds, same reference, a verdict per metric only beyond 2 standard errors")
-    e.add_argument("--features", type=lambda t: [v for v in t.split(",") if v], default=["classifier"],
+    e.add_argument("--features", type=_spaces, default=["classifier"],
                    help="feature spaces, comma-separated: classifier, inception (default classifier)")
     e.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
     _add_reference_args(e)
@@ -465,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--keep-samples", action="store_true",
                    help="save every candidate's samples (OUT/samples/*.npz, uint8) before scoring them")
     w.add_argument("--n", type=_positive, default=500, help="samples per candidate (default 500)")
-    w.add_argument("--feature", default="classifier", choices=["classifier", "inception"])
+    w.add_argument("--feature", default=["classifier"], type=_spaces, metavar="SPACE[,SPACE]",
+                   help="the feature space that ranks (classifier, the default, or inception); more, comma-"
+                        "separated, are scored beside it on the same samples (e.g. classifier,inception)")
     w.add_argument("--metric", default="fid", choices=["fid", "kid"])
     w.add_argument("--classifier", help="domain classifier (from cdm train-classifier)")
     _add_reference_args(w)

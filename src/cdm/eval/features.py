@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..checkpoint import atomic_write
 from ..data import to_uint8
+from ..distributed import pick_device
 from ..metrics import feature_stats
 from .classifier import Classifier, load_classifier, predict
 from .reference import ReferenceSet
@@ -122,7 +123,7 @@ class InceptionFID:
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64):
         if batch_size < 1:
             raise FeatureError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
+        self.device = pick_device(device) if isinstance(device, str) else device  # "auto": a GPU if there is one
         self.batch_size = batch_size
         path = inception_weights_path()
         try:

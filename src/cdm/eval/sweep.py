@@ -362,12 +362,19 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
     overlap = check_overlap(cascade, ref_set, log)
     ref = reference_features(ex, ref_set, cascade.stages[i].resolution, ev.cache_dir)
     name = f"{cfg.metric}[{ex.name}]"
+    beside = [make_extractor(s, ev.classifier, ev.device) for s in ev.features[1:]]  # scored, not ranking
+    beside = [(e, reference_features(e, ref_set, cascade.stages[i].resolution, ev.cache_dir)) for e in beside]
 
     def score(x: Tensor, labels: Tensor) -> dict:
         feats = ex(to_uint8(x))
         q = quality_scores(feats, ref, (cfg.metric, "pr"))
-        return {cfg.metric: q[cfg.metric], f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref),
-                "precision": q["precision"], "recall": q["recall"]}
+        row = {cfg.metric: q[cfg.metric], f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref),
+               "precision": q["precision"], "recall": q["recall"]}
+        for e, r in beside:  # the same samples in another feature space, side by side
+            f = e(to_uint8(x))
+            row[f"{cfg.metric}[{e.name}]"] = quality_scores(f, r, (cfg.metric,))[cfg.metric]
+            row[f"{cfg.metric}[{e.name}]_se"] = standard_error(cfg.metric, f["features"], r)
+        return row
 
     rows = run_sweep(cascade, plan, cfg, Judge(score, name, cfg.metric), out, progress=log)
     best, cur, write, why = _decide(rows, cfg.metric, mode, level, w)
@@ -413,10 +420,13 @@ def _sweep_report(summary: dict, cfg: SweepConfig, plan: SamplingPlan, out: Path
                 f"heatmap-{m}.svg", f"{name} over (s, w), {m}")
     se, b = f"{cfg.metric}_se", summary["best"]
     m = lambda r, k: r.get("metrics", {}).get(k)  # noqa: E731
-    rep.table([{**r, "guidance": weight(r), "± se": m(r, se), "precision": m(r, "precision"), "recall": m(r, "recall")}
+    beside = sorted({k for r in rows for k in r.get("metrics", {}) if k.startswith(f"{cfg.metric}[")
+                     and not k.endswith("_se")})  # other feature spaces, scored side by side
+    rep.table([{**r, "guidance": weight(r), "± se": m(r, se), "precision": m(r, "precision"), "recall": m(r, "recall"),
+                **{k: m(r, k) for k in beside}, **{f"{k} ± se": m(r, f"{k}_se") for k in beside}}
                for r in sorted(rows, key=lambda r: (r["mode"], r["level"], weight(r)))],
-              ["conditioning", "mode", "level", "guidance", "value", "± se", "precision", "recall", "n", "steps",
-               "sampler"])
+              ["conditioning", "mode", "level", "guidance", "value", "± se", "precision", "recall",
+               *[c for k in beside for c in (k, f"{k} ± se")], "n", "steps", "sampler"])
     rep.text(f"Lowest: {describe(b)} ({name} = {b['value']:.4f} ± "
              f"{b.get('metrics', {}).get(se, float('nan')):.2g}, one bootstrap standard error). {summary['decision']}.")
     return rep.write(out)
