@@ -10,6 +10,7 @@ import warnings
 
 from .config import PRECISIONS, ConfigError, list_presets, load_stage_config, preset_description, to_dict
 from .diffusion import Spacing
+from .distributed import is_device_name
 from .errors import USER_ERRORS, OneLineParser, os_error_message, warning_line
 from .samplers import SAMPLERS
 
@@ -42,22 +43,12 @@ def _checked(cast, ok, want: str):
     return parse
 
 
-def _device_name(text: str) -> str | None:
-    """``text`` if it names a device cdm can run on (auto, cpu, cuda, cuda:N, mps, xpu), else None."""
-    import torch
-
-    try:
-        return text if text == "auto" or torch.device(text).type in ("cpu", "cuda", "mps", "xpu") else None
-    except RuntimeError:
-        return None
-
-
 _positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 63, "an integer seed in [0, 2^63)")
 _spaces = _checked(lambda t: [v for v in t.split(",") if v], lambda v: v and set(v) <= {"classifier", "inception"},
                    "feature spaces, comma-separated: classifier, inception")
-_device = _checked(_device_name, lambda v: True, "auto, cpu, cuda, cuda:N, mps or xpu")
+_device = _checked(str, is_device_name, "auto, cpu, cuda, cuda:N, mps or xpu")
 
 
 def cmd_train(a: argparse.Namespace) -> int:

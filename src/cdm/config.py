@@ -20,11 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
 from .diffusion import DiffusionConfig
+from .distributed import is_device_name
 from .recipe import LossWeight, LRSchedule
 from .unet import UNetConfig
 
@@ -113,14 +112,9 @@ class TrainConfig:
                                   f"(0, {flat:.3f}); EDM2 keeps 0.05 and 0.1; got {r}")
         if 0 in self.ema_profiles:
             raise ConfigError("train.ema_profiles must be > 0 (e.g. 0.05,0.1)")
-        if self.device != "auto":
-            try:
-                dev = torch.device(self.device)
-            except (RuntimeError, ValueError):
-                dev = None
-            if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
-                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (or mps, xpu), "
-                                  f"got {self.device!r}")
+        if not is_device_name(self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (or mps, xpu), "
+                              f"got {self.device!r}")
 
 
 # Network fields that the stage sets; a config that sets them is refused.

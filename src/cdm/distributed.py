@@ -30,6 +30,14 @@ def env_rank() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def is_device_name(name: str) -> bool:
+    """Whether ``name`` names a device cdm can run on: auto, cpu, cuda, cuda:N, mps or xpu."""
+    try:
+        return name == "auto" or torch.device(name).type in ("cpu", "cuda", "mps", "xpu")
+    except (RuntimeError, ValueError):
+        return False
+
+
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     """``"auto"``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU. A bare ``"cuda"``
     also means this process's local GPU; ``"cpu"`` and ``"cuda:1"`` are taken as they are."""

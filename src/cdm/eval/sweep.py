@@ -366,12 +366,13 @@ def sweep_cascade(checkpoints: list[Path], plan: SamplingPlan, out_dir: str | Pa
     beside = [(e, reference_features(e, ref_set, cascade.stages[i].resolution, ev.cache_dir)) for e in beside]
 
     def score(x: Tensor, labels: Tensor) -> dict:
-        feats = ex(to_uint8(x))
+        x = to_uint8(x)
+        feats = ex(x)
         q = quality_scores(feats, ref, (cfg.metric, "pr"))
         row = {cfg.metric: q[cfg.metric], f"{cfg.metric}_se": standard_error(cfg.metric, feats["features"], ref),
                "precision": q["precision"], "recall": q["recall"]}
         for e, r in beside:  # the same samples in another feature space, side by side
-            f = e(to_uint8(x))
+            f = e(x)
             row[f"{cfg.metric}[{e.name}]"] = quality_scores(f, r, (cfg.metric,))[cfg.metric]
             row[f"{cfg.metric}[{e.name}]_se"] = standard_error(cfg.metric, f["features"], r)
         return row
