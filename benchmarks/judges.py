@@ -65,6 +65,8 @@ PLANS = {  # name -> ((steps, sampler, spacing, guidance) of the base stage, the
     "sde25-w1": (SDE25 + (0.0,), SDE25 + (1.0,)),
     "sde25-w2": (SDE25 + (0.0,), SDE25 + (2.0,)),
 }
+PLANS["shipped-fp32"] = PLANS["shipped"]  # ... sampled in fp32 (the stages' own precision: bf16 where native)
+PRECISION = {"shipped-fp32": "fp32"}
 BORDER = 2  # Fashion-MNIST's 28-px images padded to 32: 2 px of exact black on each side
 
 
@@ -142,10 +144,13 @@ class Judge:
             row["agreement"] = float((np.asarray(feats["probs"]).argmax(1) == labels).mean())
         return row
 
-    def real_row(self, out: Path) -> dict:
+    def real_row(self) -> dict:
         """The floor set (``n`` real images of the other split) scored like a candidate."""
-        real = self.floor_set.at(self.resolution)
-        row = self.score(cached_features(self.ex, real, out / f"feats-{self.space}.npz"), self.floor_set.labels.numpy())
+        # the floor's features, already computed and cached; the classifier's again for its probabilities (cheap)
+        feats = {"features": reference_features(self.ex, self.floor_set, self.resolution).features}
+        if self.space == "classifier":
+            feats = self.ex(self.floor_set.at(self.resolution))
+        row = self.score(feats, self.floor_set.labels.numpy())
         return {"space": self.space, "variant": "real", **row}
 
 
@@ -156,7 +161,7 @@ def sampled(stages: list[Path], plan_name: str, a: argparse.Namespace, out: Path
     if path.exists():
         with np.load(path) as z:
             return torch.from_numpy(z["images"]), z["labels"], float(z["seconds"])
-    cascade = load_cascade(stages, "cpu")
+    cascade = load_cascade(stages, "cpu", precision=PRECISION.get(plan_name))
     labels = cycle_labels(a.n, cascade.num_classes)
     t0 = time.time()
     res = sample_batched(cascade, labels, list(range(a.seed, a.seed + a.n)), sampling_plan(plan_name), 250)
@@ -184,6 +189,7 @@ def score_candidate(stages: list[Path], plan_name: str, a: argparse.Namespace, j
             feats = cached_features(j.ex, im, out / f"feats-{j.space}{tag}.npz")
             rows.append({"space": j.space, "variant": variant, **j.score(feats, labels)})
     return {"stages": [str(s) for s in stages], "plan": plan_name, "sampling": PLANS[plan_name], "level": LEVEL,
+            "precision": PRECISION.get(plan_name, "the stages' (bf16 autocast where the CPU computes bf16)"),
             "n": a.n, "seed": a.seed, "n_ref": a.n_ref, "sample_seconds": round(seconds, 1),
             "border_abs": float(final[..., mask].float().mean()), "fine_detail": fine_detail(final),
             "rows": rows, "machine": machine_facts(), "date": time.strftime("%Y-%m-%d")}
@@ -196,7 +202,7 @@ def score_real(judges: list[Judge], out: Path) -> dict:
     real = judges[0].floor_set.at(judges[0].resolution)
     return {"stages": [], "plan": "real", "n": len(real), "n_ref": len(judges[0].ref_set),
             "source": judges[0].floor_set.source, "border_abs": float(real[..., border_mask(real.shape[-1])].float().mean()),
-            "fine_detail": fine_detail(real), "rows": [j.real_row(out) for j in judges], "machine": machine_facts(),
+            "fine_detail": fine_detail(real), "rows": [j.real_row() for j in judges], "machine": machine_facts(),
             "date": time.strftime("%Y-%m-%d")}
 
 
