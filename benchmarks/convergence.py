@@ -67,7 +67,7 @@ PRESETS = {"base": "fmnist-base8", "sr": "fmnist-sr8to32", "single": "fmnist-sin
 SAMPLER, SAMPLE_STEPS, SPACING = "dpmpp-2m-sde", 25, "uniform"
 SELECTION_SEED = 100_000  # post-hoc EMA lengths are chosen on samples with these seeds, not the reported ones
 
-# The recipe every stage shipped with before issue #12, pinned key by key (the presets have moved on).
+# The recipe every stage shipped with before the convergence recipe, pinned key by key (the presets have moved on).
 _OLD = ["train.p_uncond=0", "diffusion.prediction=eps", "diffusion.logsnr_shift=0", "train.loss_weight=uniform", "train.lr=5e-4",
         "train.lr_schedule=constant", "train.warmup_steps=100", "train.adam_betas=0.9,0.999",
         "train.ema_decay=0.999", "train.ema_sigma_rel=0"]
@@ -79,7 +79,7 @@ OLD = {"base": _OLD + ["train.steps=1200", "train.batch_size=64", "unet.dropout=
                          "unet.channel_mult=1,2,2", "unet.num_res_blocks=2"]}
 
 # Named recipes: overrides on the stage's preset. "new" is the preset as shipped before it took label
-# dropout (train.p_uncond = 0.1, issue #16), which "new-puncond0.1" adds back: the published rows were
+# dropout (train.p_uncond = 0.1, for classifier-free guidance), which "new-puncond0.1" adds back: the published rows were
 # trained without it. The single-change variants of the old recipe are the ones tried while choosing
 # the new one (docs/BENCHMARKS.md).
 # Both pin the share of clean SR training examples they were run with, 0.1: the preset took 0.7 since
@@ -116,7 +116,7 @@ RECIPES["sr"]["new-pzero0.7"] = NEW + ["augment.p_zero=0.7"]
 # Batch size at the same training FLOPs (batch x steps fixed at the preset's 32 x 1600), learning rate unchanged.
 RECIPES["sr"]["new-bs16"] = NEW + ["train.batch_size=16", "train.steps=3200"]
 RECIPES["sr"]["new-bs64"] = NEW + ["train.batch_size=64", "train.steps=800"]
-# Label dropout for classifier-free guidance (issue #16): what it costs the unguided stage.
+# Label dropout for classifier-free guidance: what it costs the unguided stage.
 for _stage in ("base", "sr"):
     RECIPES[_stage]["new-puncond0.1"] = ["train.p_uncond=0.1", "augment.p_zero=0.1"]
 # With label dropout, so that they can be guided: 70% clean examples (the preset since; does guidance win

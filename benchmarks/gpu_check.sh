@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue #17): everything cdm claims about CUDA, in one run of at most ~10 minutes on
+# The GPU check: everything cdm claims about CUDA, in one run of at most ~10 minutes on
 # one GPU. It prints what it ran on first and a one-line verdict last; commit its output, with
 # the device named, in docs/BENCHMARKS.md ("GPU check").
 #
@@ -13,7 +13,7 @@
 #      (cdm prepare synthetic:100000), and folder-sr16to64 trained on it at batch 256 with data.workers
 #      0 (each batch read in its step) and 1 (prefetched): img/s of each (docs/SCALE.md);
 #   6. with HEADLINE_SECONDS=N (default 0: skipped), N seconds of the headline study's missing cells
-#      (experiments/headline.py, issue #15) on cuda:0, from a copy of docs/headline/ into
+#      (experiments/headline.py) on cuda:0, from a copy of docs/headline/ into
 #      $OUT/headline-record/: one process per entry of HEADLINE_SEEDS (default "0"; e.g. "1 2 0"
 #      trains seeds 1 and 2 beside seed 0, as --seeds does), sharing the GPU and the record; or
 #      HEADLINE_JOBS, headline.py arguments per process, ";" between the processes of a wave and "|"

@@ -1,4 +1,4 @@
-"""Classifier-free guidance on the Fashion-MNIST cascade (issue #16): FID, precision and recall
+"""Classifier-free guidance on the Fashion-MNIST cascade: FID, precision and recall
 against the guidance weight w for the base stage, the (s, w) grid for the SR stage, and the best
 guided cascade beside the best unguided one, per training seed.
 
@@ -15,7 +15,7 @@ and carries a bootstrap error bar, precision and recall (classifier space, 1000 
 2. **report** on other samples (seeds ``--report-seed`` + j): the best guided cascade (base w*, SR
    (s*, w*)) and the best unguided one (base w = 0, SR (s0, 0)), both chosen in step 1.
 
-Sampling: DPM-Solver++(2M) on the ``edm`` grid, ``--steps`` per stage (the setting issue #18
+Sampling: DPM-Solver++(2M) on the ``edm`` grid, ``--steps`` per stage (the setting the few-step study
 measured), non-truncated. ``--publish DIR`` writes ``guidance.json``, ``guidance.md`` and
 ``guidance.png`` from what the runs left in ``--out``.
 
@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--runs", default="runs/convergence", help="convergence.py's --out (holds the stages)")
     p.add_argument("--recipe", default="new-puncond0.1", help="the convergence recipe whose stages are guided")
     p.add_argument("--sr-recipe", default="", help="the SR stage's convergence recipe, if not --recipe's "
-                   "(e.g. new-puncond0.1-pzero0.7, the preset since issue #12)")
+                   "(e.g. new-puncond0.1-pzero0.7, the preset's recipe today)")
     p.add_argument("--classifier", default="runs/convergence/classifier")
     p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1])
     p.add_argument("--weights-base", type=lambda t: [float(v) for v in t.split(",")], default=[0, 0.25, 0.5, 1, 2])

@@ -285,7 +285,7 @@ def test_a_cell_recorded_again_supersedes_the_first_and_is_not_taken_for_another
 
 @needs_data
 def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
-    # issue #15: the GPU profile runs the study at 16 -> 64 px (Fashion-MNIST upsampled, said so in its
+    # the GPU profile runs the study at 16 -> 64 px (Fashion-MNIST upsampled, said so in its
     # description), every stage at its resolution, the budget split as at 8 -> 32
     from dataclasses import replace
 
@@ -358,7 +358,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
 
 def test_the_studies_keep_the_clean_share_their_sr_stages_were_run_with_whatever_the_preset_says():
     """The studies sample unguided and were run with augment.p_zero = 0.1; the preset took 0.7 after them
-    (issue #12). Every planned SR stage keeps 0.1 unless a variant sets its own."""
+    (the convergence recipe). Every planned SR stage keeps 0.1 unless a variant sets its own."""
     from cdm.config import load_stage_config
     from cdmrepro.plan import plan_all
 

@@ -1,4 +1,4 @@
-"""Memory levers (issue #17): gradient accumulation trains what one pass trains, activation
+"""Memory levers: gradient accumulation trains what one pass trains, activation
 checkpointing gives the same gradients from fewer saved activations, and an SR stage trains on
 aligned random crops, then samples at full size."""
 

@@ -233,7 +233,7 @@ def test_cascade_and_cli_expose_samplers_and_spacing():
         build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "euler"])
 
 
-# ------------------------------------------------------------------------------ few-step options (#18)
+# ------------------------------------------------------------------------------ few-step options
 def test_logsnr_and_edm_grids():
     d = GaussianDiffusion(DiffusionConfig(steps=1000))
     lam = log_snr(d.alpha_bar.double())

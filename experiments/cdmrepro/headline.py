@@ -615,7 +615,7 @@ def markdown(summary: dict) -> str:
     lo, hi = sc.get("base_resolution", 8), sc.get("resolution", 32)
     fit = f"its 28-px images {'upsampled (bicubic)' if sc.get('fit') in ('resize', 'resize-up') else 'padded'} to {hi} px"
 
-    lines = ["# The headline at equal compute (issue #15)", "",
+    lines = ["# The headline at equal compute", "",
              "Written by `make repro` (experiments/headline.py) after every cell, from "
              "[headline/cells.jsonl](headline/cells.jsonl); the reading is in [RESULTS.md](RESULTS.md).", "",
              f"Fashion-MNIST, {lo}×{lo} → {hi}×{hi} ({fit}); training seeds {seq(h['seeds'])} (reported so far: {seq(summary['seeds_recorded']) or 'none'}; "

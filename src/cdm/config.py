@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     steps: int = 10000  # optimiser steps
     batch_size: int = 64  # global batch
-    # Memory levers (issue #17): each optimiser step runs the batch as grad_accum micro-batches (the
+    # Memory levers: each optimiser step runs the batch as grad_accum micro-batches (the
     # same gradient, a grad_accum-th of the activations); an SR stage trains on random crop x crop
     # windows of its images and the matching windows of their low-res inputs (0 = whole images).
     grad_accum: int = 1

@@ -15,7 +15,7 @@ writes files (checkpoints, log, grids); the others wait for each checkpoint. A n
 gradient stops every process with a message naming the last good checkpoint.
 
 The step itself (batch, randomness, conditioning, loss, gradient accumulation) is :mod:`cdm.step`.
-Memory levers (issue #17): ``train.grad_accum`` runs each step's batch as equal micro-batches whose
+Memory levers: ``train.grad_accum`` runs each step's batch as equal micro-batches whose
 randomness is drawn once for the whole batch and split, so the step's gradient, the logged loss and
 the generator's state are those of one pass (up to float rounding, and bar dropout, whose masks come
 from the global RNG); ``train.crop`` trains an SR stage on aligned random crops (:class:`cdm.step.Batcher`);
