@@ -15,12 +15,16 @@ import cdm.runlock as runlock_module
 from cdm.checkpoint import atomic_write, current_umask
 from cdm.runlock import LOCK_FILE, RunLockedError, run_lock
 
-# The holder runs in another process that loads runlock.py alone (no torch: it starts in milliseconds),
-# takes the lock, says so, and holds it until told to leave (or is killed).
+# The holder runs in another process that loads runlock.py and the errors module it stands on, without
+# the package's __init__ (no torch: it starts in milliseconds), takes the lock, says so, and holds it
+# until told to leave (or is killed).
 HOLDER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("runlock", sys.argv[1])
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+import importlib.util, pathlib, sys, types
+path = pathlib.Path(sys.argv[1])
+pkg = types.ModuleType("cdm"); pkg.__path__ = [str(path.parent)]; sys.modules["cdm"] = pkg
+spec = importlib.util.spec_from_file_location("cdm.runlock", path)
+m = importlib.util.module_from_spec(spec); sys.modules["cdm.runlock"] = m; spec.loader.exec_module(m)
+assert "torch" not in sys.modules
 with m.run_lock(sys.argv[2], sys.argv[3]):
     print("locked", flush=True)
     sys.stdin.readline()

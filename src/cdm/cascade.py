@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .errors import CdmError
 from .augment import AugKind
 from .diffusion import Spacing, time_grid
 from .guidance import Threshold, guided_model
@@ -34,7 +35,7 @@ class Mode(str, enum.Enum):
     NON_TRUNCATED = "non-truncated"
 
 
-class CascadeError(ValueError):
+class CascadeError(CdmError, ValueError):
     """The stages do not fit together; the message says what to change."""
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .errors import CdmError, os_error_hint
 from .config import StageConfig, stage_config_from_json, to_dict
 
 FORMAT = "cdm-stage"
@@ -33,7 +34,7 @@ FORMAT_VERSION = 3  # the only version read: files of any other are refused
 _NAME = re.compile(r"^step-(\d+)\.safetensors$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CdmError, ValueError):
     """A checkpoint is missing, corrupt, or of another format; the message says what to do."""
 
 
@@ -171,8 +172,6 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
 
 def write_hint(e: OSError) -> str:
     """What to do when writing a file failed with ``e`` (by its errno; a full disk when unknown)."""
-    from .errors import os_error_hint  # errors imports this module
-
     return os_error_hint(e, "free disk space, then re-run the same command to resume")
 
 

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import CdmError
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
 from .diffusion import DiffusionConfig
@@ -31,7 +32,7 @@ from .unet import UNetConfig
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision and the samplers' --precision
 
 
-class ConfigError(ValueError):
+class ConfigError(CdmError, ValueError):
     """A config file or override is wrong; the message says what to change."""
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import CdmError
 from .prepared import PreparedImages, PreparedSet, is_prepared, open_prepared
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -47,7 +48,7 @@ FITS = ("pad", "resize", "resize-up")  # how images reach the data resolution: f
 DATA_SETTINGS = ("data.resolution", 'data.fit = "{}"')
 
 
-class DataError(ValueError):
+class DataError(CdmError, ValueError):
     """A data set could not be read; the message says what to do."""
 
 

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import CdmError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(CdmError, RuntimeError):
     """The processes of a multi-process run cannot go on together; the message says why."""
 
 

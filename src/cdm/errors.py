@@ -1,25 +1,23 @@
 """The boundary between cdm and its user: which exceptions are the user's to fix (printed as one
 line ``cdm: error: ...``, exit status 2), and how an OS error on a file reads. Everything else is
-a bug and keeps its traceback."""
+a bug and keeps its traceback.
+
+Every module's own error (``ConfigError``, ``DataError``, ``CheckpointError``, ...) derives from
+:class:`CdmError` (and from ``ValueError`` or ``RuntimeError``, as before), so this module, the
+floor they all stand on, imports nothing of cdm's.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
 
-from .cascade import CascadeError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError
-from .distributed import DistributedError
-from .prepared import PreparedError
-from .eval.features import FeatureError
-from .runlock import RunLockedError
-from .shards import ShardError
-from .train import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CascadeError, ShardError, TrainingError, DistributedError,
-               RunLockedError, FeatureError, PreparedError)
+class CdmError(Exception):
+    """An error the user can fix: its message is one line that says what is wrong and what to do."""
+
+
+USER_ERRORS = (CdmError,)
 
 
 # What an OS error on a file cdm reads or writes says to do, by errno.

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import CdmError
+
 FORMAT = "cdm-prepared"
 VERSION = 1  # files of a newer version are refused (a newer cdm wrote them)
 MANIFEST, IMAGES, LABELS, SPLIT = "manifest.json", "images.u8", "labels.i64", "split.bin"
@@ -44,7 +46,7 @@ CHUNK = 1024  # source items per written chunk: the unit of resuming and of the 
 SPLIT_DTYPES = {"hash": np.dtype("<u8"), "source": np.dtype("u1")}
 
 
-class PreparedError(ValueError):
+class PreparedError(CdmError, ValueError):
     """A prepared data set is missing, incomplete, damaged or of another version; the message says
     what to do."""
 

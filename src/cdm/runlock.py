@@ -69,6 +69,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .errors import CdmError
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -80,7 +82,7 @@ _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
 _CONTENDED = {errno.EWOULDBLOCK, errno.EAGAIN}
 
 
-class RunLockedError(ValueError):
+class RunLockedError(CdmError, ValueError):
     """Another cdm process is writing into the run directory; the message says which and what to do."""
 
 

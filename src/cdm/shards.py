@@ -34,6 +34,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .errors import CdmError
 from .cascade import Cascade, SamplingPlan
 from .cascade_file import CASCADE_FILE, load_cascade, write_cascade_file
 from .checkpoint import atomic_write, checkpoint_id
@@ -49,7 +50,7 @@ FORMAT = "cdm-sample-shards"
 PREVIEW = 100  # samples per stage in the merged run's grids
 
 
-class ShardError(ValueError):
+class ShardError(CdmError, ValueError):
     """A sharded sample run cannot go on; the message says what to do."""
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import CdmError
 from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_dir, checkpoint_path, list_checkpoints,
                          newest_intact, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cascade import StagePlan, sample_stage
@@ -61,7 +62,7 @@ from .start import (InitFrom, change_lines, check_resume, check_training_dir, de
                     record_start, startup_summary)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CdmError, RuntimeError):
     """Training cannot go on; the message says why and what was kept."""
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import CdmError
 from ..checkpoint import atomic_write
 from ..data import to_uint8
 from ..distributed import pick_device
@@ -55,7 +56,7 @@ CACHE_FORMAT = "cdm-feature-stats"
 CACHE_VERSION = 1
 
 
-class FeatureError(ValueError):
+class FeatureError(CdmError, ValueError):
     """A feature extractor or a statistics file is missing or unusable; the message says what to do."""
 
 
