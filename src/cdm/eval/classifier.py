@@ -69,6 +69,12 @@ class ClassifierConfig:
             raise ConfigError(f"classifier setting {bad[0]} (set it with --set KEY=VALUE)")
 
 
+# What `cdm eval --cas` trains on the generated images (the Classification Accuracy Score), and on as
+# many real ones for reference: the domain classifier's recipe, 4 epochs.
+CAS_RECIPE = ClassifierConfig(epochs=4)
+DATA_FROM = "fmnist-sr8to32"  # cdm train-classifier's data when none is named: the demo's data set
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(),
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU())

@@ -301,7 +301,7 @@ class NllConfig:
     """What ``cdm nll`` evaluates and how."""
     reference: ReferenceSpec = field(default_factory=lambda: ReferenceSpec(n=1000))  # the real images
     levels: list[int] | None = None  # one per SR stage or one per stage (0 for the base); None: the plan's
-    mode: str | None = None  # truncated or non-truncated; None: the plan's
+    mode: str | None = None  # truncated or non-truncated; None: the cascade file's, else truncated (the paper's bound)
     t_samples: int | None = None  # None: the exact sum; K: Monte-Carlo with K times per image and stage
     seed: int = 0  # image j uses seed + j
     batch_size: int = 64
@@ -309,9 +309,12 @@ class NllConfig:
     progress: bool = True
 
 
-def _levels(k: int, given: list[int] | None, plan: SamplingPlan) -> list[int]:
+NLL_MODE = "truncated"  # the bound without a cascade file: docs/METHOD.md section 3's
+
+
+def _levels(k: int, given: list[int] | None, plan: SamplingPlan | None) -> list[int]:
     if not given:
-        return plan.levels
+        return plan.levels if plan is not None else [0] * k
     if len(given) not in (1, k) or (len(given) == 1 and k == 1 and given[0]):
         raise CascadeError(f"--level needs one value for every super-resolution stage or {k} values "
                            f"(0 for the base stage), got {len(given)}")
@@ -319,14 +322,15 @@ def _levels(k: int, given: list[int] | None, plan: SamplingPlan) -> list[int]:
 
 
 @holding_lock("evaluating the likelihood")
-def evaluate_nll(checkpoints: list[Path], plan: SamplingPlan, cfg: NllConfig, out_dir: str | Path) -> dict:
+def evaluate_nll(checkpoints: list[Path], plan: SamplingPlan | None, cfg: NllConfig, out_dir: str | Path) -> dict:
     """``cdm nll``: the cascade's bound on real images (``cfg.reference`` of the last stage's data:
-    the held-out split by default, a random class-stratified subset of ``n``), at the plan's
-    levels and mode unless ``cfg`` overrides them. Writes ``nll.json`` and ``nll.md``; returns the
-    summary with ``table`` (Markdown) and ``written`` (paths)."""
+    the held-out split by default, a random class-stratified subset of ``n``), at the levels and mode
+    of ``plan`` (a cascade file's; None for stages named one by one: levels 0, :data:`NLL_MODE`)
+    unless ``cfg`` overrides them. Writes ``nll.json`` and ``nll.md``; returns the summary with
+    ``table`` (Markdown) and ``written`` (paths)."""
     cascade = load_cascade(checkpoints, cfg.device)
     levels = _levels(len(cascade.stages), cfg.levels, plan)
-    mode = cfg.mode or plan.mode
+    mode = cfg.mode or (plan.mode if plan is not None else NLL_MODE)
     data = cascade.stages[-1].config.data
     real = load_reference(data, cfg.reference)
     n = len(real)
