@@ -172,7 +172,8 @@ def evaluate_cascade(checkpoints: list[Path], plan: SamplingPlan, cfg: EvalConfi
                      cas: ClassifierConfig | None = None, log=print) -> dict:
     """``cdm eval``: score every stage's samples (sampled now with ``plan``, or read from a
     ``samples.npz``) in each feature space against the reference at that stage's resolution;
-    per-stage checks of SR stages; CAS of the final stage with the classifier recipe ``cas``.
+    per-stage checks of SR stages; CAS of the final stage with the classifier recipe ``cas``
+    (``cdm eval --cas`` passes :data:`cdm.eval.classifier.CAS_RECIPE`).
     Writes ``results.json`` and ``report.html``/``report.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
