@@ -9,31 +9,23 @@ errors that suggest the nearest valid key. Presets ship in ``cdm/presets/*.toml`
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
-import math
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from .errors import CdmError
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
 from .data import DataConfig
 from .diffusion import DiffusionConfig
 from .distributed import is_device_name
 from .recipe import LossWeight, LRSchedule
+from .typedconfig import ConfigError, coerce, deep_merge, from_dict, parse_overrides, to_dict  # noqa: F401 (re-exported)
 from .unet import UNetConfig
 
 
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision and the samplers' --precision
-
-
-class ConfigError(CdmError, ValueError):
-    """A config file or override is wrong; the message says what to change."""
 
 
 @dataclass
@@ -242,124 +234,6 @@ class StageConfig:
         return self
 
 
-# ----------------------------------------------------------------------------- (de)serialisation
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _describe(value: Any) -> str:
-    """A value as an error message shows it: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Turn a parsed TOML/JSON value (or a CLI string) into the field's type, or raise a
-    :class:`ConfigError` naming ``key``. Numbers must be finite; a bool is not a number; an
-    integer field takes a float only when it is whole."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table of settings ([{key}] in TOML), got {_describe(value)}")
-        return from_dict(tp, value, prefix=key + ".")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.strip().strip("[]").split(",")) if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list (e.g. {key}=1,2), got {_describe(value)}")
-        return [_coerce(v, item, key) for v in value]
-    if tp is bool:
-        if isinstance(value, str):
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
-    if tp in (int, float):
-        what = "an integer" if tp is int else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be {what}, got {_describe(value)}")
-        try:
-            num = float(value) if isinstance(value, str) and tp is float else value
-            if isinstance(value, str) and tp is int:
-                num = int(value.strip())
-        except ValueError:
-            raise ConfigError(f"{key} must be {what}, got {_describe(value)}") from None
-        if isinstance(num, float) and not math.isfinite(num):
-            raise ConfigError(f"{key} must be a finite number, got {_describe(value)}")
-        if tp is int and num != int(num):
-            raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
-        try:
-            return tp(num)
-        except OverflowError:
-            raise ConfigError(f"{key} is too large, got {_describe(value)}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string (quoted in TOML), got {_describe(value)}")
-        return value
-    return value
-
-
-def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
-    near = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {prefix}{key}{hint}")
-
-
-def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, refusing unknown keys."""
-    if not isinstance(d, dict):
-        where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where} must be a table of key = value settings, got {_describe(d)}")
-    types = _field_types(cls)
-    kwargs = {}
-    for k, v in d.items():
-        if k not in types:
-            raise _unknown(k, list(types), prefix)
-        kwargs[k] = _coerce(v, types[k], prefix + k)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-
-
-def set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"cannot set {dotted}: {k} is not a table")
-    d[keys[-1]] = value
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["train.steps=100", "unet.channel_mult=1,2"]`` -> nested dict of strings."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
-        k, v = item.split("=", 1)
-        set_dotted(out, k.strip(), v.strip())
-    return out
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def read_config_file(path: str | Path) -> dict:
     """The settings of a ``.toml`` or ``.json`` file as a nested dict; every way the file can be
     unusable (missing, a directory, unreadable, not UTF-8, not parsable, not a table) is a
@@ -469,7 +343,7 @@ def load_stage_config(path_or_preset: str | None = None, overrides: list[str] | 
                                   f"(set resolution, lowres_resolution, class_conditional, "
                                   f"augment.kind or diffusion.learn_sigma instead)")
         # The network's own checks need the stage's resolution (resolve() sets it again), not the default.
-        res = _coerce(d.get("resolution", StageConfig.resolution), int, "resolution")
+        res = coerce(d.get("resolution", StageConfig.resolution), int, "resolution")
         if res < 1:
             raise ConfigError(f"resolution must be >= 1, got {res}")
         d["unet"] = {**unet, "resolution": res}
