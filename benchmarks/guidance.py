@@ -5,7 +5,7 @@ guided cascade beside the best unguided one, per training seed.
 For each training seed k, the stages are the convergence benchmark's ``--recipe`` runs (default ``new-puncond0.1``: the
 presets with label dropout ``train.p_uncond = 0.1``); ``benchmarks/convergence.py`` trains them and
 scores them unguided beside the presets without dropout). Everything is ``cdm sweep``
-(:func:`cdm.eval.sweep.sweep_cascade`), never writing a cascade file, so every point is resumable
+(:func:`cdm.eval.search.sweep_cascade`), never writing a cascade file, so every point is resumable
 and carries a bootstrap error bar, precision and recall (classifier space, 1000 samples against the
 10,000 test images):
 
@@ -37,7 +37,8 @@ from _common import facts_line, load_average, machine_facts  # noqa: E402
 from cdm.cascade import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SamplingPlan, StagePlan  # noqa: E402
 from cdm.checkpoint import resolve_checkpoint_path  # noqa: E402
 from cdm.eval.quality import EvalConfig  # noqa: E402
-from cdm.eval.sweep import SweepConfig, sweep_cascade, weight  # noqa: E402
+from cdm.eval.search import sweep_cascade  # noqa: E402
+from cdm.eval.sweep import SweepConfig, weight  # noqa: E402
 
 def plan(steps: int, sr_level: int, w_base: float = 0.0, w_sr: float = 0.0) -> SamplingPlan:
     st = dict(steps=steps, sampler=DEFAULT_SAMPLER, spacing=DEFAULT_SPACING)  # cdm's default plan

@@ -303,7 +303,7 @@ def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys, monkeypatch):
 
 
 def test_the_sweep_writes_a_level_only_when_it_wins_beyond_the_noise():
-    from cdm.eval.sweep import _decide
+    from cdm.eval.search import decide as _decide
 
     def row(mode, level, value, se):
         return {"mode": mode, "level": level, "value": value, "metrics": {"fid": value, "fid_se": se}}

@@ -149,7 +149,8 @@ def guided_pair(perturbed: int) -> Cascade:
 def test_the_sweep_searches_level_and_weight_jointly_and_old_points_keep_their_identity(tmp_path):
     from cdm.eval.ledger import Judge
     from cdm.eval.report import heatmap_svg
-    from cdm.eval.sweep import SweepConfig, _decide, run_sweep, weight
+    from cdm.eval.search import decide as _decide
+    from cdm.eval.sweep import SweepConfig, run_sweep, weight
 
     cascade, plan = guided_pair(perturbed=1), SamplingPlan.uniform(2, steps=2)
     judge = Judge(lambda x, labels: float(x.abs().mean()), "m")
@@ -171,7 +172,8 @@ def test_the_sweep_searches_level_and_weight_jointly_and_old_points_keep_their_i
 
 def test_the_base_stage_sweep_searches_the_guidance_weight_alone(tmp_path):
     from cdm.eval.ledger import Judge
-    from cdm.eval.sweep import SweepConfig, _decide, describe, run_sweep, weight
+    from cdm.eval.search import decide as _decide
+    from cdm.eval.sweep import SweepConfig, describe, run_sweep, weight
 
     cascade, plan = guided_pair(perturbed=0), SamplingPlan.uniform(2, steps=2)
     seen = []

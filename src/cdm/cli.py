@@ -142,7 +142,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from .eval.sweep import SweepConfig, describe, sweep_cascade
+    from .eval.search import sweep_cascade
+    from .eval.sweep import SweepConfig, describe
 
     paths, plan = _plan(a)
     cfg = SweepConfig(stage=a.stage_index, levels=a.levels, modes=a.modes, conditioning=a.conditioning,

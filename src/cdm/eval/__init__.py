@@ -9,7 +9,8 @@
 - :mod:`~cdm.eval.floor`: the real-vs-real floor and the small-reference warning;
 - :mod:`~cdm.eval.verdict`: the one rule for "better" (beyond twice the SE of the difference);
 - :mod:`~cdm.eval.compare`: two cascades judged on the same seeds and reference (``cdm eval --compare``);
-- :mod:`~cdm.eval.sweep`: the augmentation-level search (``cdm sweep``);
+- :mod:`~cdm.eval.sweep`: the augmentation-level search engine; :mod:`~cdm.eval.search`: ``cdm sweep``
+  (the engine with error bars, the decision and the report);
 - :mod:`~cdm.eval.likelihood`: the cascade's likelihood bound (``cdm nll``);
 - :mod:`~cdm.eval.ledger`: resumable results rows, shared with the experiments;
 - :mod:`~cdm.eval.report`: HTML and Markdown reports.
@@ -21,7 +22,8 @@ from .features import make_extractor, reference_features
 from .likelihood import NllConfig, evaluate_nll
 from .quality import EvalConfig, evaluate_cascade, quality_scores
 from .reference import ReferenceSet, ReferenceSpec, load_reference
-from .sweep import SweepConfig, sweep_cascade
+from .search import sweep_cascade
+from .sweep import SweepConfig
 
 __all__ = ["EvalConfig", "evaluate_cascade", "quality_scores", "make_extractor", "reference_features",
            "ReferenceSpec", "ReferenceSet", "load_reference", "SweepConfig", "sweep_cascade", "NllConfig",
