@@ -180,13 +180,15 @@ def test_a_plan_never_reads_the_images_of_its_data_set(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
+    import cdm.peek
     import cdm.plan
 
     for name, mode in (("cats", "RGB"), ("dogs", "L")):
         (tmp_path / "f" / name).mkdir(parents=True)
         Image.new(mode, (70, 70)).save(tmp_path / "f" / name / "0.png")
     np.savez(tmp_path / "a.npz", images=np.zeros((9, 16, 16, 3), np.uint8), labels=np.arange(9) % 4)
-    monkeypatch.setattr(cdm.plan, "load_dataset", lambda d: pytest.fail("the plan loaded the data set"))
+    for module in (cdm.plan, cdm.peek):
+        monkeypatch.setattr(module, "load_dataset", lambda d: pytest.fail("the plan loaded the data set"))
     folder = load_stage_config("folder-base16", [f"data.path={tmp_path / 'f'}", "data.channels=0"])
     cfg, data, note = resolve_for_plan(folder)
     assert data is None and cfg.unet.in_channels == 3 and cfg.data.class_names == ["cats", "dogs"]

@@ -17,6 +17,11 @@ class CdmError(Exception):
     """An error the user can fix: its message is one line that says what is wrong and what to do."""
 
 
+class DataError(CdmError, ValueError):
+    """A data set could not be read; the message says what to do (raised by the readers of
+    :mod:`cdm.readers`, the data sets of :mod:`cdm.data` and everything that loads one)."""
+
+
 USER_ERRORS = (CdmError,)
 
 
