@@ -40,6 +40,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +240,19 @@ def score_stage(stage, kind: str, scorer: Scorer, seed0: int, gt, gen, level: in
 
 
 # ----------------------------------------------------------------------------- the job
+@dataclass
+class Job:
+    """What every recipe and seed of one run shares."""
+    a: argparse.Namespace
+    scorer: Scorer
+    gt: tuple | None  # real low-resolution inputs (SR stage)
+    gen: Callable | None  # the lower stage's samples, drawn when first needed (SR stage)
+    results: Path  # results.jsonl
+    done: set  # the keys of the rows already in it
+    facts: dict  # machine facts
+    log: Callable[[str], None]
+
+
 def run(a: argparse.Namespace, log) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,13 +296,14 @@ def run(a: argparse.Namespace, log) -> None:
                     log(_describe(row))
                 done.add(_key(key))
             if a.posthoc:
-                posthoc(a, rd, cfg, base, per_image, scorer, gt, gen, results, done, facts, log)
+                posthoc(Job(a, scorer, gt, gen, results, done, facts, log), rd, cfg, base, per_image)
 
 
-def posthoc(a, rd: Path, cfg: StageConfig, base: dict, per_image: int, scorer: Scorer, gt, gen, results: Path,
-            done: set, facts: dict, log) -> None:
+def posthoc(job: Job, rd: Path, cfg: StageConfig, base: dict, per_image: int) -> None:
     """Choose the post-hoc EMA length of the last step on selection seeds; score the choice on the
     report seeds."""
+    a, scorer, gt, gen, results, done, facts, log = (job.a, job.scorer, job.gt, job.gen, job.results, job.done,
+                                                     job.facts, job.log)
     step = cfg.train.steps
     sel = []
     for r in a.posthoc:

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cdmrepro.headline import (HEADLINES, fill_inception, plan_headline, report_from_record, report_name,  # noqa: E402
-                               run_headline, write_markdown)
+                               run_headline, RunOptions, write_markdown)
 from cdmrepro.profiles import PROFILES, get_profile  # noqa: E402
 
 
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             s = report_from_record(Path(a.record or a.out), profile, h, a.device or profile.device, a.data_path,
                                    command, log)
         else:
-            s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log,
-                             record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write,
-                             defer_inception=a.defer_inception, only=tuple(g for g in a.only.split(",") if g))
+            opts = RunOptions(record=Path(a.record) if a.record else None, seeds=seeds, after_cell=write,
+                              defer_inception=a.defer_inception, only=tuple(g for g in a.only.split(",") if g))
+            s = run_headline(Path(a.out), profile, h, a.device, a.data_path, command, log, opts)
         write(s)
         log(f"report: {Path(a.out) / 'headline.md'}" + (f", {Path(a.publish) / report_name(profile)}"
                                                           if a.publish else ""))

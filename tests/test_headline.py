@@ -207,12 +207,12 @@ def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_
     from dataclasses import replace
 
     from cdm.config import ConfigError
-    from cdmrepro.headline import fill_inception, markdown, run_headline
+    from cdmrepro.headline import fill_inception, markdown, RunOptions, run_headline
 
     p = get_profile("smoke")
     h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(0.5,), splits=(0.3,), inception=True)
     args = (p, h, "cpu", "", "test", print)
-    deferred = run_headline(tmp_path / "gpu", *args, record=tmp_path / "rec", defer_inception=True)
+    deferred = run_headline(tmp_path / "gpu", *args, RunOptions(record=tmp_path / "rec", defer_inception=True))
     rows = deferred["rows"]
     assert len(rows) == 3 and all(r["inception_fid"] is None and r["inception_pending"] for r in rows)
     assert deferred["inception_pending"] == sorted(r["cell"] for r in rows)
@@ -221,7 +221,7 @@ def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_
         fill_inception(tmp_path / "elsewhere", *args, record=tmp_path / "rec")
     filled = fill_inception(tmp_path / "gpu", *args, record=tmp_path / "rec")
     assert filled["inception_pending"] == [] and "pending" not in markdown(filled)
-    direct = run_headline(tmp_path / "cpu", *args, record=tmp_path / "rec2")  # the same cells, scored at once
+    direct = run_headline(tmp_path / "cpu", *args, RunOptions(record=tmp_path / "rec2"))  # the same cells, at once
     got = {r["cell"]: r["inception_fid"] for r in filled["rows"]}
     assert got == pytest.approx({r["cell"]: r["inception_fid"] for r in direct["rows"]}, rel=1e-6)
     assert all(math.isfinite(v) for v in got.values())
@@ -234,18 +234,18 @@ def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(
     # reported only once every split of it is selected, never at the best of a partial sweep
     from dataclasses import replace
 
-    from cdmrepro.headline import run_headline
+    from cdmrepro.headline import RunOptions, run_headline
 
     p = get_profile("smoke")
     h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(0.5,))
     logged: list[str] = []
     args = (p, h, "cpu", "", "test", logged.append)
-    first = run_headline(tmp_path / "a", *args, record=tmp_path / "rec", only=("b0.5/seed0/f0.3/*",))
+    first = run_headline(tmp_path / "a", *args, RunOptions(record=tmp_path / "rec", only=("b0.5/seed0/f0.3/*",)))
     assert {r["cell"] for r in first["selected"]} == {"b0.5/seed0/f0.3/sr-none", "b0.5/seed0/f0.3/sr-gaussian"}
     assert first["rows"] == [] and not any("skipped" in m for m in logged)  # the reports were not its cells
-    second = run_headline(tmp_path / "b", *args, record=tmp_path / "rec", only=("b0.5/seed0/sr-*",))
+    second = run_headline(tmp_path / "b", *args, RunOptions(record=tmp_path / "rec", only=("b0.5/seed0/sr-*",)))
     assert second["rows"] == [] and any("b0.5/seed0/sr-none skipped" in m and "f0.5/sr-none" in m for m in logged)
-    third = run_headline(tmp_path / "c", *args, record=tmp_path / "rec")  # the rest
+    third = run_headline(tmp_path / "c", *args, RunOptions(record=tmp_path / "rec"))  # the rest
     assert len(third["selected"]) == 4 and {r["row"] for r in third["rows"]} == {"single", "sr-none", "sr-gaussian"}
     assert {r["cell"]: r["select_fid"] for r in third["selected"] if "f0.3" in r["cell"]} == {
         r["cell"]: r["select_fid"] for r in first["selected"]}  # f0.3's selections were kept, not redone
@@ -255,7 +255,7 @@ def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(
 def test_a_budget_waiting_for_its_splits_still_trains_the_other_seeds_single_stage(tmp_path):
     from dataclasses import replace
 
-    from cdmrepro.headline import SELECT, Record, run_headline, study_settings
+    from cdmrepro.headline import SELECT, Record, RunOptions, run_headline, study_settings
 
     p, h = get_profile("smoke"), HEADLINES["smoke"]
     rec = Record(tmp_path / "rec", study_settings(p, h), print)
@@ -265,7 +265,7 @@ def test_a_budget_waiting_for_its_splits_still_trains_the_other_seeds_single_sta
                      "split": f, "select_fid": 1.0, "level": 0, "metric": "fid", "seconds": 1.0})
     logged: list[str] = []
     s = run_headline(tmp_path / "out", p, replace(h, seeds=(1,)), "cpu", "", "test", logged.append,
-                     record=tmp_path / "rec", seeds=(1,), only=("b1/*",))
+                     RunOptions(record=tmp_path / "rec", seeds=(1,), only=("b1/*",)))
     # the rows that need no split: the single stage and the three-stage cascade
     assert [r["cell"] for r in s["rows"]] == ["b1/seed1/single", "b1/seed1/3-stage"]
     assert any("cascade rows at budget(s) 1B skipped" in m for m in logged)
@@ -326,7 +326,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
 
     from cdm.checkpoint import load_stage
     from cdm.config import ConfigError
-    from cdmrepro.headline import markdown, report_name, run_headline
+    from cdmrepro.headline import markdown, report_name, RunOptions, run_headline
 
     quick = ("train.sample_every=0", "train.log_every=1")
     tiny = ("unet.base_channels=8", "unet.num_res_blocks=1", "unet.head_channels=8", "train.batch_size=8", *quick)
@@ -338,7 +338,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     h = replace(HEADLINES["smoke"], seeds=(0,), budgets=(1.0,), splits=(0.1,), levels=(0,), n_select=8,
                 n_report=8, blur_budgets=())
     s = run_headline(tmp_path / "hl", p, h, "cpu", str(_fmnist_subset(tmp_path / "fmnist", 1000, 300)), "test",
-                     print, record=tmp_path / "rec")
+                     print, RunOptions(record=tmp_path / "rec"))
     assert {r["row"] for r in s["rows"]} == {"single", "sr-none", "sr-gaussian", "3-stage"}
     assert all(math.isfinite(r["fid"]) for r in s["rows"])
     stages = {d.name: load_stage(sorted((d / "checkpoints").glob("*.safetensors"))[-1], "cpu")
@@ -353,7 +353,8 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     assert report_name(p) == "HEADLINE-16to64.md" and report_name(get_profile("cpu")) == "HEADLINE.md"
     # the 8 -> 32 study recorded into the same folder would score in the 64-px classifier's space: refused
     with pytest.raises(ConfigError, match="its own --record"):
-        run_headline(tmp_path / "hl32", get_profile("smoke"), h, "cpu", "", "test", print, record=tmp_path / "rec")
+        run_headline(tmp_path / "hl32", get_profile("smoke"), h, "cpu", "", "test", print,
+                     RunOptions(record=tmp_path / "rec"))
 
 
 def test_the_studies_keep_the_clean_share_their_sr_stages_were_run_with_whatever_the_preset_says():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import cdm.runlock as runlock_module
-from cdm.checkpoint import atomic_write, current_umask
+from cdm.files import atomic_write, current_umask
 from cdm.runlock import LOCK_FILE, RunLockedError, run_lock
 
 # The holder runs in another process that loads runlock.py and the errors module it stands on, without

@@ -60,7 +60,7 @@ from cdm.generate import cycle_labels, sample_batched
 from .ledger import Ledger, machine_info
 from .plan import AUGMENT, BASE, STUDY_PINS, StagePlan, _load, _match_flops, _plan, plan_stages
 from .profiles import Profile
-from .run import Log, _write_json, build_scorer, single_point, study_data, train
+from .run import Log, PointJob, _write_json, build_scorer, single_point, study_data, train
 from .scoring import PRIMARY
 
 CASCADE_ROWS = ("sr-none", "sr-gaussian")  # at every budget
@@ -219,16 +219,27 @@ class Record:
         return row
 
 
+@dataclass
+class RunOptions:
+    """How one call of :func:`run_headline` shares and limits its work."""
+    record: Path | None = None  # the record of cells processes share (default: the output folder)
+    seeds: tuple[int, ...] | None = None  # a subset of the study's seeds (default: all)
+    only: tuple[str, ...] = ()  # glob patterns of the cell keys to run, e.g. b2/seed0/f0.1/*
+    defer_inception: bool = False  # leave the rows' Inception FIDs to fill_inception
+    after_cell: Callable[[dict], None] | None = None  # called with the summary after each new cell
+
+
 def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_path: str, command: str,
-                 log: Log, record: Path | None = None, seeds: tuple[int, ...] | None = None,
-                 after_cell: Callable[[dict], None] | None = None, defer_inception: bool = False,
-                 only: tuple[str, ...] = ()) -> dict:
-    """Train, select and score every cell of the grid not yet in ``record`` (default ``out``), seed by
-    seed (``seeds``: a subset of ``h.seeds``; ``only``: glob patterns of the cell keys to run, e.g.
-    ``b2/seed0/f0.1/*``, so that processes can share one seed's cells); returns the summary of every
-    recorded cell (:func:`summarise`), also passed to ``after_cell`` after each new cell. With
-    ``defer_inception`` the row cells' Inception FIDs are left to :func:`fill_inception` (``out``'s
-    report samples). A cascade row is reported only once every split of it is selected."""
+                 log: Log, opts: RunOptions | None = None) -> dict:
+    """Train, select and score every cell of the grid not yet in ``opts.record`` (default ``out``), seed
+    by seed (``opts.seeds``, ``opts.only``: so that processes can share one seed's cells); returns the
+    summary of every recorded cell (:func:`summarise`), also passed to ``opts.after_cell`` after each
+    new cell. With ``opts.defer_inception`` the row cells' Inception FIDs are left to
+    :func:`fill_inception` (``out``'s report samples). A cascade row is reported only once every split
+    of it is selected."""
+    opts = opts or RunOptions()
+    record, seeds, only, defer_inception, after_cell = (opts.record, opts.seeds, opts.only, opts.defer_inception,
+                                                        opts.after_cell)
     out.mkdir(parents=True, exist_ok=True)
     settings = study_settings(profile, h)
     pending = h.inception and defer_inception
@@ -267,6 +278,9 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
     plan = SamplingPlan.uniform(2, steps=profile.sample_steps, sampler=profile.sampler, spacing=profile.spacing)
     points = out / "points"
+
+    def job(got: dict, sampling: SamplingPlan) -> PointJob:
+        return PointJob(sampling, profile, points, got["metric"], got["scoring"], dev, ledger, log)
     about = _about(machine)
 
     def cascade_points(key: str, levels, n: int, seed: int, phase: str) -> list[dict]:
@@ -317,8 +331,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
             def single(key=key) -> dict:
                 got = needs()
-                r = single_point(ckpt(key), plan, profile, got["scorer"].for_row(key, None), points, got["metric"],
-                                 got["scoring"], dev, ledger, log, key=key)
+                r = single_point(ckpt(key), job(got, plan), got["scorer"].for_row(key, None), key=key)
                 return {"level": 0, "select_fid": None, **_metrics(r)}
 
             cell(key, [key], single, kind=REPORT, budget=b, seed=k, split=None, row="single")
@@ -355,8 +368,7 @@ def run_headline(out: Path, profile: Profile, h: Headline, device: str, data_pat
 
                 def three(k=k, names=names) -> dict:
                     got = needs()
-                    return three_stage_row(k, [ckpt(n) for n in names], plan, h, profile, got["scorer"],
-                                           got["metric"], got["scoring"], points, dev, ledger, log)
+                    return three_stage_row(k, [ckpt(n) for n in names], job(got, plan), h, got["scorer"])
 
                 cell(key, names, three, kind=REPORT, budget=1.0, seed=k, split=None, row=THREE)
     ledger.finish()
@@ -500,14 +512,14 @@ def chosen_split(selected: list[dict], b: float, row: str) -> float:
     return min(by_split, key=lambda f: (statistics.fmean(by_split[f]), f))
 
 
-def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline, profile: Profile, scorer,
-                    metric: str, scoring: dict, points: Path, dev, ledger: Ledger, log: Log) -> dict:
+def three_stage_row(k: int, ckpts: list[Path], job: PointJob, h: Headline, scorer) -> dict:
     """Seed ``k``'s three-stage cascade: its two SR levels chosen jointly on the selection samples
     (every pair of ``h.levels``), then scored at that pair on the report samples (in Inception space too)."""
-    cascade = Cascade([load_stage(p, dev) for p in ckpts])
-    st = plan2.stages[-1]
+    profile, metric, points, log = job.profile, job.metric, job.points_dir, job.log
+    cascade = Cascade([load_stage(p, job.device) for p in ckpts])
+    st = job.sampling.stages[-1]
     key = f"b1/seed{k}/{THREE}"
-    ident = {"row": key, "scoring": scoring, "fingerprints": [stage_fingerprint(s) for s in cascade.stages],
+    ident = {"row": key, "scoring": job.scoring, "fingerprints": [stage_fingerprint(s) for s in cascade.stages],
              "metric": metric, "steps": st.steps, "sampler": st.sampler, "spacing": st.spacing}
 
     def point(levels: list[int], n: int, seed: int, phase: str) -> dict:
@@ -523,10 +535,10 @@ def three_stage_row(k: int, ckpts: list[Path], plan2: SamplingPlan, h: Headline,
                            judge, keep_samples=phase == "report", name=f"{key}-{phase}-s{levels[1]}-{levels[2]}",
                            progress=log)
 
-    with ledger.task(f"select {key}"):
+    with job.ledger.task(f"select {key}"):
         sel = [point([0, s1, s2], h.n_select, h.select_seed, "select") for s1 in h.levels for s2 in h.levels]
     pick = min(sel, key=lambda r: (r["value"], r["levels"]))
-    with ledger.task(f"report {key}"):
+    with job.ledger.task(f"report {key}"):
         rep = point(pick["levels"], h.n_report, profile.seed, "report")
     return {"level": pick["levels"][1:], "select_fid": pick["value"],
             "select": {f"{r['levels'][1]},{r['levels'][2]}": r["value"] for r in sel}, **_metrics(rep)}

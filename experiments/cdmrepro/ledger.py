@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from cdm.checkpoint import atomic_write
+from cdm.files import atomic_write
 
 
 def machine_info(device: torch.device) -> dict:

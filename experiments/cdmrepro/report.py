@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cdm.checkpoint import atomic_write
+from cdm.files import atomic_write
 from cdm.data import DataConfig, to_float
 from cdm.eval.ledger import load_samples
 from cdm.eval.reference import ReferenceSpec, load_reference

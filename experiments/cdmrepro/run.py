@@ -48,6 +48,19 @@ Log = Callable[[str], None]
 
 
 @dataclass
+class PointJob:
+    """What every point of a study is sampled and scored with, passed whole to each point."""
+    sampling: SamplingPlan  # the cascade's plan (a single stage is sampled as the cascade's last stage)
+    profile: Profile
+    points_dir: Path  # the points' results.jsonl and kept samples
+    metric: str
+    scoring: dict  # part of every point's identity: a point scored against other real images is scored again
+    device: torch.device | str
+    ledger: Ledger
+    log: Log
+
+
+@dataclass
 class RunConfig:
     out: Path
     profile: Profile
@@ -86,23 +99,19 @@ def run_experiment(rc: RunConfig, log: Log) -> dict:
                **references}
     sampling = SamplingPlan.uniform(2, steps=p.sample_steps, mode="non-truncated", sampler=p.sampler,
                                     spacing=p.spacing)
-    points_dir = out / "points"
-    points = [single_point(ckpts[SINGLE], sampling, p, scorer.for_row(SINGLE, p.inception_rows), points_dir,
-                           metric, scoring, dev, ledger, log)]
+    job = PointJob(sampling, p, out / "points", metric, scoring, dev, ledger, log)
+    points = [single_point(ckpts[SINGLE], job, scorer.for_row(SINGLE, p.inception_rows))]
     gt = ground_truth_inputs(data_cfg, "train", p.n, plans["sr-gaussian"].config.lowres_resolution, p.seed)
     for key in SR_ROWS:
         cascade = Cascade([load_stage(ckpts[BASE], dev), load_stage(ckpts[key], dev)])
-        points += sr_points(key, cascade, sampling, p, scorer.for_row(key, p.inception_rows), points_dir, metric,
-                            scoring, gt, ledger, log)
-    cas = cas_points(main_points(points), points_dir, out / "cas.jsonl", data_cfg, p, ledger, log)
+        points += sr_points(key, cascade, job, scorer.for_row(key, p.inception_rows), gt)
+    cas = cas_points(main_points(points), job.points_dir, out / "cas.jsonl", data_cfg, p, ledger, log)
     for key, v in variants.items():
         if v.row == SINGLE:
-            points.append(single_point(ckpts[key], sampling, p, scorer.for_row(key, ()), points_dir, metric, scoring,
-                                       dev, ledger, log, key=key))
+            points.append(single_point(ckpts[key], job, scorer.for_row(key, ()), key=key))
             continue
         cascade = Cascade([load_stage(ckpts[BASE], dev), load_stage(ckpts[key], dev)])
-        points += sr_points(key, cascade, sampling, p, scorer.for_row(key, ()), points_dir, metric, scoring, gt,
-                            ledger, log, levels=v.levels, modes=["non-truncated"])
+        points += sr_points(key, cascade, job, scorer.for_row(key, ()), gt, levels=v.levels, modes=["non-truncated"])
     ledger.finish()
     summary = {"profile": asdict(p), "diagnostics": [asdict(v) for v in variants.values()],
                "plan": {k: _plan_summary(k, v, plans) for k, v in plans.items()},
@@ -198,14 +207,14 @@ def _check_classifier(clf_dir: Path, data: DataConfig) -> None:
                           f"at {want['resolution']} px ({want['fit']}): give this profile its own --record/--out folder")
 
 
-def single_point(ckpt: Path, sampling: SamplingPlan, p: Profile, scorer, points_dir: Path, metric: str,
-                 scoring: dict, device: torch.device, ledger: Ledger, log: Log, key: str = SINGLE) -> dict:
+def single_point(ckpt: Path, job: PointJob, scorer, key: str = SINGLE) -> dict:
     """A single-stage model's point (row ``key``), in the same results file as the cascade's."""
-    stage = load_stage(ckpt, device)
+    p, sampling = job.profile, job.sampling
+    stage = load_stage(ckpt, job.device)
     st = replace(sampling.stages[-1], level=0)  # sampled as the cascade's last stage is
     one = SamplingPlan(mode="non-truncated", stages=[st])
-    point = {"row": key, "scoring": scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
-             "level": 0, "metric": metric, "n": p.n, "seed": p.seed, "steps": st.steps,
+    point = {"row": key, "scoring": job.scoring, "stage": 0, "conditioning": "generated", "mode": "single-stage",
+             "level": 0, "metric": job.metric, "n": p.n, "seed": p.seed, "steps": st.steps,
              "sampler": st.sampler, "spacing": st.spacing, "fingerprint": stage_fingerprint(stage)}
 
     def sample():
@@ -213,27 +222,27 @@ def single_point(ckpt: Path, sampling: SamplingPlan, p: Profile, scorer, points_
         res = sample_batched(Cascade([stage]), labels, list(range(p.seed, p.seed + p.n)), one, p.sample_batch)
         return res.images[0], labels, None
 
-    with ledger.task(f"points {key}"):
-        return score_point(points_dir, point, sample, Judge(scorer, metric, PRIMARY), keep_samples=True, name=key,
-                           progress=log)
+    with job.ledger.task(f"points {key}"):
+        return score_point(job.points_dir, point, sample, Judge(scorer, job.metric, PRIMARY), keep_samples=True,
+                           name=key, progress=job.log)
 
 
-def sr_points(key: str, cascade: Cascade, sampling: SamplingPlan, p: Profile, scorer, points_dir: Path,
-              metric: str, scoring: dict, gt: tuple, ledger: Ledger, log: Log, levels: tuple[int, ...] | None = None,
+def sr_points(key: str, cascade: Cascade, job: PointJob, scorer, gt: tuple, levels: tuple[int, ...] | None = None,
               modes: list[str] | None = None) -> list[dict]:
     """One SR stage's points: generated inputs (in ``modes``, default both, over ``levels``,
     default the profile's, for Gaussian augmentation; non-truncated at s = 0 otherwise) and
     ground-truth inputs."""
+    p = job.profile
     gaussian = cascade.stages[1].augmentation.network_sees_level
     levels = list(levels or p.levels) if gaussian else [0]
     common = dict(levels=levels, n=p.n, seed=p.seed, batch_size=p.sample_batch, keep_samples=True)
-    tags = {"row": key, "scoring": scoring}
+    tags = {"row": key, "scoring": job.scoring}
     rows = []
     for cfg in (SweepConfig(modes=modes if gaussian else ["non-truncated"], **common),
                 SweepConfig(conditioning="ground-truth", **common)):
-        with ledger.task(f"points {key} {cfg.conditioning}"):
-            rows += run_sweep(cascade, sampling, cfg, Judge(scorer, metric, PRIMARY), points_dir, log, tags=tags,
-                              ground_truth=gt if cfg.conditioning == "ground-truth" else None)
+        with job.ledger.task(f"points {key} {cfg.conditioning}"):
+            rows += run_sweep(cascade, job.sampling, cfg, Judge(scorer, job.metric, PRIMARY), job.points_dir, job.log,
+                              tags=tags, ground_truth=gt if cfg.conditioning == "ground-truth" else None)
     return sorted(rows, key=lambda r: (r["conditioning"], r["mode"], r["level"]))
 
 

@@ -1,9 +1,10 @@
-"""Data sets and the one anti-aliased resize that makes every stage's input.
+"""Data sets: what a stage trains on and what evaluation compares with.
 
 A data set is loaded once into memory as ``uint8 [N, C, R, R]`` at the cascade's *data
-resolution* ``R`` plus ``int64 [N]`` labels; each stage takes its own resolution from it with
-:func:`downsample`, the same function that makes an SR stage's low-resolution input, so a base
-stage is trained on exactly the distribution its SR stage is conditioned on.
+resolution* ``R`` plus ``int64 [N]`` labels (or read by index from a prepared set); each stage
+takes its own resolution from it with :func:`cdm.pixels.downsample`, the same function that makes
+an SR stage's low-resolution input, so a base stage is trained on exactly the distribution its SR
+stage is conditioned on.
 
 Sources: Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` by default), a folder of
 images with one sub-folder per class (:mod:`cdm.folder`: its layout and how each image mode is
@@ -21,17 +22,18 @@ evaluation, the sweep, the likelihood bound and the domain classifier all read t
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DataError
+from .folder import load_folder
 from .prepared import PreparedImages, PreparedSet, is_prepared, open_prepared
+from .pixels import (DATA_SETTINGS, FITS, check_fit, convert_channels, crop, downsample, fit_to,  # noqa: F401
+                     random_flip, stage_input, to_float, to_uint8, warn_upsampled)
 from .readers import (channels_last, check_npz, fashion_mnist_arrays, load_fashion_mnist,  # noqa: F401 (re-exported)
                       load_npz, npz_header, npz_keys, read_idx)
 
@@ -40,9 +42,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SPLITS = ("train", "test", "all")
 SOURCES = ("fashion-mnist", "folder", "npz", "prepared")
-FITS = ("pad", "resize", "resize-up")  # how images reach the data resolution: fit_to
-# how the refusal of check_fit names the two settings: the data set's, and cdm prepare's flags
-DATA_SETTINGS = ("data.resolution", 'data.fit = "{}"')
 
 
 @dataclass
@@ -131,33 +130,7 @@ class ImageSet:
         return len(self.class_names)
 
 
-# ----------------------------------------------------------------------------- pixels
-def to_float(x: Tensor) -> Tensor:
-    """uint8 ``[0, 255]`` -> float ``[-1, 1]``."""
-    return x.float() / 127.5 - 1.0
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float ``[-1, 1]`` -> uint8 ``[0, 255]`` (clamped, rounded)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def downsample(x: Tensor, size: int) -> Tensor:
-    """Anti-aliased resize ``[N, C, H, W] -> [N, C, size, size]`` (bicubic with antialias; a
-    no-op when the size already matches). The one function that makes low-resolution images."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return y.to(x.dtype) if x.dtype.is_floating_point else y.round().clamp(0, 255).to(x.dtype)
-
-
-def stage_input(images: Tensor, resolution: int) -> Tensor:
-    """uint8 ``[N, C, R, R]`` at the data resolution -> float ``[N, C, r, r]`` in ``[-1, 1]``, not
-    re-quantised: a stage's target ``x0`` at its resolution, or an SR stage's clean low-resolution
-    input ``z0``. Training and every ground-truth conditioning make them here, so they agree."""
-    return downsample(to_float(images), resolution)
-
-
+# ----------------------------------------------------------------------------- the held-out split
 def held_out_key(key: str) -> int:
     """The 64-bit number that decides whether an item is held out: the first 8 bytes of a SHA-256
     of its key, big-endian. It is held out when this falls below ``data.held_out * 2^64``."""
@@ -173,63 +146,6 @@ def held_out_mask(keys: list[str], fraction: float) -> Tensor:
     """``[N]`` bool: which items are held out (the ``test`` split), by a SHA-256 of each key."""
     cut = held_out_cut(fraction)
     return torch.tensor([held_out_key(k) < cut for k in keys], dtype=torch.bool)
-
-
-def check_fit(hw, size: int, fit: str, what, settings: tuple[str, str] = DATA_SETTINGS) -> bool:
-    """Whether :func:`fit_to` enlarges images of height and width ``hw`` to ``size`` (``fit =
-    "resize-up"`` of a square crop smaller than ``size``). Under ``fit = "resize"`` such images are
-    refused (:class:`DataError` naming ``what``, and ``settings``: the resolution's and fit's names)."""
-    h, w = int(hw[0]), int(hw[1])
-    if min(h, w) >= size or fit == "pad":
-        return False
-    if fit == "resize":
-        res, fit_is = settings
-        raise DataError(f"{what} is {w}x{h} px, smaller than {res} = {size} px, and {fit_is.format('resize')} "
-                        f"never enlarges: use a {res} at or below the images' size (a preset for {min(h, w)} px "
-                        f"sources: see `cdm presets`), or {fit_is.format('resize-up')} to enlarge them on purpose")
-    return True
-
-
-def warn_upsampled(count: int, total: int, where, size: int) -> None:
-    """Say that ``count`` of ``total`` images were smaller than the data resolution and enlarged."""
-    if count:
-        warnings.warn(f"{count:,} of {total:,} images in {where} are smaller than data.resolution = {size}px and "
-                      f"were enlarged (bicubic, data.fit = resize-up): a stage learns interpolated pixels from "
-                      f"them; use a data.resolution (and stage resolutions) at or below their size to avoid it")
-
-
-def fit_to(x: Tensor, size: int, fit: str, what="the images", settings: tuple[str, str] = DATA_SETTINGS) -> Tensor:
-    """uint8 ``[N, C, H, W]`` -> ``[N, C, size, size]``: centre-crop to square, then
-
-    - ``fit = "pad"``: a smaller crop is centred on black; a larger one is downscaled (anti-aliased);
-    - ``fit = "resize"``: anti-aliased downscale; a smaller crop is refused (:func:`check_fit`);
-    - ``fit = "resize-up"``: anti-aliased downscale, or a bicubic enlargement of a smaller crop.
-
-    So only ``"resize-up"`` ever makes pixels an image does not have."""
-    up = check_fit(x.shape[-2:], size, fit, what, settings)
-    h, w = x.shape[-2:]
-    m = min(h, w)
-    x = x[..., (h - m) // 2:(h - m) // 2 + m, (w - m) // 2:(w - m) // 2 + m]
-    if m == size:
-        return x
-    if fit == "pad" and m < size:
-        p = size - m
-        return F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).round().clamp(
-        0, 255).to(torch.uint8) if up else downsample(x, size)
-
-
-def convert_channels(x: Tensor, channels: int) -> Tensor:
-    """uint8 ``[N, C, H, W]`` to 1 (luma) or 3 (replicated) channels; 0 keeps C."""
-    c = x.shape[1]
-    if channels in (0, c):
-        return x
-    if channels == 1 and c == 3:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    if channels == 3 and c == 1:
-        return x.repeat(1, 3, 1, 1)
-    raise DataError(f"cannot convert {c}-channel images to {channels} channels (use 1 or 3)")
 
 
 def load_dataset(cfg: DataConfig) -> ImageSet:
@@ -253,7 +169,6 @@ def load_dataset(cfg: DataConfig) -> ImageSet:
                             f"(cdm train-classifier: --data path=PATH; or path in the config's [data] section)")
         path = Path(cfg.path).expanduser()  # `--set data.path=~/pets`: the shell leaves that ~ alone
         if cfg.source == "folder":
-            from .folder import load_folder
 
             x, y, names, keys = load_folder(path, cfg.resolution, cfg.fit, cfg.channels, cfg.on_bad)
         else:
@@ -322,15 +237,3 @@ def load_prepared(cfg: DataConfig) -> ImageSet:
         raise DataError(f"data.classes = {cfg.classes}, but {ps.path} has {len(names)} classes; "
                         f"set data.classes = {len(names)} (or 0: as found)")
     return ImageSet(ps.images().subset(rows), y, names, prepared=ps)
-
-
-def crop(x: Tensor, corners: Tensor, size: int) -> Tensor:
-    """``[N, C, H, W] -> [N, C, size, size]``: image ``i``'s window whose top-left pixel is
-    ``corners[i]`` = (row, column), ``corners`` ``[N, 2]``."""
-    return torch.stack([im[:, r:r + size, c:c + size] for im, (r, c) in zip(x, corners.tolist())])
-
-
-def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Flip each image ``[N, C, H, W]`` left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DATA_SETTINGS, DataError, check_fit, convert_channels, fit_to, warn_upsampled
+from .errors import DataError
+from .pixels import DATA_SETTINGS, check_fit, convert_channels, fit_to, warn_upsampled
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}

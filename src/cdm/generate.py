@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .cascade import Cascade, CascadeError, CascadeOutput, SamplingPlan
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .data import to_uint8
 from .images import save_grid
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .runlock import LOCK_FILE as LOCK, run_lock
 from .data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FITS, DataError, check_fit, convert_channels,
                    fashion_mnist_arrays, fit_to, held_out_key, load_npz, npz_keys, warn_upsampled)

@@ -4,6 +4,7 @@
 - :mod:`~cdm.eval.features`: feature extractors (domain classifier, FID Inception) and cached
   reference statistics;
 - :mod:`~cdm.eval.classifier`: the domain classifier and the Classification Accuracy Score;
+- :mod:`~cdm.eval.scores`: FID, KID, IS, precision/recall of features against a reference, with SEs;
 - :mod:`~cdm.eval.quality`: sample quality of a cascade (``cdm eval``) and :class:`EvalConfig`;
 - :mod:`~cdm.eval.stages`: per-stage checks of SR stages;
 - :mod:`~cdm.eval.floor`: the real-vs-real floor and the small-reference warning;
@@ -20,7 +21,8 @@ The pure metrics (FID, KID, IS, precision/recall, PSNR) live one floor down, in 
 
 from .features import make_extractor, reference_features
 from .likelihood import NllConfig, evaluate_nll
-from .quality import EvalConfig, evaluate_cascade, quality_scores
+from .quality import EvalConfig, evaluate_cascade
+from .scores import quality_scores
 from .reference import ReferenceSet, ReferenceSpec, load_reference
 from .search import sweep_cascade
 from .sweep import SweepConfig

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..cascade import CascadeError, SamplingPlan
 from ..cascade_file import CASCADE_FILE, load_cascade, resolve_cascade
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import ConfigError, to_dict
 from ..data import to_uint8
 from ..generate import cycle_labels, sample_batched, write_samples
@@ -30,7 +30,8 @@ from ..metrics import fid_bootstrap, kid_bootstrap
 from ..runlock import holding_lock
 from .features import ReferenceFeatures, make_extractor, reference_features
 from .floor import floor_images, real_floor, small_reference_warning
-from .quality import EvalConfig, _ref_stats, check_overlap, quality_scores
+from .quality import EvalConfig, check_overlap
+from .scores import quality_scores, ref_stats
 from .reference import load_reference
 from .report import Report
 from .verdict import NOISE_SE, Verdict, disagreement, verdict
@@ -60,7 +61,7 @@ def paired_verdicts(fa: np.ndarray, fb: np.ndarray, ref: ReferenceFeatures, resa
     (``se``: of the difference ``a - b``, a paired bootstrap: the same rows resampled for both),
     ``a_se``, ``b_se`` (each score's own bootstrap SE, as ``cdm eval`` reports it), ``diff``,
     ``better`` ("A", "B" or None) and ``line``, the verdict in words."""
-    boots = {"fid": fid_bootstrap([fa, fb], *_ref_stats(ref), resamples, seed),
+    boots = {"fid": fid_bootstrap([fa, fb], *ref_stats(ref), resamples, seed),
              "kid": kid_bootstrap([fa, fb], ref.features, resamples, seed)}
     qa, qb = (quality_scores({"features": f}, ref, ("fid", "kid")) for f in (fa, fb))
     out = []

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CdmError
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..data import to_uint8
 from ..distributed import pick_device
 from ..metrics import feature_stats

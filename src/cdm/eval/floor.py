@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..data import DataConfig, DataError
 from ..metrics import feature_stats, fid_bootstrap_se
 from .features import ReferenceFeatures, default_cache_dir, reference_features
 from .reference import ReferenceSet, ReferenceSpec, load_reference
+from .scores import scores_with_se
 from .verdict import NOISE_SE
 
 RESOLVE_FRACTION = 0.1  # the reference should resolve FID differences of this fraction of the score
@@ -58,12 +59,10 @@ def floor_images(data: DataConfig, spec: ReferenceSpec, n: int, seed: int = 0) -
 
 def floor_scores(real: np.ndarray, ref: ReferenceFeatures, resamples: int = 30) -> dict:
     """The floor from real features ``real [n, D]`` against ``ref``: ``fid``, ``fid_se``, ``kid``,
-    ``kid_se`` as a generated set's (:func:`cdm.eval.quality.scores_with_se`), ``n`` and
+    ``kid_se`` as a generated set's (:func:`cdm.eval.scores.scores_with_se`), ``n`` and
     ``fid_ref_se``: the FID's bootstrap SE over resamples of the reference rows (``ref.features``)
     with ``real`` held fixed — FID is symmetric, so that is :func:`cdm.metrics.fid_bootstrap_se`
     with the roles swapped."""
-    from .quality import scores_with_se
-
     out = {k: v for k, v in scores_with_se(real, ref, resamples).items() if k in ("fid", "fid_se", "kid", "kid_se")}
     out["n"] = int(len(real))
     out["fid_ref_se"] = fid_bootstrap_se(ref.features, *feature_stats(real), num_resamples=resamples)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..data import to_float, to_uint8
 from ..stage import Stage
 

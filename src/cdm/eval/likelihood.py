@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..cascade import Cascade, CascadeError, Mode, SamplingPlan
 from ..cascade_file import load_cascade
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..data import DataError, downsample, to_float
 from ..diffusion import GaussianDiffusion
 from ..runlock import holding_lock

@@ -26,18 +26,17 @@ from torch import Tensor
 
 from ..cascade import Cascade, SamplingPlan
 from ..cascade_file import load_cascade
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import ConfigError, to_dict
 from ..data import to_uint8
 from ..generate import cycle_labels, sample_batched, write_samples
 from ..images import save_grid
-from ..metrics import feature_stats, fid_bootstrap_se, frechet_distance, inception_score, kid, kid_bootstrap, \
-    precision_recall
 from ..runlock import holding_lock
 from .report import Report
 from .classifier import ClassifierConfig, classification_accuracy_score
 from .features import ReferenceFeatures, make_extractor, reference_features
 from .floor import floor_images, real_floor, small_reference_warning
+from .scores import quality_scores, scores_with_se, standard_error  # noqa: F401 (re-exported)
 from .reference import ReferenceSet, ReferenceSpec, load_reference, training_overlap
 from .stages import stage_checks
 
@@ -58,51 +57,6 @@ class EvalConfig:
     cache_dir: str | None = None  # reference statistics (default $CDM_CACHE/stats or ~/.cache/cdm/stats)
     resamples: int = 30  # bootstrap resamples behind every standard error
     progress: bool = True  # a progress bar while sampling
-
-
-def quality_scores(fake: dict, ref: ReferenceFeatures, metrics: tuple[str, ...] = ("fid", "kid", "is", "pr")) -> dict:
-    """FID, KID, IS (if the extractor gives class probabilities) and precision/recall (k = 3) of
-    fake features ``fake`` (an extractor's output) against ``ref``."""
-    f = np.asarray(fake["features"], dtype=np.float64)
-    r = ref.features.astype(np.float64)
-    out: dict = {"feature_space": ref.space, "reference": ref.source, "n_fake": len(f), "n_real": len(r)}
-    if "fid" in metrics:
-        mu, sigma = (ref.mu, ref.sigma) if ref.mu is not None else feature_stats(r)
-        out["fid"] = float(frechet_distance(*feature_stats(f), mu, sigma))
-    if "kid" in metrics:
-        m, s = kid(f, r, subset_size=min(1000, len(f), len(r)))
-        out["kid"], out["kid_std"] = float(m), float(s)
-    if "is" in metrics and fake.get("probs") is not None:
-        m, s = inception_score(np.asarray(fake["probs"], dtype=np.float64), splits=min(10, max(1, len(f) // 100)))
-        out["is"], out["is_std"] = float(m), float(s)
-    if "pr" in metrics:
-        p, rc = precision_recall(r, f, k=3)
-        out["precision"], out["recall"] = float(p), float(rc)
-    return out
-
-
-def _ref_stats(ref: ReferenceFeatures) -> tuple[np.ndarray, np.ndarray]:
-    return (ref.mu, ref.sigma) if ref.mu is not None else feature_stats(ref.features)
-
-
-def standard_error(metric: str, feats: np.ndarray, ref: ReferenceFeatures, resamples: int = 30) -> float:
-    """Bootstrap standard error of ``metric`` (``fid`` or ``kid``) of features ``feats [N, D]``
-    against ``ref``: the standard deviation over ``resamples`` resamples of the ``N`` rows, the
-    reference held fixed (:func:`cdm.metrics.fid_bootstrap_se`; KID's from
-    :func:`cdm.metrics.kid_bootstrap`, the full-set MMD^2 that its subsets average)."""
-    if metric == "fid":
-        return fid_bootstrap_se(feats, *_ref_stats(ref), num_resamples=resamples)
-    if metric == "kid":
-        return float(np.std(kid_bootstrap([feats], ref.features, resamples)[:, 0], ddof=1))
-    raise ValueError(f"standard_error knows fid and kid, not {metric!r}")
-
-
-def scores_with_se(feats: np.ndarray, ref: ReferenceFeatures, resamples: int = 30,
-                   metrics: tuple[str, ...] = ("fid", "kid")) -> dict:
-    """:func:`quality_scores` of features ``feats [N, D]`` with ``fid_se`` and ``kid_se`` (:func:`standard_error`)."""
-    q = quality_scores({"features": feats}, ref, metrics)
-    q.update({f"{m}_se": standard_error(m, feats, ref, resamples) for m in ("fid", "kid") if m in q})
-    return q
 
 
 def _pm(v: float, se: float | None) -> str:

@@ -19,13 +19,14 @@ from torch import Tensor
 
 from ..cascade import Mode, SamplingPlan
 from ..cascade_file import CASCADE_FILE, load_cascade, read_cascade_file, write_cascade_file
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import ConfigError
 from ..data import to_uint8
 from ..runlock import holding_lock
 from .features import make_extractor, reference_features
 from .ledger import Judge
-from .quality import EvalConfig, check_overlap, quality_scores, standard_error
+from .quality import EvalConfig, check_overlap
+from .scores import quality_scores, standard_error
 from .reference import load_reference
 from .report import Report, heatmap_svg, line_plot_svg
 from .sweep import Conditioning, SweepConfig, best_level, condition_label, describe, run_sweep, weight

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..cascade import Cascade, CascadeError, Mode, SamplingPlan, StagePlan
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..config import ConfigError
 from .ledger import Judge, load_tensor, matches, read_rows, save_tensor, score_point, stage_fingerprint, \
     tensor_fingerprint
