@@ -275,8 +275,18 @@ def test_a_bad_config_or_path_is_one_clear_line(argv, code, message, files, tmp_
     assert not (tmp_path / "run").exists()  # a refused config writes nothing
 
 
-def test_the_table_covers_enough_cases():
-    assert len(CASES) >= 35
+def test_the_table_reaches_every_section_of_a_config():
+    """Not only a count: every section of a stage config has a refusal in the table (by key or by the
+    file that sets it), and no case repeats another."""
+    import dataclasses
+    import typing
+
+    from cdm.config import StageConfig
+
+    sections = [n for n, tp in typing.get_type_hints(StageConfig).items() if dataclasses.is_dataclass(tp)]
+    said = [" ".join(argv) + " " + message for argv, _, message in CASES]
+    assert [s for s in sections if not any(f"{s}." in t for t in said)] == []
+    assert len({(tuple(argv), message) for argv, _, message in CASES}) == len(CASES) >= 35
 
 
 def test_numbers_in_configs_are_typed_strictly():

@@ -46,9 +46,17 @@ def test_truncated_hands_over_the_noisy_state():
     labels = torch.tensor([0, 1, 2])
     trunc = c.sample(labels, [5, 6, 7], settings([0, 60], "truncated"))
     non = c.sample(labels, [5, 6, 7], settings([0, 60], "non-truncated"))
-    # truncated: the SR input is the base's z_s (noisy, unclamped); non-truncated: the clean z0
-    assert not torch.allclose(trunc.inputs[1], non.inputs[1])
+    # truncated: the SR input is exactly the base's own reverse process stopped at s = 60 (z_s: noisy,
+    # unclamped); non-truncated: the clean z0, the base's final sample
+    z_s, _ = c.sample_stage(0, labels, [5, 6, 7], settings([0, 60], "truncated").stages[0], stop=60)
+    torch.testing.assert_close(trunc.inputs[1], z_s)
     torch.testing.assert_close(non.inputs[1], non.images[0])
+    assert not torch.allclose(trunc.inputs[1], non.inputs[1])
+    # z_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps about the base's last estimate of x0: its noise has the
+    # forward process's variance 1 - abar_s at s = 60 (48 values: within a factor of two)
+    ab = c.stages[0].diffusion.abar(torch.tensor([60])).item()
+    noise = trunc.inputs[1] - ab ** 0.5 * trunc.images[0]
+    assert 0.5 * (1 - ab) < noise.pow(2).mean().item() < 2 * (1 - ab)
     # at s = 0 the two modes coincide exactly
     a = c.sample(labels, [5, 6, 7], settings([0, 0], "truncated"))
     b = c.sample(labels, [5, 6, 7], settings([0, 0], "non-truncated"))

@@ -220,10 +220,19 @@ def test_cascade_and_cli_expose_samplers_and_spacing():
     base = Stage(tiny_config(resolution=4, steps=50, name="base"))
     sr = Stage(tiny_config(resolution=8, lowres=4, aug="gaussian", steps=50, name="sr"))
     cascade = Cascade([base, sr])
+    outs = {}
     for name in SAMPLERS:
         settings = SamplingPlan.uniform(2, steps=4, levels=[0, 10], mode="truncated", sampler=name, spacing="quadratic")
         out = cascade.sample(torch.tensor([0, 1]), [3, 4], settings)
         assert out.images[1].shape == (2, 1, 8, 8) and torch.isfinite(out.inputs[1]).all()
+        torch.testing.assert_close(cascade.sample(torch.tensor([0, 1]), [3, 4], settings).images[1], out.images[1])
+        outs[name] = out.inputs[1]  # the base's z_s, handed over unclamped
+    # the plan's sampler is the one that runs: DDIM with eta = 1 is the ancestral sampler step for step
+    # (test_ddim_eta1_equals_ancestral_sample_for_sample), and each stochastic sampler draws noise that its
+    # deterministic counterpart does not (a random network cannot tell the deterministic ones apart)
+    torch.testing.assert_close(outs["ddim-eta1"], outs["ancestral"])
+    assert not torch.allclose(outs["ancestral"], outs["ddim"]) and not torch.allclose(outs["dpmpp-2m-sde"],
+                                                                                       outs["dpmpp-2m"])
     with pytest.raises(CascadeError, match="spacing"):
         cascade.sample(torch.tensor([0]), [0], SamplingPlan(stages=[StagePlan(spacing="cubic")] * 2))
     a = build_parser().parse_args(["sample", "--stage", "b", "--out", "o", "--sampler", "dpmpp-2m",

@@ -112,7 +112,22 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         assert all(torch.isfinite(v).all() for v in load_checkpoint(p).model.values())
 
 
-def test_bf16_training_runs(tmp_path):
+def test_bf16_training_keeps_fp32_weights_and_follows_the_fp32_run(tmp_path):
+    """bf16 autocast computes in bf16 but keeps float32 master weights and optimiser state; from the same
+    initial weights and batches its losses are the fp32 run's to bf16's precision, its weights not bit
+    for bit the fp32 run's (autocast did run)."""
     data = toy_images(16, 16)
-    train_stage(make_cfg(2, precision="bf16"), tmp_path / "bf16", progress=False, data=data)
-    assert load_checkpoint(tmp_path / "bf16").step == 2
+    runs, losses = {}, {}
+    for precision in ("bf16", "fp32"):
+        run = tmp_path / precision
+        train_stage(make_cfg(3, precision=precision, log_every=1), run, progress=False, data=data)
+        runs[precision] = load_checkpoint(run)
+        losses[precision] = [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                             if "loss" in r]
+    a, b = runs["bf16"], runs["fp32"]
+    assert a.step == b.step == 3 and len(losses["bf16"]) == len(losses["fp32"]) == 3
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in a.model.values())
+    assert all(v.dtype == torch.float32 for state in a.optimizer["state"].values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    assert any(not torch.equal(a.model[k], b.model[k]) for k in a.model)  # bf16 did compute: not an fp32 run
