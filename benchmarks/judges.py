@@ -50,6 +50,7 @@ from cdm.eval.floor import floor_images  # noqa: E402
 from cdm.eval.quality import EvalConfig, score_with_floor  # noqa: E402
 from cdm.eval.reference import ReferenceSpec, load_reference  # noqa: E402
 from cdm.generate import cycle_labels, sample_batched  # noqa: E402
+from cdm.eval.verdict import NOISE_SE  # noqa: E402
 from cdm.metrics import precision_recall  # noqa: E402
 from cdm.data import to_uint8  # noqa: E402
 
@@ -234,6 +235,47 @@ def class_table(results: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
+def verdicts(results: list[dict], baseline: str = "shipped") -> list[dict]:
+    """The rule stated before the measurement (docs/BENCHMARKS.md, "Two judges"), per candidate: against
+    the baseline plan of the same training seed, in each space, ``better``/``worse`` when the FID differs
+    by more than twice the SE of the difference (the two SEs in quadrature), else ``same``; a
+    candidate ``replaces`` the baseline when it is never worse and better in at least one space, on
+    every seed it was run on."""
+    seed_of = {"d0": 0, "d1": 1, "pz0": 0, "pz1": 1}
+    rows = {}
+    for r in results:
+        for row in r["rows"]:
+            if row["variant"] == "as sampled" and r["run"] in seed_of:
+                stage = "pzero0.1" if r["run"].startswith("pz") else "pzero0.7"
+                rows[(stage, r["plan"], seed_of[r["run"]], row["space"])] = row
+    out = []
+    for (stage, plan, seed, space), row in sorted(rows.items()):
+        base = rows.get(("pzero0.7", baseline, seed, space))
+        if base is None or (stage, plan) == ("pzero0.7", baseline):
+            continue
+        diff = row["fid"] - base["fid"]
+        se = float(np.hypot(row["fid_se"], base["fid_se"]))
+        word = "better" if -diff > NOISE_SE * se else "worse" if diff > NOISE_SE * se else "same"
+        out.append({"stage": stage, "plan": plan, "seed": seed, "space": space, "diff": diff, "se": se,
+                    "verdict": word})
+    return out
+
+
+def rule_table(v: list[dict]) -> list[str]:
+    lines = ["| SR stage | plan | seed | space | FID − shipped's | 2 SE | verdict |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['plan']} | {r['seed']} | {r['space']} | {r['diff']:+.3g} | {NOISE_SE * r['se']:.2g} "
+              f"| {r['verdict']} |" for r in v]
+    by = {}
+    for r in v:
+        by.setdefault((r["stage"], r["plan"]), []).append(r["verdict"])
+    lines += ["", "| SR stage | plan | cells better / same / worse | replaces the shipped plan? |", "|---|---|---|---|"]
+    for (stage, plan), words in by.items():
+        ok = "worse" not in words and "better" in words and len(words) >= 4  # two seeds x two spaces
+        lines.append(f"| {stage} | {plan} | {words.count('better')} / {words.count('same')} / {words.count('worse')} "
+                     f"| {'yes' if ok else 'no'} |")
+    return lines
+
+
 def plot(results: list[dict], dest: Path) -> None:
     """Classifier FID against Inception FID, one point per candidate (as sampled), ±1 SE bars, and
     each space's floor as a dashed line."""
@@ -270,7 +312,8 @@ def publish(out: Path, dest: Path) -> None:
     (dest / "judges.json").write_text(json.dumps(results, indent=1))
     names = json.loads((out / "class_names.json").read_text()) if (out / "class_names.json").exists() else \
         [str(c) for c in range(10)]
-    lines = table(results) + ["", "Recall per class:", ""] + class_table(results, names)
+    lines = table(results) + ["", "Recall per class:", ""] + class_table(results, names) + [
+        "", "The rule, against the shipped plan of the same training seed:", ""] + rule_table(verdicts(results))
     (dest / "judges.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
