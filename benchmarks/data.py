@@ -160,7 +160,7 @@ def part_loader(a) -> dict:
     from cdm.config import load_stage_config
     from cdm.data import load_dataset
     from cdm.step import Batcher
-    from cdm.train import resolve_config
+    from cdm.config import resolve_config
 
     torch.set_num_threads(a.threads)
     out: dict = {"set": a.set, "batch": a.batch, "step_s": a.step_s, "threads": a.threads}

@@ -55,7 +55,7 @@ def read_cascade_file(path: str | Path) -> tuple[list[Path], SamplingPlan]:
     if not isinstance(d, dict) or "stages" not in d or set(d) - {"stages", "sampling"}:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
         raise ConfigError(f"cascade file {path} must hold 'stages' (checkpoint paths) and 'sampling' "
-                          f"(see the README's 'Cascade files'); found {keys}")
+                          f"(see docs/SAMPLING.md, 'Cascade files'); found {keys}")
     samp = dict(d.get("sampling", {}))
     shared = {k: samp.pop(k) for k in ("sampler", "spacing") if k in samp}  # defaults for every stage
     stages = [from_dict(StagePlan, {**shared, **s}, prefix="sampling.stages.") for s in samp.pop("stages", [])]

@@ -164,7 +164,7 @@ def cascade_args(p: argparse.ArgumentParser, plan_flags: tuple[str, ...] = PLAN_
     """--cascade / --stage, --precision and the sampling-plan flags ``plan_flags``: unset, each leaves the
     cascade file's plan (else :class:`cdm.cascade.StagePlan`'s default) as it is."""
     sp = StagePlan()
-    p.add_argument("--cascade", help="cascade file (JSON, see the README's 'Cascade files') naming the stage "
+    p.add_argument("--cascade", help="cascade file (JSON, see docs/SAMPLING.md, 'Cascade files') naming the stage "
                                      "checkpoints and the sampling plan")
     p.add_argument("--stage", action="append", default=[], metavar="CHECKPOINT",
                    help="a stage checkpoint or run directory, base first (repeat per stage)")

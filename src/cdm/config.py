@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .augment import AugKind, AugmentConfig, ConditioningAugmentation
-from .data import DataConfig
+from .data import DataConfig, ImageSet, load_dataset
 from .diffusion import DiffusionConfig
 from .distributed import is_device_name
 from .recipe import LossWeight, LRSchedule
@@ -355,3 +355,14 @@ def load_stage_config(path_or_preset: str | None = None, overrides: list[str] | 
 def stage_config_from_json(text: str) -> StageConfig:
     """Inverse of ``json.dumps(to_dict(cfg))``: derived fields included, no checks skipped."""
     return from_dict(StageConfig, json.loads(text))
+
+
+def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfig:
+    """Fill in what ``cfg`` derives from its data set (class names, channels, classes): the config a
+    run trains with (``cdm train --dry-run`` prints it). Returns ``cfg``, resolved in place."""
+    data = data if data is not None else load_dataset(cfg.data)
+    cfg.data.class_names = data.class_names
+    if data.prepared is not None:  # the set's identity (a resume checks it) and how it reached R
+        cfg.data.fingerprint, cfg.data.fit = data.prepared.fingerprint, data.prepared.manifest["fit"]
+    cfg.resolve(channels=data.channels, num_classes=data.num_classes)
+    return cfg

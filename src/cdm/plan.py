@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, resolve_config
 from .data import DataError, ImageSet, load_dataset
 from .flops import ChecksPass, train_flops_per_image
 from .peek import peek_data
@@ -205,7 +205,7 @@ class TrainingPlan:
 def training_plan(config: StageConfig, processes: int = 1, data: ImageSet | None = None,
                   workspace_fraction: float = WORKSPACE_FRACTION) -> TrainingPlan:
     """The plan of training ``config`` (resolved: :func:`resolve_for_plan` or
-    :func:`cdm.train.resolve_config`) on ``processes`` processes (GPUs): parameters, FLOPs and the
+    :func:`cdm.config.resolve_config`) on ``processes`` processes (GPUs): parameters, FLOPs and the
     estimated peak memory of one step of one process, whose batch is ``train.batch_size /
     processes``, in ``train.precision``. ``data``, if given, adds the data set's in-memory size.
     Runs in seconds for any network size (module docstring: what is and is not estimated)."""
@@ -251,7 +251,6 @@ def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None,
     set if it was loaded, and the note ("" when nothing was assumed)."""
     d = config.data
     if d.is_prepared:  # opening one reads its manifest and labels only: seconds for any size
-        from .train import resolve_config
 
         data = load_dataset(d)
         return resolve_config(config, data), data, ""
@@ -269,7 +268,7 @@ def resolve_for_plan(config: StageConfig) -> tuple[StageConfig, ImageSet | None,
     size = (f"data set: {images:,} images listed (before any held-out split), {_gib(images * channels * d.resolution ** 2)} "
             f"as uint8 in every process's memory (a prepared set, cdm prepare, holds ~0)")
     note = "; ".join(n for n in (size, note) if n)
-    config.data.class_names = names  # as cdm.train.resolve_config fills them in
+    config.data.class_names = names  # as cdm.config.resolve_config fills them in
     return config.resolve(channels=channels, num_classes=len(names) if config.class_conditional else 0), None, note
 
 

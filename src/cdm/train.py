@@ -48,7 +48,7 @@ from .checkpoint import (Checkpoint, CheckpointError, atomic_write, checkpoint_d
                          newest_intact, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from .cascade import StagePlan, sample_stage
 from .runlock import run_lock
-from .config import RUN_CONFIG, StageConfig, to_dict
+from .config import RUN_CONFIG, StageConfig, resolve_config, to_dict
 from .data import ImageSet, load_dataset, stage_input
 from .distributed import DistributedError, World, world
 from .ema import classic_decay, ema_update, power_decay, remove_snapshots_after, save_snapshot, sigma_rel_to_gamma
@@ -136,17 +136,6 @@ def set_aside_unproven(out: Path, good: Path | None) -> list[Path]:
             p.rename(p.with_name(p.name + DIVERGED))
             moved.append(p)
     return moved
-
-
-def resolve_config(cfg: StageConfig, data: ImageSet | None = None) -> StageConfig:
-    """Fill in what ``cfg`` derives from its data set (class names, channels, classes): the config a
-    run trains with (``cdm train --dry-run`` prints it). Returns ``cfg``, resolved in place."""
-    data = data if data is not None else load_dataset(cfg.data)
-    cfg.data.class_names = data.class_names
-    if data.prepared is not None:  # the set's identity (a resume checks it) and how it reached R
-        cfg.data.fingerprint, cfg.data.fit = data.prepared.fingerprint, data.prepared.manifest["fit"]
-    cfg.resolve(channels=data.channels, num_classes=data.num_classes)
-    return cfg
 
 
 def train_stage(cfg: StageConfig, out_dir: str | Path, fresh: bool = False, progress: bool = True,
