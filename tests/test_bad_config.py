@@ -318,6 +318,7 @@ def test_bad_arguments_are_refused_by_the_parser(argv, message, capsys):
     assert err.startswith("cdm: error: ") and err.count("\n") == 1, err  # one line, no usage block
 
 
+@pytest.mark.slow
 def test_what_dry_run_accepts_trains(files, tmp_path, capsys):
     """Settings at the edges of their ranges pass --dry-run, and then train (one step)."""
     edges = ["train.steps=2", "train.ema_decay=0", "train.grad_clip=0", "train.warmup_steps=50",

@@ -40,6 +40,7 @@ sample_steps = 2
 """
 
 
+@pytest.mark.slow
 def test_help():
     r = subprocess.run([sys.executable, "-m", "cdm.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "sample" in r.stdout and "demo" in r.stdout

@@ -117,6 +117,7 @@ def _held_out(teacher: Stage, student: Stage, n: int = 4, rows: int = 64) -> tup
     return loss, [((one - two)[i == k] ** 2).mean().item() for k in range(n)]
 
 
+@pytest.mark.slow
 def test_a_round_teaches_the_student_the_teachers_two_steps(tmp_path):
     teacher_path = _teacher(tmp_path)
     cfg = DistillConfig(start_steps=8, final_steps=4, iters=150, batch_size=16, lr=2e-3, ema_decay=0.0,

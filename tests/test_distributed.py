@@ -78,6 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_what_one_process_does(tmp_path, toy_npz, one_thread):
     """... in two micro-batches each (train.grad_accum, DDP's no_sync before the last one) and with
     activation checkpointing (unet.checkpoint), against one process in one pass without it."""

@@ -231,6 +231,7 @@ class PixelFeatures:
         return {"features": images.flatten(1).float().numpy() / 255, "probs": None}
 
 
+@pytest.mark.slow
 def test_eval_and_sweep_from_the_cli(tmp_path, toy_npz, capsys, monkeypatch):
     from cdm.cli import main
 

@@ -276,6 +276,7 @@ def damage(runs: Path, tmp: Path) -> None:
     (run / "checkpoints" / src.name).write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,setup,status,fragment", CASES, ids=[c[0] for c in CASES])
 def test_fault_table(name, setup, status, fragment, runs, tmp_path, capsys):
     procs = []

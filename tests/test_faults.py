@@ -58,6 +58,7 @@ def log_steps(run: Path) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- killed runs
+@pytest.mark.slow
 def test_a_run_killed_at_a_random_moment_resumes_exactly(tmp_path, toy_npz, one_thread):
     cfg = write_tiny(tmp_path, toy_npz, "base", 8, 0, "none")
     common = ["--no-progress", "--set=train.ckpt_every=3", "--set=train.log_every=1", "--set=train.warmup_steps=0",

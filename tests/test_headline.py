@@ -21,6 +21,7 @@ needs_data = pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's data
 
 
 @needs_data
+@pytest.mark.slow
 def test_every_cascade_spends_the_single_stages_budget_split_as_planned():
     h = HEADLINES["smoke"]
     plans = plan_headline(get_profile("smoke"), h, "cpu")
@@ -77,6 +78,7 @@ def test_the_split_is_chosen_on_selection_fids_and_claims_need_the_seed_spread()
 
 
 @needs_data
+@pytest.mark.slow
 def test_the_smoke_study_runs_end_to_end_resumes_and_a_fresh_clone_trains_only_missing_cells(tmp_path):
     from headline import main
 
@@ -201,6 +203,7 @@ def test_two_processes_appending_to_one_record_lose_no_row(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_kept_samples(tmp_path):
     # a lent GPU cannot carry the Inception weights: its row cells wait for them, and the samples it
     # kept give, scored elsewhere, the Inception FID the run would have recorded itself
@@ -229,6 +232,7 @@ def test_a_machine_without_inception_defers_it_and_another_fills_it_in_from_the_
 
 
 @needs_data
+@pytest.mark.slow
 def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(tmp_path):
     # --only lets several processes (on a GPU's spare capacity, say) share seed 0's cells; a row is
     # reported only once every split of it is selected, never at the best of a partial sweep
@@ -252,6 +256,7 @@ def test_processes_can_split_one_seeds_cells_and_a_row_waits_for_all_its_splits(
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_budget_waiting_for_its_splits_still_trains_the_other_seeds_single_stage(tmp_path):
     from dataclasses import replace
 
@@ -284,6 +289,7 @@ def test_a_cell_recorded_again_supersedes_the_first_and_is_not_taken_for_another
 
 
 @needs_data
+@pytest.mark.slow
 def test_the_gpu_profile_plans_the_same_study_at_16_to_64_px():
     # the GPU profile runs the study at 16 -> 64 px (Fashion-MNIST upsampled, said so in its
     # description), every stage at its resolution, the budget split as at 8 -> 32
@@ -319,6 +325,7 @@ def _fmnist_subset(folder: Path, n_train: int, n_test: int) -> Path:
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
     # the gpu profile's scale (16 -> 64 px, resized data) with the smoke profile's tiny networks: every
     # stage trains at its resolution, and the domain classifier and the reference are at 64 px
@@ -357,6 +364,7 @@ def test_a_study_at_another_scale_runs_end_to_end(tmp_path):
                      RunOptions(record=tmp_path / "rec"))
 
 
+@pytest.mark.slow
 def test_the_studies_keep_the_clean_share_their_sr_stages_were_run_with_whatever_the_preset_says():
     """The studies sample unguided and were run with augment.p_zero = 0.1; the preset took 0.7 after them
     (the convergence recipe). Every planned SR stage keeps 0.1 unless a variant sets its own."""

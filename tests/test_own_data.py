@@ -43,6 +43,7 @@ def test_a_folder_preset_says_to_name_the_folder(preset, tmp_path, capsys):
     assert "classes: unknown until data.path names the folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_folder_presets_train_and_sample_by_class_name(tmp_path, capsys):
     photos = photo_folder(tmp_path / "photos")
     fast = ["train.steps=1", "train.batch_size=4", "train.sample_every=1", "train.sample_steps=2",

@@ -120,6 +120,7 @@ def test_plan_without_data_needs_channels_and_classes(tmp_path, toy_npz):
     assert load_dataset(DataConfig(source="npz", path=str(toy_npz), resolution=16, classes=3)).num_classes == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,gpus", [(str(p), "64") for p in PAPER] + [("folder-sr32to64", "1")],
                          ids=[p.stem for p in PAPER] + ["folder-sr32to64"])
 def test_dry_run_plans_without_data(config, gpus, tmp_path, capsys):

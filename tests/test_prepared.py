@@ -137,6 +137,7 @@ def test_a_killed_preparation_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (out / ".progress.json").exists()
 
 
+@pytest.mark.slow
 def test_prepare_uses_worker_processes(tmp_path):
     src = photo_folder(tmp_path / "photos", n=24)
     with pytest.warns(UserWarning):
@@ -207,6 +208,7 @@ def train(cfg, out, *sets) -> dict:
     return load_checkpoint(out).model
 
 
+@pytest.mark.slow
 def test_training_on_a_prepared_set_is_bit_identical(tmp_path, toy_npz, one_thread):
     """The same batches (flips, crops, label dropout) in memory and from a prepared set, with or
     without prefetching threads, with gradient accumulation, and after a resume: the same weights,

@@ -20,6 +20,7 @@ def readme_python() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_INCEPTION, reason="FID Inception weights not installed (make install)")
 def test_the_readme_python_example_runs(tmp_path, toy_npz, capsys, monkeypatch):
     runs = []

@@ -41,6 +41,7 @@ def _written(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in files}
 
 
+@pytest.mark.slow
 def test_smoke_profile_end_to_end_resumes_and_keeps_the_reading(tmp_path, capsys):
     out, docs = tmp_path / "run", tmp_path / "docs"
     argv = ["--out", str(out), "--profile", "smoke", "--publish", str(docs), "--diagnostics"]

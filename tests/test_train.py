@@ -15,6 +15,7 @@ from cdm.step import Batcher, training_step_loss
 from conftest import tiny_config, toy_images
 
 
+@pytest.mark.slow
 def test_a_tiny_stage_overfits_a_few_images():
     torch.manual_seed(0)
     cfg = tiny_config(resolution=8, lowres=4, aug="gaussian", classes=3, data_resolution=16)
