@@ -69,6 +69,7 @@ PLANS = {  # name -> ((steps, sampler, spacing, guidance) of the base stage, the
 PLANS["shipped-fp32"] = PLANS["shipped"]  # ... sampled in fp32 (the stages' own precision: bf16 where native)
 PRECISION = {"shipped-fp32": "fp32"}
 BORDER = 2  # Fashion-MNIST's 28-px images padded to 32: 2 px of exact black on each side
+DARK = 4  # 8-bit values up to this are "faint": 1.8% of real pixels, about 30% of the demo's samples'
 
 
 def sampling_plan(name: str) -> SamplingPlan:
@@ -174,26 +175,41 @@ def sampled(stages: list[Path], plan_name: str, a: argparse.Namespace, out: Path
     return final, labels.numpy(), seconds
 
 
+def pixel_shares(images: torch.Tensor) -> dict:
+    """The share of exactly black pixels and of faint ones (1..DARK) of uint8 images: Fashion-MNIST's
+    background is exact black, a sampler's is often faintly grey."""
+    return {"zero_share": float((images == 0).float().mean()),
+            "faint_share": float(((images >= 1) & (images <= DARK)).float().mean())}
+
+
+def variants_of(final: torch.Tensor, plan_name: str, a: argparse.Namespace) -> list[tuple[str, torch.Tensor]]:
+    """The samples as sampled, and the re-scored variants asked for this plan: ``border0`` (the 2-px
+    border set to black) and ``dark0`` (every pixel up to DARK set to black: the faint background)."""
+    out = [("as sampled", final)]
+    if plan_name in a.border0:
+        clamped = final.clone()
+        clamped[..., border_mask(final.shape[-1])] = 0
+        out.append(("border0", clamped))
+    if plan_name in a.dark0:
+        out.append(("dark0", torch.where(final <= DARK, torch.zeros_like(final), final)))
+    return out
+
+
 def score_candidate(stages: list[Path], plan_name: str, a: argparse.Namespace, judges: list[Judge],
                     out: Path) -> dict:
     final, labels, seconds = sampled(stages, plan_name, a, out)
-    mask = border_mask(final.shape[-1])
-    variants = [("as sampled", final)]
-    if plan_name in a.border0:
-        clamped = final.clone()
-        clamped[..., mask] = 0
-        variants.append(("border0", clamped))
     rows = []
     for j in judges:
-        for variant, im in variants:
+        for variant, im in variants_of(final, plan_name, a):
             tag = "" if variant == "as sampled" else f"-{variant}"
             feats = cached_features(j.ex, im, out / f"feats-{j.space}{tag}.npz")
             rows.append({"space": j.space, "variant": variant, **j.score(feats, labels)})
     return {"stages": [str(s) for s in stages], "plan": plan_name, "sampling": PLANS[plan_name], "level": LEVEL,
             "precision": PRECISION.get(plan_name, "the stages' (bf16 autocast where the CPU computes bf16)"),
             "n": a.n, "seed": a.seed, "n_ref": a.n_ref, "sample_seconds": round(seconds, 1),
-            "border_abs": float(final[..., mask].float().mean()), "fine_detail": fine_detail(final),
-            "rows": rows, "machine": machine_facts(), "date": time.strftime("%Y-%m-%d")}
+            "border_abs": float(final[..., border_mask(final.shape[-1])].float().mean()),
+            "fine_detail": fine_detail(final), **pixel_shares(final), "rows": rows, "machine": machine_facts(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def score_real(judges: list[Judge], out: Path) -> dict:
@@ -203,7 +219,7 @@ def score_real(judges: list[Judge], out: Path) -> dict:
     real = judges[0].floor_set.at(judges[0].resolution)
     return {"stages": [], "plan": "real", "n": len(real), "n_ref": len(judges[0].ref_set),
             "source": judges[0].floor_set.source, "border_abs": float(real[..., border_mask(real.shape[-1])].float().mean()),
-            "fine_detail": fine_detail(real), "rows": [j.real_row() for j in judges], "machine": machine_facts(),
+            "fine_detail": fine_detail(real), **pixel_shares(real), "rows": [j.real_row() for j in judges], "machine": machine_facts(),
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -329,6 +345,10 @@ def main() -> None:
                    help="a demo output (or BASE_RUN+SR_RUN) under a name; repeatable")
     p.add_argument("--plans", default="shipped,unguided,sde25", help=f"comma-separated, of {', '.join(PLANS)}")
     p.add_argument("--border0", default="shipped,sde25", help="plans also scored with their border set to black")
+    p.add_argument("--dark0", default="", help=f"plans also scored with every pixel <= {DARK} set to black")
+    p.add_argument("--rescore", action="store_true",
+                   help="score candidates that have scores.json again (their samples and features are kept: "
+                        "only new variants cost a network pass)")
     p.add_argument("--spaces", default="classifier,inception")
     p.add_argument("--classifier", default="runs/classifier")
     p.add_argument("--n", type=int, default=1000)
@@ -340,13 +360,14 @@ def main() -> None:
     a = p.parse_args()
     a.spaces = [s for s in a.spaces.split(",") if s]
     a.border0 = {s for s in a.border0.split(",") if s}
+    a.dark0 = {s for s in a.dark0.split(",") if s}
     out = Path(a.out)
     judges: list[Judge] = []
     for spec in a.run:
         name, run = spec.split("=", 1)
         for plan_name in [s for s in a.plans.split(",") if s]:
             d = out / name / plan_name
-            if (d / "scores.json").exists():
+            if (d / "scores.json").exists() and not a.rescore:
                 continue
             d.mkdir(parents=True, exist_ok=True)
             if a.sample_only:
@@ -357,7 +378,7 @@ def main() -> None:
                 stage = load_cascade(stages_of(run), "cpu").stages[-1]
                 judges = [Judge(s, a, stage.config.data, stage.config.data.resolution) for s in a.spaces]
                 (out / "class_names.json").write_text(json.dumps(judges[0].ref_set.class_names))
-                if not (out / "real" / "real" / "scores.json").exists():
+                if not (out / "real" / "real" / "scores.json").exists() or a.rescore:
                     print("real", flush=True)
                     r = score_real(judges, out / "real" / "real")
                     (out / "real" / "real" / "scores.json").write_text(json.dumps(r, indent=1))

@@ -79,10 +79,9 @@ def plan_stages(profile: Profile, device: str, data_path: str = "", channels: in
 # train.p_uncond = 0.1 for classifier-free guidance: pinned, so that a study started
 # before keeps its configs (and resumes), and its rows stay comparable. Nothing here samples guided.
 STUDY_PINS = ("train.p_uncond=0",)
-# Their SR stages also keep the share of clean training examples they were run with, 0.1 (the preset
-# took 0.7 with the convergence recipe: a stage that follows a clean input, as good a cascade as 0.1 once guided;
-# unguided, as the studies sample, 0.1 makes the better cascade). A config identical to the one a
-# cell was recorded with, so recorded cells stay valid.
+# Their SR stages also keep the share of clean training examples they were run with, 0.1, whatever the
+# preset says (it said 0.7 for a while). A config identical to the one a cell was recorded with, so
+# recorded cells stay valid.
 SR_PINS = ("augment.p_zero=0.1",)
 
 

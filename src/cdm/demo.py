@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,14 +31,28 @@ DEMO_LEVEL = 100
 # for two training seeds (benchmarks/guidance.py; docs/BENCHMARKS.md, "Classifier-free guidance").
 DEMO_SR_GUIDANCE = 1.0
 
+# How the demo's SR stage samples: SDE-DPM-Solver++(2M), 25 steps on a uniform grid (its base stage keeps
+# cdm's default, 6 deterministic steps). Chosen over 6 deterministic SR steps by the rule stated before
+# the measurement (docs/BENCHMARKS.md, "Two judges"): no worse in the domain classifier's feature space,
+# better in the FID Inception network's, for both training seeds.
+DEMO_SR_SAMPLER, DEMO_SR_SPACING, DEMO_SR_STEPS = "dpmpp-2m-sde", "uniform", 25
 
+
+def demo_plan(base_steps: int = DEFAULT_STEPS) -> SamplingPlan:
+    """The demo's cascade-file plan: the base stage unguided with cdm's default sampler (``base_steps``
+    steps), the SR stage non-truncated at :data:`DEMO_LEVEL`, guided with :data:`DEMO_SR_GUIDANCE`, with
+    :data:`DEMO_SR_STEPS` steps of :data:`DEMO_SR_SAMPLER`."""
+    plan = SamplingPlan.uniform(2, steps=[base_steps, DEMO_SR_STEPS], levels=[0, DEMO_LEVEL])
+    sr = replace(plan.stages[1], sampler=DEMO_SR_SAMPLER, spacing=DEMO_SR_SPACING, guidance=DEMO_SR_GUIDANCE)
+    return replace(plan, stages=[plan.stages[0], sr])
 
 
 @holding_lock("running the demo")
 def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: int = 10,
              sample_steps: int = DEFAULT_STEPS, progress: bool = True, device: str = "auto", seed: int = 0) -> dict:
     """Train both stages (``scale`` multiplies their step counts; ``seed``: their ``train.seed``), sample
-    (sample j of the grid from seed ``seed + j``), write grids.
+    with :func:`demo_plan` (``sample_steps``: the base stage's steps; sample j of the grid from seed
+    ``seed + j``), write grids.
     Returns a summary (paths, timings) that is also written to ``summary.json``."""
     out = Path(out_dir)
     t0 = time.time()
@@ -59,8 +74,7 @@ def run_demo(out_dir: str | Path = "runs/demo", scale: float = 1.0, per_class: i
 
     t = time.time()
     cascade = load_cascade(runs, device)
-    plan = SamplingPlan.uniform(len(cascade.stages), steps=sample_steps, levels=[0, DEMO_LEVEL]  # cdm's default sampler
-                                ).override(guidance=[0.0, DEMO_SR_GUIDANCE])
+    plan = demo_plan(sample_steps)
     cascade_file = write_cascade_file(out / CASCADE_FILE, runs, plan)
     nc = cascade.num_classes
     labels = torch.arange(nc).repeat(per_class)  # row r: one sample of each class
