@@ -58,7 +58,7 @@ from cdm.eval.sweep import SweepConfig, run_sweep
 from cdm.generate import cycle_labels, sample_batched
 
 from .ledger import Ledger, machine_info
-from .plan import AUGMENT, BASE, STUDY_PINS, StagePlan, _load, _match_flops, _plan, plan_stages
+from .plan import AUGMENT, BASE, STUDY_PINS, StudyStage, _load, _match_flops, _plan, plan_stages
 from .profiles import Profile
 from .run import Log, PointJob, _write_json, build_scorer, single_point, study_data, train
 from .scoring import PRIMARY
@@ -102,7 +102,7 @@ HEADLINES = {
 }
 
 
-def reference_budget(stages: dict[str, StagePlan]) -> int:
+def reference_budget(stages: dict[str, StudyStage]) -> int:
     """B: the training FLOPs of the base and Gaussian SR presets (``stages``: :func:`plan_stages`'s)."""
     return stages[BASE].train_flops + stages["sr-gaussian"].train_flops
 
@@ -118,13 +118,13 @@ def three_stages(profile: Profile) -> list[tuple[str, int, int]]:
     return [(BASE, lo, 0), (f"sr{lo}to{mid}", mid, lo), (f"sr{mid}to{hi}", hi, mid)]
 
 
-def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StagePlan]:
+def plan_headline(profile: Profile, h: Headline, device: str, data_path: str = "") -> dict[str, StudyStage]:
     """Every stage the study trains, keyed ``b{b}/seed{k}/single`` and ``b{b}/seed{k}/f{f}/{row}``
     (row: base, sr-none, sr-gaussian, sr-blur at ``h.blur_budgets``), each trained for its share of ``b * B`` FLOPs."""
     stages = plan_stages(replace(profile, steps_scale=h.steps_scale), device, data_path)
     total = reference_budget(stages)
     single_template = stages["single"].config  # the SR stage's U-Net, at its resolution
-    plans: dict[str, StagePlan] = {}
+    plans: dict[str, StudyStage] = {}
     for b in h.budgets:
         for k in h.seeds:
             seed = (f"train.seed={k}",)

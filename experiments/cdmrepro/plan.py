@@ -18,7 +18,9 @@ AUGMENT = {"sr-none": "none", "sr-gaussian": "gaussian", "sr-blur": "blur"}
 
 
 @dataclass
-class StagePlan:
+class StudyStage:
+    """One stage a study trains: its row key, resolved config and training FLOPs (not a sampling plan,
+    :class:`cdm.cascade.StagePlan`)."""
     key: str  # base, sr-none, sr-gaussian, sr-blur, single
     config: StageConfig  # resolved
     flops_per_image: int  # one training example, forward + backward (cdm.flops)
@@ -41,19 +43,19 @@ def _scaled(cfg: StageConfig, scale: float) -> StageConfig:
     return _set_steps(cfg, cfg.train.steps * scale)
 
 
-def _match_flops(plan: StagePlan, budget: int) -> StagePlan:
+def _match_flops(plan: StudyStage, budget: int) -> StudyStage:
     """``plan`` trained for as many steps as make its training FLOPs ``budget``."""
     _set_steps(plan.config, budget / (plan.config.train.batch_size * plan.flops_per_image))
     return plan
 
 
-def _plan(key: str, cfg: StageConfig, channels: int, num_classes: int) -> StagePlan:
+def _plan(key: str, cfg: StageConfig, channels: int, num_classes: int) -> StudyStage:
     cfg.resolve(channels=channels, num_classes=num_classes)
-    return StagePlan(key, cfg, train_flops_per_image(copy.deepcopy(cfg)))
+    return StudyStage(key, cfg, train_flops_per_image(copy.deepcopy(cfg)))
 
 
 def plan_stages(profile: Profile, device: str, data_path: str = "", channels: int = 1,
-                num_classes: int = 10) -> dict[str, StagePlan]:
+                num_classes: int = 10) -> dict[str, StudyStage]:
     """Every stage's resolved config, at the profile's scale. The SR stages are the ``fmnist-sr8to32`` preset with
     ``augment.kind`` none / gaussian (as shipped) / blur; the single stage is ``fmnist-single32``
     with the SR stage's U-Net (without the low-res input) and batch size, trained for as many
@@ -103,8 +105,8 @@ def _load(profile: Profile, preset: str, kind: str, name: str, device: str, data
     return load_stage_config(preset, over, extra=deep_merge(at_scale(profile, kind), {"name": name, **(extra or {})}))
 
 
-def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StagePlan], device: str, data_path: str = "",
-                 channels: int = 1, num_classes: int = 10) -> StagePlan:
+def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StudyStage], device: str, data_path: str = "",
+                 channels: int = 1, num_classes: int = 10) -> StudyStage:
     """A diagnostic variant of a stage (``plans``: :func:`plan_stages`'): an SR row's config with
     the variant's overrides on top and ``variant.steps_factor`` times its (profile-scaled) training
     steps; or the single stage retrained for the training FLOPs of the cascade row ``match_flops``."""
@@ -124,7 +126,7 @@ def plan_variant(profile: Profile, variant: Variant, plans: dict[str, StagePlan]
 
 
 def plan_all(profile: Profile, device: str, data_path: str = "", channels: int = 1, num_classes: int = 10,
-             diagnostics: bool = False) -> dict[str, StagePlan]:
+             diagnostics: bool = False) -> dict[str, StudyStage]:
     """:func:`plan_stages`, then (with ``diagnostics``) the profile's variants in their order."""
     plans = plan_stages(profile, device, data_path, channels, num_classes)
     for v in profile.diagnostics if diagnostics else ():
@@ -132,7 +134,7 @@ def plan_all(profile: Profile, device: str, data_path: str = "", channels: int =
     return plans
 
 
-def cascade_flops(plans: dict[str, StagePlan], key: str) -> int:
+def cascade_flops(plans: dict[str, StudyStage], key: str) -> int:
     """Training FLOPs behind a row: a single stage's own, or base + that SR stage."""
     plan = plans[key]
     return plan.train_flops if not plan.config.lowres_resolution else plans[BASE].train_flops + plan.train_flops

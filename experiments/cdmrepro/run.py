@@ -40,7 +40,7 @@ from cdm.train import train_stage
 from cdm.unet import UNet
 
 from .ledger import Ledger, machine_info
-from .plan import BASE, SINGLE, SR_ROWS, StagePlan, cascade_flops, plan_all
+from .plan import BASE, SINGLE, SR_ROWS, StudyStage, cascade_flops, plan_all
 from .profiles import Profile
 from .scoring import PRIMARY, PointScorer
 
@@ -142,7 +142,7 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _plan_summary(key: str, plan: StagePlan, plans: dict[str, StagePlan]) -> dict:
+def _plan_summary(key: str, plan: StudyStage, plans: dict[str, StudyStage]) -> dict:
     c = plan.config
     return {"name": c.name, "resolution": c.resolution, "lowres_resolution": c.lowres_resolution,
             "augment": c.augment.kind, "steps": c.train.steps, "batch_size": c.train.batch_size,
@@ -152,7 +152,7 @@ def _plan_summary(key: str, plan: StagePlan, plans: dict[str, StagePlan]) -> dic
 
 
 # ----------------------------------------------------------------------------- training
-def train(plan: StagePlan, run_dir: Path, data: ImageSet, ledger: Ledger, log: Log, progress: bool) -> Path:
+def train(plan: StudyStage, run_dir: Path, data: ImageSet, ledger: Ledger, log: Log, progress: bool) -> Path:
     """Train (or resume, or skip when done) one stage; returns its last checkpoint."""
     cfg = plan.config
     found = list_checkpoints(run_dir)
