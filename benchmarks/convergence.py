@@ -266,6 +266,7 @@ def run(a: argparse.Namespace, log) -> None:
     gen = functools.cache(lambda: lower_inputs(out, a.lower, a.n)) if a.stage == "sr" and a.lower else None
     done = {_key(r) for r in read_rows(results)}
     guided = {"guidance": a.guidance} if a.guidance else {}  # part of a row's key; unguided rows never carry it
+    job = Job(a, scorer, gt, gen, results, done, facts, log)  # what post-hoc EMA scoring shares
     for recipe in a.recipes:
         for seed in a.seeds:
             cfg = stage_config(a.stage, recipe, seed, a.steps, a.eval_every)
@@ -296,7 +297,7 @@ def run(a: argparse.Namespace, log) -> None:
                     log(_describe(row))
                 done.add(_key(key))
             if a.posthoc:
-                posthoc(Job(a, scorer, gt, gen, results, done, facts, log), rd, cfg, base, per_image)
+                posthoc(job, rd, cfg, base, per_image)
 
 
 def posthoc(job: Job, rd: Path, cfg: StageConfig, base: dict, per_image: int) -> None:

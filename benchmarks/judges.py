@@ -48,9 +48,10 @@ from cdm.cascade_file import load_cascade  # noqa: E402
 from cdm.eval.features import make_extractor, reference_features  # noqa: E402
 from cdm.eval.floor import floor_images  # noqa: E402
 from cdm.eval.quality import EvalConfig, score_with_floor  # noqa: E402
-from cdm.eval.reference import ReferenceSpec, load_reference  # noqa: E402
+from cdm.eval.reference import ReferenceSet, ReferenceSpec, load_reference  # noqa: E402
+from cdm.files import atomic_write  # noqa: E402
 from cdm.generate import cycle_labels, sample_batched  # noqa: E402
-from cdm.eval.verdict import NOISE_SE  # noqa: E402
+from cdm.eval.verdict import NOISE_SE, beyond_noise  # noqa: E402
 from cdm.metrics import precision_recall  # noqa: E402
 from cdm.data import to_uint8  # noqa: E402
 
@@ -110,27 +111,41 @@ def per_class(ref: np.ndarray, ref_labels: np.ndarray, feats: np.ndarray, labels
     return out
 
 
+def _savez(path: str, **arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to atomic_write's temporary name
+        np.savez_compressed(f, **arrays)
+
+
 def cached_features(ex, images: torch.Tensor, path: Path) -> dict[str, np.ndarray]:
     """``ex(images)``, kept in ``path`` (an .npz) so a re-run or a new analysis costs no network pass."""
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     out = ex(images)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in out.items()})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: _savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in out.items()}))
     return out
 
 
-class Judge:
-    """One feature space with its reference and floor sets, extractor and reference features."""
+def evaluation(a: argparse.Namespace, space: str = "classifier") -> EvalConfig:
+    return EvalConfig(features=[space], classifier=a.classifier, reference=ReferenceSpec(n=a.n_ref), n=a.n,
+                      seed=a.seed, batch_size=250, device="cpu", progress=False)
 
-    def __init__(self, space: str, a: argparse.Namespace, data, resolution: int):
+
+def real_sets(data, a: argparse.Namespace) -> tuple[ReferenceSet, ReferenceSet]:
+    """The reference (``--n-ref`` test images) and the floor set (``--n`` images of the other split),
+    read once for every feature space."""
+    cfg = evaluation(a)
+    return load_reference(data, cfg.reference), floor_images(data, cfg.reference, a.n, cfg.seed)
+
+
+class Judge:
+    """One feature space: its extractor and reference features, over the reference and floor sets every
+    space shares (:func:`real_sets`)."""
+
+    def __init__(self, space: str, a: argparse.Namespace, sets: tuple[ReferenceSet, ReferenceSet], resolution: int):
         self.space, self.resolution = space, resolution
-        self.cfg = EvalConfig(features=[space], classifier=a.classifier, reference=ReferenceSpec(n=a.n_ref),
-                              n=a.n, seed=a.seed, batch_size=250, device="cpu", progress=False)
-        self.ref_set = load_reference(data, self.cfg.reference)
-        self.floor_set = floor_images(data, self.cfg.reference, a.n, self.cfg.seed)
+        self.cfg = evaluation(a, space)
+        self.ref_set, self.floor_set = sets
         self.ex = make_extractor(space, a.classifier, "cpu")
         self.ref = reference_features(self.ex, self.ref_set, resolution)
         self.ref_labels = self.ref_set.labels.numpy()
@@ -169,9 +184,8 @@ def sampled(stages: list[Path], plan_name: str, a: argparse.Namespace, out: Path
     res = sample_batched(cascade, labels, list(range(a.seed, a.seed + a.n)), sampling_plan(plan_name), 250)
     seconds = time.time() - t0
     final = to_uint8(res.images[-1])
-    tmp = path.with_name(path.stem + ".tmp.npz")  # whole or absent: a scoring process may be waiting for it
-    np.savez_compressed(tmp, images=final.numpy(), labels=labels.numpy(), seconds=seconds)
-    tmp.replace(path)
+    # whole or absent: a scoring process may be waiting for it
+    atomic_write(path, lambda tmp: _savez(tmp, images=final.numpy(), labels=labels.numpy(), seconds=seconds))
     return final, labels.numpy(), seconds
 
 
@@ -271,7 +285,7 @@ def verdicts(results: list[dict], baseline: str = "shipped") -> list[dict]:
             continue
         diff = row["fid"] - base["fid"]
         se = float(np.hypot(row["fid_se"], base["fid_se"]))
-        word = "better" if -diff > NOISE_SE * se else "worse" if diff > NOISE_SE * se else "same"
+        word = "same" if not beyond_noise(diff, se) else "better" if diff < 0 else "worse"
         out.append({"stage": stage, "plan": plan, "seed": seed, "space": space, "diff": diff, "se": se,
                     "verdict": word})
     return out
@@ -375,8 +389,9 @@ def main() -> None:
                 sampled(stages_of(run), plan_name, a, d)
                 continue
             if not judges:
-                stage = load_cascade(stages_of(run), "cpu").stages[-1]
-                judges = [Judge(s, a, stage.config.data, stage.config.data.resolution) for s in a.spaces]
+                data = load_cascade(stages_of(run), "cpu").stages[-1].config.data
+                sets = real_sets(data, a)
+                judges = [Judge(s, a, sets, data.resolution) for s in a.spaces]
                 (out / "class_names.json").write_text(json.dumps(judges[0].ref_set.class_names))
                 if not (out / "real" / "real" / "scores.json").exists() or a.rescore:
                     print("real", flush=True)
